@@ -1,0 +1,35 @@
+"""Typed errors. The CLI maps every :class:`UsageError` to one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+
+class SafeInferError(Exception):
+    """Base class for every error the library raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(SafeInferError):
+    """Unusable arguments or input files (CLI exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelError(UsageError):
+    """A model file is missing, is not a GGUF, or llama.cpp refused to load it."""
+
+
+class VectorError(UsageError):
+    """A safety-vector file is unreadable, malformed, or does not fit the model."""
+
+
+class DemosError(UsageError):
+    """A demonstrations file is empty or malformed."""
+
+
+class ContextOverflowError(UsageError):
+    """The prompt (plus what must be generated after it) does not fit the context."""
+
+
+class EngineError(SafeInferError):
+    """llama.cpp returned an error during decoding."""

@@ -1,0 +1,133 @@
+"""Pure numpy sampling math: log-softmax, temperature / top-k / top-p sampling.
+
+Nothing here touches a model, so every function is unit-tested on small arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], int]
+"""Takes one row of logits (or log-probabilities) and returns a token id."""
+
+
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    """Stable log(sum(exp(x))) over the last axis (keeps dims). float32 input stays float32 for speed (a 262k
+    vocabulary row costs ~1 ms instead of ~4 ms in float64); the sum itself accumulates pairwise."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    if not np.all(np.isfinite(m)):
+        raise ValueError("log_softmax: a row has no finite entry")
+    return m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis."""
+    x = np.asarray(logits)
+    return x - logsumexp(x)
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray | list[int]) -> np.ndarray:
+    """log-softmax(logits[i])[tokens[i]] for each row i, without materialising the full log-softmax."""
+    x = np.asarray(logits)
+    idx = np.asarray(tokens, dtype=np.int64)
+    if x.ndim != 2 or idx.shape != (x.shape[0],):
+        raise ValueError(f"token_logprobs: need (n, vocab) logits and n tokens, got {x.shape} and {idx.shape}")
+    return (x[np.arange(len(idx)), idx] - logsumexp(x)[:, 0]).astype(np.float64)
+
+
+def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Check sampling options at the edge, with a precise message."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"`temperature` must be a finite number >= 0, but is {temperature}")
+    if top_k < 0:
+        raise ValueError(f"`top_k` must be >= 0 (0 disables it), but is {top_k}")
+    if not (0.0 < top_p <= 1.0) or not math.isfinite(top_p):
+        raise ValueError(f"`top_p` must be in (0, 1], but is {top_p}")
+
+
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest entries, set the rest to -inf (k <= 0 or k >= vocab: unchanged)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits >= kth, logits, -np.inf)
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filter: keep the smallest set of most likely tokens whose mass reaches p."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(log_softmax(logits[order]))
+    cum = np.cumsum(probs)
+    keep_n = int(np.searchsorted(cum, p, side="left")) + 1
+    out = np.full_like(logits, -np.inf)
+    kept = order[:keep_n]
+    out[kept] = logits[kept]
+    return out
+
+
+def make_sampler(
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Sampler:
+    """Build a sampler. ``temperature == 0`` is greedy (argmax); otherwise softmax(x / T) after filters."""
+    validate_sampling(temperature, top_k, top_p)
+    rng = np.random.default_rng(seed)
+
+    def greedy(row: np.ndarray) -> int:
+        return int(np.argmax(row))
+
+    def sample(row: np.ndarray) -> int:
+        x = np.asarray(row, dtype=np.float64) / temperature
+        x = apply_top_k(x, top_k)
+        x = apply_top_p(x, top_p)
+        probs = np.exp(log_softmax(x))
+        # inverse-CDF draw: one uniform number per step keeps seeded runs reproducible
+        u = rng.random()
+        idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
+        return min(idx, len(probs) - 1)
+
+    return greedy if temperature == 0 else sample
+
+
+class StopMatcher:
+    """Streams text through, holding back only what could still become a stop string.
+
+    ``feed(text)`` returns ``(text_safe_to_emit, stopped)``; once stopped, the stop string and anything after it
+    are dropped. ``flush()`` returns what was held back at the end.
+    """
+
+    def __init__(self, stops: tuple[str, ...] | list[str] = ()) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        buf = self._pending + text
+        if not self.stops:
+            self._pending = ""
+            return buf, False
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._pending = ""
+            return buf[:cut], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        self._pending = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
