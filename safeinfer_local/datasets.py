@@ -1,0 +1,63 @@
+"""Licence-clean prompt sets shipped in ``safeinfer_local/data`` (each with its SOURCE note and licence):
+AdvBench (MIT) split into demonstration / guidance / dev / eval parts, CatQA English (Apache-2.0) and
+XSTest (CC-BY-4.0)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    category: str = ""
+
+
+@lru_cache(maxsize=1)
+def advbench_rows() -> list[dict[str, str]]:
+    with open(DATA / "advbench_harmful_behaviors.csv", encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@lru_cache(maxsize=1)
+def advbench_split() -> dict[str, list[int]]:
+    """Row indices per part: ``safe_demos``, ``unsafe_guidance``, ``dev``, ``eval`` (disjoint, recorded)."""
+    doc = json.loads((DATA / "advbench_split.json").read_text())
+    return {k: doc[k] for k in ("safe_demos", "unsafe_guidance", "dev", "eval")}
+
+
+def advbench(part: str) -> list[Prompt]:
+    rows = advbench_rows()
+    return [Prompt(f"advbench-{i}", rows[i]["goal"]) for i in advbench_split()[part]]
+
+
+def catqa(per_category: int | None = None) -> list[Prompt]:
+    """CatQA English, in file order; ``per_category`` takes the first N distinct questions of each category,
+    spread over its subcategories (one per subcategory in turn)."""
+    d = json.loads((DATA / "catqa_english.json").read_text(encoding="utf-8"))
+    out: list[Prompt] = []
+    for cat, subs in d.items():
+        seen: set[str] = set()
+        lists = list(subs.values())
+        taken = []
+        for j in range(max(len(q) for q in lists)):
+            for qs in lists:
+                if j < len(qs) and qs[j] not in seen:
+                    seen.add(qs[j])
+                    taken.append(qs[j])
+        if per_category is not None:
+            taken = taken[:per_category]
+        out.extend(Prompt(f"catqa-{cat}-{k}", q, cat) for k, q in enumerate(taken))
+    return out
+
+
+def xstest(label: str = "safe") -> list[Prompt]:
+    with open(DATA / "xstest_prompts.csv", encoding="utf-8", newline="") as f:
+        return [Prompt(f"xstest-{r['id']}", r["prompt"], r["type"]) for r in csv.DictReader(f) if r["label"] == label]

@@ -1,0 +1,276 @@
+"""The safety vector as a value: per-layer directions plus provenance, stored as a llama.cpp control vector.
+
+File format (llama.cpp ``common/`` control-vector loader, also written by repeng):
+``general.architecture = "controlvector"``, ``controlvector.model_hint`` (string),
+``controlvector.layer_count`` (uint32), and one F32 1-D tensor ``direction.N`` (N >= 1) of length n_embd per
+steered layer. ``direction.N`` is added to the output of 0-based decoder block N. Our own provenance goes in
+extra ``safeinfer.*`` keys, which llama.cpp ignores, so the file loads unchanged in
+``llama-cli --control-vector-scaled FILE:GAMMA --control-vector-layer-range L L``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import VectorError
+
+ARCH = "controlvector"
+POSITIONS = ("generation", "last", "all")
+"""Where the vector is added: ``generation`` = last prompt token and every generated token (the paper's
+reference semantics), ``last`` = the last prompt token only, ``all`` = every token."""
+
+_DIRECTION_RE = re.compile(r"^direction\.(\d+)$")
+
+
+@dataclass
+class SafetyVector:
+    """Directions per 0-based block index (each float32, length n_embd) and how they were made.
+
+    ``gamma``, ``layers`` and ``positions`` are the *recommended* settings (chosen by a sweep and recorded
+    here); callers may override each one.
+    """
+
+    directions: dict[int, np.ndarray]
+    model_hint: str = ""
+    method: str = "imported"
+    gamma: float = 1.0
+    layers: tuple[int, ...] = ()
+    positions: str = "generation"
+    source_model: str = ""
+    demos_sha256: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise VectorError("a safety vector needs at least one direction")
+        dirs: dict[int, np.ndarray] = {}
+        n = None
+        for layer, arr in sorted(self.directions.items()):
+            a = np.asarray(arr, dtype=np.float32).reshape(-1)
+            if int(layer) < 1:
+                raise VectorError(f"direction.{layer}: block 0 cannot be steered (layers start at 1)")
+            if n is not None and a.shape[0] != n:
+                raise VectorError(f"direction.{layer} has length {a.shape[0]}, others have {n}")
+            if not np.all(np.isfinite(a)):
+                raise VectorError(f"direction.{layer} contains NaN or infinite values")
+            n = a.shape[0]
+            dirs[int(layer)] = a
+        self.directions = dirs
+        if not self.layers:
+            self.layers = tuple(dirs)
+        self.layers = tuple(int(x) for x in self.layers)
+        missing = [x for x in self.layers if x not in dirs]
+        if missing:
+            raise VectorError(f"recommended layers {missing} have no direction in the vector")
+        if self.positions not in POSITIONS:
+            raise VectorError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
+        check_gamma(self.gamma)
+
+    @property
+    def n_embd(self) -> int:
+        return next(iter(self.directions.values())).shape[0]
+
+    @property
+    def max_layer(self) -> int:
+        return max(self.directions)
+
+    # arithmetic, as in repeng: v1 + v2, -v, v * 2
+    def __mul__(self, k: float) -> SafetyVector:
+        return replace(self, directions={i: a * np.float32(k) for i, a in self.directions.items()})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SafetyVector:
+        return self * -1.0
+
+    def __add__(self, other: SafetyVector) -> SafetyVector:
+        if other.n_embd != self.n_embd:
+            raise VectorError(f"cannot add vectors of n_embd {self.n_embd} and {other.n_embd}")
+        dirs = {i: a.copy() for i, a in self.directions.items()}
+        for i, a in other.directions.items():
+            dirs[i] = dirs[i] + a if i in dirs else a.copy()
+        return replace(self, directions=dirs, layers=tuple(sorted(set(self.layers) | set(other.layers))))
+
+    def select(self, layers: tuple[int, ...]) -> SafetyVector:
+        """Only the given layers (each must exist)."""
+        missing = [x for x in layers if x not in self.directions]
+        if missing:
+            raise VectorError(f"layer(s) {missing} are not in this vector (it has {sorted(self.directions)})")
+        return replace(self, directions={i: self.directions[i] for i in layers}, layers=tuple(layers))
+
+    def buffer(self, n_layer: int, gamma: float, layers: tuple[int, ...] | None = None) -> np.ndarray:
+        """The flat (n_layer - 1) * n_embd float32 buffer ``llama_set_adapter_cvec`` expects.
+
+        Row i holds block i + 1 (block 0 cannot be steered). Always the full size: a shorter buffer would
+        leave stale values in the higher layers.
+        """
+        use = self.layers if layers is None else layers
+        buf = np.zeros((n_layer - 1, self.n_embd), dtype=np.float32)
+        for i in use:
+            if i not in self.directions:
+                raise VectorError(f"layer {i} is not in this vector (it has {sorted(self.directions)})")
+            if not 1 <= i <= n_layer - 1:
+                raise VectorError(f"layer {i} is out of range for a model with {n_layer} layers (1..{n_layer - 1})")
+            buf[i - 1] = self.directions[i] * np.float32(gamma)
+        return buf.reshape(-1)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a llama.cpp control-vector GGUF with our provenance keys."""
+        import gguf
+
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            w = gguf.GGUFWriter(str(path), ARCH)
+        except OSError as e:
+            raise VectorError(f"cannot write {path}: {e.strerror or e}") from None
+        w.add_string("controlvector.model_hint", self.model_hint)
+        w.add_uint32("controlvector.layer_count", len(self.directions))
+        w.add_string("safeinfer.method", self.method)
+        w.add_float32("safeinfer.recommended_gamma", float(self.gamma))
+        w.add_array("safeinfer.recommended_layers", [int(x) for x in self.layers])
+        w.add_string("safeinfer.positions", self.positions)
+        w.add_string("safeinfer.source_model", self.source_model)
+        w.add_uint32("safeinfer.n_embd", self.n_embd)
+        w.add_string("safeinfer.demos_sha256", self.demos_sha256)
+        w.add_string("safeinfer.meta_json", json.dumps(self.meta, sort_keys=True))
+        for i, a in sorted(self.directions.items()):
+            w.add_tensor(f"direction.{i}", np.ascontiguousarray(a, dtype=np.float32))
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SafetyVector:
+        """Read a control-vector GGUF (ours, llama.cpp's or repeng's), a ``.npz`` or a ``.npy``."""
+        path = Path(path)
+        if not path.is_file():
+            raise VectorError(f"vector file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            return _load_npz(path)
+        if suffix == ".npy":
+            return _load_npy(path)
+        return _load_gguf(path)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary (what ``vectors inspect`` prints)."""
+        return {
+            "model_hint": self.model_hint,
+            "method": self.method,
+            "n_embd": self.n_embd,
+            "layers_in_file": sorted(self.directions),
+            "recommended_layers": list(self.layers),
+            "recommended_gamma": self.gamma,
+            "positions": self.positions,
+            "source_model": self.source_model,
+            "demos_sha256": self.demos_sha256,
+            "norms": {str(i): round(float(np.linalg.norm(a)), 6) for i, a in sorted(self.directions.items())},
+            "meta": self.meta,
+        }
+
+
+def check_gamma(gamma: float) -> float:
+    """γ must be a finite number (negative γ is allowed: it is the negative-vector guidance)."""
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise VectorError(f"gamma must be a number, not {gamma!r}") from None
+    if not math.isfinite(g):
+        raise VectorError(f"gamma must be finite, not {gamma}")
+    return g
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _field_value(reader: Any, key: str) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:  # very old gguf versions have no contents()
+        return None
+
+
+def _load_gguf(path: Path) -> SafetyVector:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError / struct.error / OSError on foreign files
+        raise VectorError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = _field_value(reader, "general.architecture")
+    if arch != ARCH:
+        raise VectorError(f"{path} is not a control vector (general.architecture is {arch!r}, expected {ARCH!r})")
+    dirs: dict[int, np.ndarray] = {}
+    for t in reader.tensors:
+        m = _DIRECTION_RE.match(t.name)
+        if not m:
+            continue
+        data = np.asarray(t.data)
+        if data.ndim != 1 and not (data.ndim == 2 and 1 in data.shape):
+            raise VectorError(f"{path}: tensor {t.name} is not 1-D (shape {tuple(data.shape)})")
+        dirs[int(m.group(1))] = data.astype(np.float32).reshape(-1)
+    if not dirs:
+        raise VectorError(f"{path} holds no direction.N tensors")
+    meta_json = _field_value(reader, "safeinfer.meta_json")
+    gamma = _field_value(reader, "safeinfer.recommended_gamma")
+    layers = _field_value(reader, "safeinfer.recommended_layers")
+    method = _field_value(reader, "safeinfer.method")
+    return SafetyVector(
+        directions=dirs,
+        model_hint=_field_value(reader, "controlvector.model_hint") or "",
+        method=method or "imported",
+        gamma=float(gamma) if gamma is not None else 1.0,
+        layers=tuple(int(x) for x in layers) if layers else (),
+        positions=_field_value(reader, "safeinfer.positions") or "generation",
+        source_model=_field_value(reader, "safeinfer.source_model") or "",
+        demos_sha256=_field_value(reader, "safeinfer.demos_sha256") or "",
+        meta=json.loads(meta_json) if meta_json else {},
+    )
+
+
+def _load_npz(path: Path) -> SafetyVector:
+    """``.npz`` with one array per layer, named ``N`` or ``direction.N`` or ``layer_N``."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise VectorError(f"{path} is not a readable .npz file ({e})") from None
+    dirs = {}
+    for name in npz.files:
+        m = re.search(r"(\d+)$", name)
+        if not m:
+            raise VectorError(f"{path}: array {name!r} does not end in a layer number")
+        dirs[int(m.group(1))] = npz[name]
+    return SafetyVector(directions=dirs, method="imported")
+
+
+def _load_npy(path: Path) -> SafetyVector:
+    """``.npy`` of shape (n_layer, n_embd): row i is block i (row 0, block 0, must be zero and is dropped)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise VectorError(f"{path} is not a readable .npy file ({e})") from None
+    if arr.ndim != 2:
+        raise VectorError(f"{path}: expected a 2-D array (n_layer, n_embd), got shape {arr.shape}")
+    if np.any(arr[0] != 0):
+        raise VectorError(f"{path}: row 0 (block 0) is non-zero, but block 0 cannot be steered")
+    dirs = {i: arr[i] for i in range(1, arr.shape[0]) if np.any(arr[i] != 0)}
+    if not dirs:
+        raise VectorError(f"{path}: every row is zero")
+    return SafetyVector(directions=dirs, method="imported")
