@@ -1,0 +1,110 @@
+"""The Python API: one object that holds a model, a safety vector and its settings, and runs any variant.
+
+    >>> from safeinfer_local import SafeInfer
+    >>> si = SafeInfer.default()
+    >>> si.generate("How do I bake bread?", variant="sa", max_tokens=20).response  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chat import Message, render
+from .engine import Model
+from .errors import UsageError
+from .generate import DEFAULT_N_CTX, GenConfig, Result, Runner, Steering, check_variant
+from .models import default_vector_path, resolve_model
+from .vectors import SafetyVector
+
+
+@dataclass
+class Score:
+    prompt: str
+    continuation: str
+    variant: str
+    logprob: float
+    n_tokens: int
+    token_logprobs: list[float]
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "continuation": self.continuation, "variant": self.variant,
+                "logprob": self.logprob, "n_tokens": self.n_tokens,
+                "logprob_per_token": self.logprob / self.n_tokens, "token_logprobs": self.token_logprobs}
+
+
+class SafeInfer:
+    """A model plus (optionally) a safety vector; ``generate``, ``stream`` and ``score`` for any variant."""
+
+    def __init__(self, model: str | Path | Model | None = None, vector: str | Path | SafetyVector | None = "default",
+                 gamma: float | None = None, layers: tuple[int, ...] | None = None, positions: str | None = None,
+                 n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 chat_format: str | None = None, warn=None) -> None:
+        self.model = model if isinstance(model, Model) else Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
+        if isinstance(vector, str) and vector == "default":
+            path = default_vector_path() if isinstance(model, Model) or model in (None, "default") else None
+            vector = path
+        if vector is not None and not isinstance(vector, SafetyVector):
+            vector = SafetyVector.load(vector)
+        self.vector: SafetyVector | None = vector
+        self.steering: Steering | None = (
+            Steering.from_vector(vector, self.model, gamma, layers, positions, warn=warn) if vector else None)
+        if vector is None and (gamma is not None or layers or positions):
+            raise UsageError("--gamma/--layers/--positions need a safety vector (--vector)")
+        self.chat_format = chat_format
+        self.runner = Runner(self.model, n_ctx=n_ctx, n_threads=n_threads)
+
+    @classmethod
+    def default(cls, **kw) -> SafeInfer:
+        """The embedded Gemma 3 270M with its shipped safety vector at the recommended settings."""
+        return cls(model=None, vector="default", **kw)
+
+    # -- prompts --------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[Message], raw: bool = False) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids for a prompt: ``raw`` = BOS + the text's tokens; otherwise through the chat template."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise UsageError("empty prompt")
+            if raw:
+                return self.model.tokenize(prompt, add_bos=True), ()
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            if not prompt:
+                raise UsageError("empty message list")
+            if raw:
+                raise UsageError("raw mode takes a string prompt, not messages")
+            messages = prompt
+        r = render(self.model, messages, self.chat_format)
+        return self.model.tokenize(r.text, add_bos=r.add_bos, special=True), r.stop
+
+    def _steering_for(self, variant: str) -> Steering | None:
+        check_variant(variant, self.steering)
+        return self.steering if variant in ("sa", "safeinfer") else None
+
+    # -- verbs ----------------------------------------------------------------------------------------------
+    def stream(self, prompt: str | list[Message], variant: str = "sa", raw: bool = False, **gen):
+        steering = self._steering_for(variant)
+        tokens, stops = self.encode_prompt(prompt, raw)
+        cfg = GenConfig(**gen)
+        cfg.stop = tuple(cfg.stop) + stops
+        yield from self.runner.stream(tokens, steering, cfg)
+
+    def generate(self, prompt: str | list[Message], variant: str = "sa", raw: bool = False, **gen) -> Result:
+        steering = self._steering_for(variant)
+        tokens, stops = self.encode_prompt(prompt, raw)
+        cfg = GenConfig(**gen)
+        cfg.stop = tuple(cfg.stop) + stops
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        return self.runner.generate(text, tokens, steering, cfg, variant)
+
+    def score(self, prompt: str | list[Message], continuation: str, variant: str = "base", raw: bool = False) -> Score:
+        """Teacher-forced log-probability of ``continuation`` (tokenized without BOS) after the prompt, under
+        the variant's own next-token distribution at T = 1."""
+        steering = self._steering_for(variant)
+        if not continuation:
+            raise UsageError("empty continuation")
+        tokens, _ = self.encode_prompt(prompt, raw)
+        cont = self.model.tokenize(continuation, add_bos=False)
+        lps = self.runner.score(tokens, cont, steering)
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        return Score(text, continuation, variant, float(lps.sum()), len(cont), [float(x) for x in lps])

