@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from safeinfer_local import datasets
+from safeinfer_local.demos import icl_prompts, load_demos, qa_prompt
+from safeinfer_local.errors import DemosError
+
+from .conftest import ROOT
+
+
+def test_qa_template_exact():
+    from safeinfer_local.demos import Demo
+
+    assert qa_prompt("q?", [Demo("a", "b")]) == "Q: a\nA: b\n\nQ: q?\nA:"
+
+
+def test_icl_prompts_hold_out_the_query():
+    demos = load_demos(ROOT / "vectors" / "safe_demos.jsonl")
+    ps = icl_prompts(demos, n_prompts=30, n_shots=10, seed=3)
+    assert len(ps) == 30
+    for q, shots in ps:
+        assert len(shots) == 10 and q not in [s.prompt for s in shots]
+
+
+def test_empty_and_malformed_demos(tmp_path):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DemosError, match="empty"):
+        load_demos(empty)
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "response": "y"}) + "\n{not json\n")
+    with pytest.raises(DemosError, match=r"b.jsonl:2"):
+        load_demos(bad)
+    nofield = tmp_path / "c.jsonl"
+    nofield.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(DemosError, match=r":1: .*response"):
+        load_demos(nofield)
+
+
+def test_shipped_demos_are_the_recorded_split_and_disjoint_from_eval():
+    lines = [json.loads(x) for x in (ROOT / "vectors" / "safe_demos.jsonl").read_text().splitlines()]
+    split = datasets.advbench_split()
+    rows = datasets.advbench_rows()
+    assert [x["advbench_row"] for x in lines] == split["safe_demos"]
+    assert all(rows[x["advbench_row"]]["goal"] == x["prompt"] for x in lines)
+    parts = [set(v) for v in split.values()]
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == 520
+    # no demonstration prompt appears in any evaluation or dev set
+    demo_prompts = {x["prompt"] for x in lines}
+    evals = {p.text for p in datasets.advbench("eval")} | {p.text for p in datasets.advbench("dev")}
+    evals |= {p.text for p in datasets.catqa()} | {p.text for p in datasets.xstest("safe")}
+    assert not demo_prompts & evals
+    # refusals only: no compliant opening in a shipped demonstration
+    assert not any(x["response"].lower().startswith("sure") for x in lines)
+
+
+def test_catqa_per_category():
+    ps = datasets.catqa(per_category=2)
+    assert len(ps) == 22 and len({p.category for p in ps}) == 11
+    assert len(datasets.xstest("safe")) == 250
