@@ -70,14 +70,14 @@ class _Capture:
 
 
 def _capture_means(model: Model, prompts: list[tuple[str, list[Demo]]], want_kqv: bool, want_resid: bool,
-                   progress: Progress | None, n_ctx: int) -> _Capture:
+                   progress: Progress | None, n_ctx: int, n_threads: int | None = None) -> _Capture:
     names = set()
     if want_kqv:
         names |= {f"kqv_out-{i}" for i in range(model.n_layer)}
     if want_resid:
         names |= {f"l_out-{i}" for i in range(model.n_layer)}
     hook = ActivationHook(names)
-    ctx = model.context(n_ctx=n_ctx, capture=hook)
+    ctx = model.context(n_ctx=n_ctx, capture=hook, n_threads=n_threads)
     L = model.n_layer
     kqv_sum = np.zeros((L, model.n_head * model.head_dim()), np.float64)
     with_sum = np.zeros((L, model.n_embd), np.float64)
@@ -111,7 +111,7 @@ def _capture_means(model: Model, prompts: list[tuple[str, list[Demo]]], want_kqv
 
 
 def head_aie(model: Model, mean_kqv: np.ndarray, demos: list[Demo], n_prompts: int = DEFAULT_AIE_PROMPTS,
-             progress: Progress | None = None, n_ctx: int = 2048) -> np.ndarray:
+             progress: Progress | None = None, n_ctx: int = 2048, n_threads: int | None = None) -> np.ndarray:
     """Average indirect effect per head, shape (n_layer, n_head): the mean gain in log-probability of the
     query's own refusal when that head's clean mean output replaces its output at the last prompt token of
     the zero-shot (corrupted) prompt."""
@@ -127,7 +127,7 @@ def head_aie(model: Model, mean_kqv: np.ndarray, demos: list[Demo], n_prompts: i
         return rows
 
     hook = ActivationHook((), patch=patch)
-    ctx = model.context(n_ctx=n_ctx, capture=hook)
+    ctx = model.context(n_ctx=n_ctx, capture=hook, n_threads=n_threads)
     aie = np.zeros((L, H), np.float64)
     use = demos[:n_prompts]
     done, total = 0, len(use) * (L * H + 1)
@@ -183,7 +183,7 @@ def output_projections(model: Model, layers: set[int]) -> dict[int, np.ndarray]:
 def build_vector(model: Model, demos: list[Demo], method: str = "mean-diff", layers: tuple[int, ...] | None = None,
                  heads: int = DEFAULT_HEADS, n_prompts: int = N_PROMPTS, n_shots: int = N_SHOTS, seed: int = 0,
                  aie_prompts: int = DEFAULT_AIE_PROMPTS, progress: Progress | None = None,
-                 n_ctx: int = 4096) -> SafetyVector:
+                 n_ctx: int = 4096, n_threads: int | None = None) -> SafetyVector:
     """Build a safety vector from safe demonstrations (see the module docstring for both methods)."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -195,14 +195,15 @@ def build_vector(model: Model, demos: list[Demo], method: str = "mean-diff", lay
         raise UsageError(f"--heads must be in 1..{n_total_heads} for this model, not {heads}")
     prompts = icl_prompts(demos, n_prompts=n_prompts, n_shots=n_shots, seed=seed)
     cap = _capture_means(model, prompts, want_kqv=method == "fv", want_resid=method == "mean-diff",
-                         progress=progress, n_ctx=n_ctx)
+                         progress=progress, n_ctx=n_ctx, n_threads=n_threads)
     meta: dict = {"n_prompts": n_prompts, "n_shots": min(n_shots, len(demos) - 1), "seed": seed,
                   "n_demos": len(demos)}
     if method == "mean-diff":
         diff = cap.with_demos - cap.without
         directions = {i: diff[i] for i in layers}
     else:
-        aie = head_aie(model, cap.kqv, demos, n_prompts=aie_prompts, progress=progress, n_ctx=n_ctx)
+        aie = head_aie(model, cap.kqv, demos, n_prompts=aie_prompts, progress=progress, n_ctx=n_ctx,
+                       n_threads=n_threads)
         order = np.argsort(-aie, axis=None)[:heads]
         top = [(int(k // model.n_head), int(k % model.n_head)) for k in order]
         hd = model.head_dim()

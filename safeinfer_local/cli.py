@@ -230,7 +230,7 @@ def vectors_build(
     lay = parse_layers(layer, m, method)
     with _progress() as prog:
         v = build_vector(m, d, method=method, layers=lay, heads=heads, n_prompts=prompts, n_shots=shots,
-                         seed=seed, aie_prompts=aie_prompts, progress=prog)
+                         seed=seed, aie_prompts=aie_prompts, progress=prog, n_threads=threads)
     v.gamma, v.positions = gamma, positions
     v.meta["build_command"] = "safeinfer vectors build " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
     v.__post_init__()

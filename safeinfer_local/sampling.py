@@ -131,3 +131,44 @@ class StopMatcher:
     def flush(self) -> str:
         out, self._pending = self._pending, ""
         return out
+
+
+DEFAULT_LAMBDA = 0.99
+"""The paper's λ ("Union" from language-model arithmetic), chosen for 7B chat models; calibrate per model."""
+
+
+def check_lambda(lam: float) -> float:
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0.0 <= lam < 1.0):
+        raise ValueError(f"`lambda` must be in [0, 1), but is {lam}")
+    return float(lam)
+
+
+def guided_logits(target_logits: np.ndarray, guide_logits: np.ndarray, lam: float = DEFAULT_LAMBDA) -> np.ndarray:
+    """Safety-guided scores z = ℓ_t − (λ / (1 − λ)) · max(0, ℓ_u − ℓ_t), with ℓ = log-softmax (DESIGN §1.2).
+
+    ``target_logits`` and ``guide_logits`` are raw logits over the same vocabulary (1-D or 2-D rows). The result
+    is unnormalised: softmax(z / T) is the guided distribution. Tokens the guidance prefers more than the target
+    are penalised; every other token keeps the target's log-probability. λ = 0 returns ℓ_t exactly. −inf in the
+    target stays −inf; −inf in the guidance adds no penalty.
+
+    Cost: two log-sum-exp passes and a few in-place element-wise passes, in float32 for float32 input.
+    """
+    lam = check_lambda(lam)
+    t = np.asarray(target_logits)
+    u = np.asarray(guide_logits)
+    if t.shape != u.shape:
+        raise ValueError(f"target and guidance logits differ in shape: {t.shape} vs {u.shape}")
+    if t.dtype != u.dtype:
+        u = u.astype(t.dtype)
+    lt = t - logsumexp(t)
+    if lam == 0.0:
+        return lt
+    k = lam / (1.0 - lam)
+    pen = u - logsumexp(u)  # ℓ_u
+    with np.errstate(invalid="ignore"):  # (-inf) - (-inf) where both are -inf: no penalty
+        np.subtract(pen, lt, out=pen)
+        np.nan_to_num(pen, copy=False, nan=0.0, posinf=np.inf, neginf=0.0)
+    np.maximum(pen, 0.0, out=pen)
+    pen *= pen.dtype.type(k)
+    np.subtract(lt, pen, out=pen)
+    return pen
