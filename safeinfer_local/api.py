@@ -15,6 +15,7 @@ from .engine import Model
 from .errors import UsageError
 from .generate import DEFAULT_N_CTX, GenConfig, Result, Runner, Steering, check_variant
 from .models import default_vector_path, resolve_model
+from .sampling import DEFAULT_LAMBDA, check_lambda
 from .vectors import SafetyVector
 
 
@@ -39,7 +40,8 @@ class SafeInfer:
     def __init__(self, model: str | Path | Model | None = None, vector: str | Path | SafetyVector | None = "default",
                  gamma: float | None = None, layers: tuple[int, ...] | None = None, positions: str | None = None,
                  n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 chat_format: str | None = None, warn=None) -> None:
+                 chat_format: str | None = None, guidance: str | None = None, lam: float | None = None,
+                 warn=None) -> None:
         self.model = model if isinstance(model, Model) else Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
         if isinstance(vector, str) and vector == "default":
             path = default_vector_path() if isinstance(model, Model) or model in (None, "default") else None
@@ -52,7 +54,14 @@ class SafeInfer:
         if vector is None and (gamma is not None or layers or positions):
             raise UsageError("--gamma/--layers/--positions need a safety vector (--vector)")
         self.chat_format = chat_format
-        self.runner = Runner(self.model, n_ctx=n_ctx, n_threads=n_threads)
+        # sGDS settings: explicit, else the vector's recommendation (calibrated per model), else the defaults
+        rec = (vector.meta.get("sgds") or {}) if isinstance(vector, SafetyVector) else {}
+        guidance = guidance or rec.get("guidance")
+        try:
+            lam = check_lambda(lam if lam is not None else rec.get("lam", DEFAULT_LAMBDA))
+        except ValueError as e:
+            raise UsageError(f"--lam: {e}") from None
+        self.runner = Runner(self.model, n_ctx=n_ctx, n_threads=n_threads, guidance=guidance, lam=lam)
 
     @classmethod
     def default(cls, **kw) -> SafeInfer:
@@ -77,34 +86,41 @@ class SafeInfer:
         r = render(self.model, messages, self.chat_format)
         return self.model.tokenize(r.text, add_bos=r.add_bos, special=True), r.stop
 
-    def _steering_for(self, variant: str) -> Steering | None:
+    def default_variant(self) -> str:
+        """``safeinfer`` when a vector is loaded, else ``sgds`` (guidance without amplification)."""
+        return "safeinfer" if self.steering is not None else "sgds"
+
+    def _steering_for(self, variant: str | None) -> tuple[str, Steering | None]:
+        variant = variant or self.default_variant()
         check_variant(variant, self.steering)
-        return self.steering if variant in ("sa", "safeinfer") else None
+        return variant, self.steering
 
     # -- verbs ----------------------------------------------------------------------------------------------
-    def stream(self, prompt: str | list[Message], variant: str = "sa", raw: bool = False, **gen):
-        steering = self._steering_for(variant)
+    def stream(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False, **gen):
+        """Yield :class:`Step` objects (token, text, log-prob, whether guidance changed the token)."""
+        variant, steering = self._steering_for(variant)
         tokens, stops = self.encode_prompt(prompt, raw)
         cfg = GenConfig(**gen)
         cfg.stop = tuple(cfg.stop) + stops
-        yield from self.runner.stream(tokens, steering, cfg)
+        yield from self.runner.stream(tokens, steering, cfg, variant)
 
-    def generate(self, prompt: str | list[Message], variant: str = "sa", raw: bool = False, **gen) -> Result:
-        steering = self._steering_for(variant)
+    def generate(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False, **gen) -> Result:
+        variant, steering = self._steering_for(variant)
         tokens, stops = self.encode_prompt(prompt, raw)
         cfg = GenConfig(**gen)
         cfg.stop = tuple(cfg.stop) + stops
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         return self.runner.generate(text, tokens, steering, cfg, variant)
 
-    def score(self, prompt: str | list[Message], continuation: str, variant: str = "base", raw: bool = False) -> Score:
+    def score(self, prompt: str | list[Message], continuation: str, variant: str | None = None,
+              raw: bool = False) -> Score:
         """Teacher-forced log-probability of ``continuation`` (tokenized without BOS) after the prompt, under
         the variant's own next-token distribution at T = 1."""
-        steering = self._steering_for(variant)
+        variant, steering = self._steering_for(variant)
         if not continuation:
             raise UsageError("empty continuation")
         tokens, _ = self.encode_prompt(prompt, raw)
         cont = self.model.tokenize(continuation, add_bos=False)
-        lps = self.runner.score(tokens, cont, steering)
+        lps = self.runner.score(tokens, cont, steering, variant)
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         return Score(text, continuation, variant, float(lps.sum()), len(cont), [float(x) for x in lps])

@@ -42,10 +42,13 @@ def _check_finite(name: str, x: float | None) -> None:
         raise UsageError(f"{name} must be a finite number, not {x}")
 
 
-def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format):
+def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance=None,
+          lam=None):
     from .api import SafeInfer
 
     _check_finite("--gamma", gamma)
+    if lam is not None and not (math.isfinite(lam) and 0 <= lam < 1):
+        raise UsageError(f"--lam must be in [0, 1), not {lam}")
     if n_ctx < 16:
         raise UsageError(f"--n-ctx must be >= 16, not {n_ctx}")
     vec = vector if vector is not None else "default"
@@ -53,7 +56,7 @@ def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers,
         vec = None
     return SafeInfer(model=model, vector=vec, gamma=gamma, layers=_parse_layers(layers), positions=positions,
                      n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
-                     warn=_warn)
+                     guidance=guidance, lam=lam, warn=_warn)
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -73,8 +76,11 @@ VectorOpt = typer.Option(None, "--vector", help="Safety vector GGUF/.npz/.npy ('
 GammaOpt = typer.Option(None, "--gamma", help="Vector strength γ (default: the vector's recommended γ).")
 LayersOpt = typer.Option(None, "--layers", help="Blocks to steer, e.g. 8 or 6,8 (default: the vector's).")
 PositionsOpt = typer.Option(None, "--positions", help="generation | last | all (default: the vector's).")
-VariantOpt = typer.Option(None, "--variant", help="base | sa (sgds, safeinfer: coming). Default: sa when a "
-                          "vector is loaded, else base.")
+VariantOpt = typer.Option(None, "--variant", help="base | sa | sgds | safeinfer (SA + sGDS). Default: "
+                          "safeinfer when a vector is loaded, else sgds.")
+GuidanceOpt = typer.Option(None, "--guidance", help="sGDS guidance: prompt (default) | negative | none | "
+                           "model:PATH | lora:PATH.")
+LamOpt = typer.Option(None, "--lam", help="sGDS λ in [0, 1) (default 0.99, the paper's).")
 RawOpt = typer.Option(False, "--raw", help="No chat template: BOS + the prompt's tokens.")
 NCtxOpt = typer.Option(4096, "--n-ctx", help="Context length in tokens.")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cores).")
@@ -84,16 +90,12 @@ ChatFmtOpt = typer.Option(None, "--chat-format", help="Chat format when the GGUF
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
 
 
-def _variant(si, variant: str | None) -> str:
-    return variant or ("sa" if si.steering is not None else "base")
-
-
 @app.command()
 def generate(
     prompt: str | None = typer.Argument(None, help="The prompt (default: read stdin)."),
     model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
     layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
-    raw: bool = RawOpt,
+    guidance: str | None = GuidanceOpt, lam: float | None = LamOpt, raw: bool = RawOpt,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: int = typer.Option(40, "--top-k", help="0 disables."),
@@ -102,7 +104,8 @@ def generate(
     n_ctx: int = NCtxOpt, threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
     chat_format: str | None = ChatFmtOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Generate a reply to PROMPT with a variant (base: plain; sa: safety amplification)."""
+    """Generate a reply to PROMPT with a variant (base: plain; sa: safety amplification; sgds: safety-guided
+    decoding; safeinfer: both)."""
     from .generate import GenConfig
     from .sampling import validate_sampling
 
@@ -113,8 +116,8 @@ def generate(
         raise UsageError(str(e)) from None
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
-    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format)
-    v = _variant(si, variant)
+    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
+    v = variant or si.default_variant()
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     GenConfig(**gen)  # validate early
     if as_json:
@@ -123,6 +126,8 @@ def generate(
         out["model"] = si.model.name
         if si.steering and v in ("sa", "safeinfer"):
             out.update(gamma=si.steering.gamma, layers=list(si.steering.layers), positions=si.steering.positions)
+        if v in ("sgds", "safeinfer"):
+            out.update(guidance=str(si.runner.guidance), lam=si.runner.lam)
         print(json.dumps(out, ensure_ascii=False))
         return
     res = None
@@ -146,12 +151,13 @@ def score(
     continuation: str = typer.Argument(..., help="The continuation to score (tokenized without BOS)."),
     model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
     layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
-    raw: bool = RawOpt, n_ctx: int = NCtxOpt, threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
+    guidance: str | None = GuidanceOpt, lam: float | None = LamOpt, raw: bool = RawOpt, n_ctx: int = NCtxOpt,
+    threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
     chat_format: str | None = ChatFmtOpt, as_json: bool = JsonOpt,
 ) -> None:
     """Teacher-forced log-probability of CONTINUATION after PROMPT under a variant's distribution (T = 1)."""
-    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format)
-    s = si.score(prompt, continuation, variant=_variant(si, variant), raw=raw)
+    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
+    s = si.score(prompt, continuation, variant=variant or si.default_variant(), raw=raw)
     if as_json:
         print(json.dumps(s.to_dict(), ensure_ascii=False))
     else:
@@ -196,6 +202,101 @@ def demo(
     print(f"sa raised it on {up} of {len(rows)} prompts")
     for v, text in reply.items():
         print(f"greedy reply, {v:4}: {text.strip()[:100]!r}")
+
+
+@app.command()
+def chat(
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
+    layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
+    guidance: str | None = GuidanceOpt, lam: float | None = LamOpt,
+    system: str | None = typer.Option(None, "--system", help="System message."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(40, "--top-k"), top_p: float = typer.Option(0.95, "--top-p"),
+    seed: int | None = typer.Option(None, "--seed"),
+    n_ctx: int = NCtxOpt, threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
+    chat_format: str | None = ChatFmtOpt,
+) -> None:
+    """Chat in the terminal: streaming replies, multi-turn, slash commands (/help). With stdin not a terminal,
+    each input line is a user turn and replies are printed as plain text."""
+    from .chatloop import ChatSession
+    from .sampling import validate_sampling
+
+    try:
+        validate_sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
+    sess = ChatSession(si, variant or si.default_variant(), system,
+                       gen=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    if tty:
+        print(f"safeinfer chat — {si.model.name}, variant {sess.variant}. /help for commands, /quit to leave.")
+    while True:
+        try:
+            line = input("you> " if tty else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /quit to leave)")
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            text, go = sess.command(line)
+            if text:
+                print(text)
+            if not go:
+                break
+            continue
+        if tty:
+            sys.stdout.write("bot> ")
+        st = sess.reply(line, lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        if st.stopped:
+            print("[stopped]")
+        if tty:
+            print(f"\x1b[2m[{st.tokens} tokens, {st.tokens_per_s:.1f} tok/s, {st.guided} changed by guidance]\x1b[0m")
+        sys.stdout.flush()
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, not assertions).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    tokens: int = typer.Option(64, "--tokens", help="Tokens to generate per run."),
+    rounds: int = typer.Option(2, "--rounds", help="Interleaved rounds; the fastest of each is kept."),
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, guidance: str | None = GuidanceOpt,
+    lam: float | None = LamOpt, threads: int | None = ThreadsOpt, as_json: bool = JsonOpt,
+) -> None:
+    """Tokens/s and time to first token: llama-cpp-python's Llama.create_completion vs our four variants."""
+    from .bench import speed
+
+    if tokens < 2 or rounds < 1:
+        raise UsageError("--tokens must be >= 2 and --rounds >= 1")
+    si = _load(model, vector, None, None, None, 4096, threads, 0, None, guidance, lam)
+    if si.steering is None:
+        raise UsageError("bench speed needs a safety vector (--vector) for the sa and safeinfer variants")
+    with _progress() as prog:
+        res = speed(si, tokens=tokens, rounds=rounds, progress=prog)
+    if as_json:
+        print(json.dumps({"model": si.model.name, "guidance": str(si.runner.guidance), "lam": si.runner.lam,
+                          "results": res}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{si.model.name}: greedy, {tokens} tokens, guidance {si.runner.guidance}, λ {si.runner.lam:g}")
+    for c in ("run", "tok/s", "× reference", "× base", "TTFT ms", "TTFT × base", "decode share", "Python ms/step"):
+        t.add_column(c, justify="right")
+    for k, r in res.items():
+        t.add_row(k, f"{r['tokens_per_s']:.1f}", f"{r['vs_reference']:.2f}", f"{r['vs_base']:.2f}",
+                  f"{r['ttft_s'] * 1000:.0f}", f"{r['ttft_vs_base']:.2f}",
+                  f"{r['decode_share']:.0%}" if "decode_share" in r else "-",
+                  f"{r['python_ms_per_step']:.2f}" if "python_ms_per_step" in r else "-")
+    Console().print(t)
 
 
 @vectors_app.command("build")
@@ -260,6 +361,8 @@ def vectors_convert(
     layers: str | None = typer.Option(None, "--layers", help="Keep only these blocks; also the recommended ones."),
     gamma: float | None = typer.Option(None, "--gamma", help="Recommended γ to record."),
     positions: str | None = typer.Option(None, "--positions", help="Recommended positions to record."),
+    guidance: str | None = typer.Option(None, "--guidance", help="Recommended sGDS guidance to record."),
+    lam: float | None = typer.Option(None, "--lam", help="Recommended sGDS λ to record."),
 ) -> None:
     """Convert a vector to our GGUF (loads in llama.cpp as a control vector), optionally setting metadata."""
     from .vectors import SafetyVector
@@ -276,6 +379,19 @@ def vectors_convert(
         v.gamma = gamma
     if positions is not None:
         v.positions = positions
+    if guidance is not None or lam is not None:
+        from .guidance import GuidanceSpec
+        from .sampling import check_lambda
+
+        rec = dict(v.meta.get("sgds") or {})
+        if guidance is not None:
+            rec["guidance"] = str(GuidanceSpec.parse(guidance))
+        if lam is not None:
+            try:
+                rec["lam"] = check_lambda(lam)
+            except ValueError as e:
+                raise UsageError(f"--lam: {e}") from None
+        v.meta["sgds"] = rec
     v.__post_init__()
     v.save(out)
     print(f"wrote {out} (layers {sorted(v.directions)}, n_embd {v.n_embd})", file=sys.stderr)

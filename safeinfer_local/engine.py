@@ -51,6 +51,7 @@ _api = SimpleNamespace(
     mem_clear=_resolve("llama_memory_clear"),
     mem_pos_max=_resolve("llama_memory_seq_pos_max"),
     n_tokens=_resolve("llama_vocab_n_tokens", "llama_n_vocab"),
+    lora_init=_resolve("llama_adapter_lora_init", "llama_lora_adapter_init"),
 )
 
 # ggml tensor access for activation capture (llama.cpp's cb_eval callback hands us raw ggml_tensor pointers).
@@ -372,6 +373,28 @@ class Context:
             raise EngineError(f"llama.cpp rejected the control vector ({rc})")
         self._cvec = (buf.copy(), il_start, il_end)
 
+    # -- LoRA ---------------------------------------------------------------------------------------------
+    def set_lora(self, path: str | os.PathLike, scale: float = 1.0) -> None:
+        """Apply a GGUF LoRA adapter to this context only (the model's weights stay shared)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"LoRA adapter not found: {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != _GGUF_MAGIC:
+                raise ModelError(f"{path} is not a GGUF LoRA adapter (no GGUF header)")
+        adapter = _api.lora_init(self.model._model, str(path).encode())
+        if not adapter:
+            raise ModelError(f"llama.cpp could not load LoRA {path} for {self.model.name} "
+                             "(an adapter for another model, or not a LoRA)")
+        self._lora = adapter  # keep it alive as long as the context
+        if hasattr(_L, "llama_set_adapters_lora"):
+            arr = (_L.llama_adapter_lora_p_ctypes * 1)(adapter)
+            rc = _L.llama_set_adapters_lora(self._ctx, arr, 1, (ctypes.c_float * 1)(scale))
+        else:  # older llama-cpp-python
+            rc = _L.llama_set_adapter_lora(self._ctx, adapter, scale)
+        if rc != 0:
+            raise ModelError(f"llama.cpp could not apply LoRA {path} ({rc})")
+
     # -- decoding -------------------------------------------------------------------------------------------
     def decode(self, tokens: Sequence[int], seq: int = 0, logits: str = "last") -> np.ndarray:
         """Append ``tokens`` to sequence ``seq`` and return logits: ``last`` -> (n_vocab,), ``all`` ->
@@ -431,3 +454,17 @@ class Context:
             else:
                 result.append(np.empty((0, n_vocab), dtype=np.float32))
         return result
+
+
+def reference_stream(model_path: str | os.PathLike, prompt: str, max_tokens: int, n_ctx: int = 4096,
+                     n_threads: int | None = None):
+    """llama-cpp-python's own high-level ``Llama.create_completion`` (greedy, streaming): the plain reference
+    that ``bench speed`` compares our loop against. Yields one text chunk per generated token."""
+    threads = n_threads or default_threads()
+    llm = _L.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                   verbose=False)
+    try:
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+            yield chunk["choices"][0]["text"]
+    finally:
+        llm.close()

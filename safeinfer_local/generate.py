@@ -15,14 +15,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Context, Detokenizer, Model
+from .engine import Detokenizer, Model
 from .errors import UsageError, VectorError
-from .sampling import StopMatcher, make_sampler, token_logprobs
+from .guidance import (
+    N_GUIDE_SHOTS,
+    GuidanceSpec,
+    Side,
+    benign_demos,
+    check_same_vocab,
+    prefix_text,
+    safe_demos,
+    unsafe_demos,
+)
+from .sampling import DEFAULT_LAMBDA, StopMatcher, check_lambda, guided_logits, make_sampler, token_logprobs
 from .vectors import POSITIONS, SafetyVector, check_gamma
 
 VARIANTS = ("base", "sa", "sgds", "safeinfer")
 """``base`` plain decoding; ``sa`` safety amplification; ``sgds`` safety-guided decoding; ``safeinfer`` both."""
-IMPLEMENTED = ("base", "sa")
 
 DEFAULT_N_CTX = 4096
 DEFAULT_MAX_TOKENS = 128
@@ -101,78 +110,143 @@ class Result:
     time_to_first_token_s: float
     stop_reason: str
     steps: list[Step] = field(default_factory=list, repr=False)
+    guided_tokens: int = 0
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "response": self.response, "variant": self.variant,
                 "n_tokens": self.n_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
-                "time_to_first_token_s": round(self.time_to_first_token_s, 4), "stop_reason": self.stop_reason}
+                "time_to_first_token_s": round(self.time_to_first_token_s, 4), "stop_reason": self.stop_reason,
+                "guided_tokens": self.guided_tokens}
 
 
 def check_variant(variant: str, steering: Steering | None) -> None:
     if variant not in VARIANTS:
         raise UsageError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
-    if variant not in IMPLEMENTED:
-        raise UsageError(f"variant {variant!r} is not available yet (available: {', '.join(IMPLEMENTED)})")
     if variant in ("sa", "safeinfer") and steering is None:
         raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
 
 
+Buffers = tuple  # (prompt[:-1], last prompt token, generated tokens): a control-vector buffer or None each
+
+
+def position_buffers(steering: Steering | None, n_layer: int, sign: float = 1.0) -> Buffers:
+    """Which chunks of the decode layout get the vector, per the steering's positions."""
+    if steering is None:
+        return (None, None, None)
+    b = steering.buffer(n_layer) * np.float32(sign)
+    return {"generation": (None, b, b), "last": (None, b, None), "all": (b, b, b)}[steering.positions]
+
+
 class Runner:
-    """Owns one context and runs requests on it, one at a time."""
+    """Runs requests one at a time for any variant: a target side, and for ``sgds``/``safeinfer`` a guidance
+    side, each its own llama.cpp context (a control vector applies to a whole context, and the two sides need
+    different ones). Sides, and the prefixes they cache, are made on first use and reused across requests."""
 
-    def __init__(self, model: Model, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> None:
+    def __init__(self, model: Model, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
+                 guidance: GuidanceSpec | str | None = None, lam: float = DEFAULT_LAMBDA,
+                 guide_model: Model | None = None) -> None:
         self.model = model
-        self.ctx: Context = model.context(n_ctx=n_ctx, n_threads=n_threads)
+        self.n_ctx, self.n_threads = n_ctx, n_threads
+        self.guidance = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec.parse(guidance)
+        self.lam = check_lambda(lam)
+        self._guide_model = guide_model
+        self._sides: dict[str, Side] = {}
+        self.stop_reason = ""
+        self.target_prefix = "benign"
 
-    def _apply(self, steering: Steering | None, on: bool) -> None:
-        self.ctx.set_control_vector(steering.buffer(self.model.n_layer) if (steering and on) else None)
+    # -- sides ----------------------------------------------------------------------------------------------
+    def _side(self, key: str) -> Side:
+        side = self._sides.get(key)
+        if side is None:
+            m, g = self.model, self.guidance
+            if key == "plain":
+                side = Side(m, self.n_ctx, self.n_threads)
+            elif key == "target-prefixed":
+                side = Side(m, self.n_ctx, self.n_threads, m.tokenize(prefix_text(self._target_demos()), add_bos=True))
+            elif key == "guide-prompt":
+                side = Side(m, self.n_ctx, self.n_threads, m.tokenize(prefix_text(unsafe_demos()), add_bos=True))
+            elif key == "guide-plain":
+                side = Side(m, self.n_ctx, self.n_threads)
+            elif key == "guide-lora":
+                side = Side(m, self.n_ctx, self.n_threads, lora=g.path)
+            elif key == "guide-model":
+                if self._guide_model is None:
+                    self._guide_model = Model(g.path)
+                    check_same_vocab(m, self._guide_model)
+                side = Side(self._guide_model, self.n_ctx, self.n_threads)
+            else:  # pragma: no cover
+                raise KeyError(key)
+            self._sides[key] = side
+        return side
 
-    def prefill(self, prompt_tokens: list[int], steering: Steering | None) -> np.ndarray:
-        """Decode the prompt (fresh context) and return the logits after its last token."""
-        if not prompt_tokens:
-            raise UsageError("empty prompt")
-        if len(prompt_tokens) >= self.ctx.n_ctx:
-            raise UsageError(f"prompt is {len(prompt_tokens)} tokens but the context holds {self.ctx.n_ctx} "
-                             "(shorten it or raise --n-ctx)")
-        self.ctx.clear()
-        pos = steering.positions if steering else None
-        head, last = prompt_tokens[:-1], prompt_tokens[-1:]
-        if head:
-            self._apply(steering, pos == "all")
-            self.ctx.decode(head, logits="none")
-        self._apply(steering, True)
-        logits = self.ctx.decode(last)
-        self._apply(steering, pos in ("generation", "all"))
-        return logits
+    def _target_demos(self) -> list:
+        if self.target_prefix == "safe":
+            return safe_demos()
+        if self.target_prefix == "benign-plain":
+            return [d for d in benign_demos(30) if not d.response.startswith("Sure")][:N_GUIDE_SHOTS]
+        return benign_demos()
 
-    def stream(self, prompt_tokens: list[int], steering: Steering | None, cfg: GenConfig) -> Iterator[Step]:
-        """Yield generated tokens until EOS / end-of-generation, a stop string, max tokens or a full context."""
+    def _plan(self, variant: str, steering: Steering | None):
+        """(target side, its buffers, guidance side or None, its buffers) for a variant."""
+        n_layer = self.model.n_layer
+        sa = steering if variant in ("sa", "safeinfer") else None
+        kind = self.guidance.kind
+        guided = variant in ("sgds", "safeinfer") and kind != "none"
+        if not guided:
+            return self._side("plain"), position_buffers(sa, n_layer), None, None
+        if kind == "prompt":
+            return (self._side("target-prefixed"), position_buffers(sa, n_layer), self._side("guide-prompt"),
+                    (None, None, None))
+        if kind == "negative":
+            if steering is None:
+                raise UsageError("--guidance negative needs a safety vector (--vector)")
+            return (self._side("plain"), position_buffers(sa, n_layer), self._side("guide-plain"),
+                    position_buffers(steering, n_layer, sign=-1.0))
+        return self._side("plain"), position_buffers(sa, n_layer), self._side(f"guide-{kind}"), (None, None, None)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def stream(self, prompt_tokens: list[int], steering: Steering | None, cfg: GenConfig,
+               variant: str = "base") -> Iterator[Step]:
+        """Yield generated tokens until end-of-generation, a stop string, max tokens or a full context.
+        Each step says whether guidance changed the token the target alone would have picked (same draw)."""
         if cfg.max_tokens < 1:
             raise UsageError(f"max tokens must be >= 1, not {cfg.max_tokens}")
+        if not prompt_tokens:
+            raise UsageError("empty prompt")
         sample = make_sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-        logits = self.prefill(prompt_tokens, steering)
+        target, tbuf, guide, gbuf = self._plan(variant, steering)
+        lt = target.start(prompt_tokens, tbuf)
+        lu = guide.start(prompt_tokens, gbuf) if guide else None
         detok = Detokenizer(self.model)
         stops = StopMatcher(cfg.stop)
         self.stop_reason = "max_tokens"
         for i in range(cfg.max_tokens):
-            tok = sample(logits)
-            lp = float(token_logprobs(logits[None, :], [tok])[0])
+            u = sample.draw()
+            if lu is None:
+                z, tok, guided = lt, sample(lt, u), False
+            else:
+                z = guided_logits(lt, lu, self.lam)
+                tok = sample(z, u)
+                guided = tok != sample(lt, u)
+            lp = float(token_logprobs(z[None, :], [tok])[0])
             if self.model.is_eog(tok):
                 self.stop_reason = "eos"
                 break
             text, stopped = stops.feed(detok.add(tok))
             if stopped:
                 if text:
-                    yield Step(tok, text, lp)
+                    yield Step(tok, text, lp, guided)
                 self.stop_reason = "stop"
                 return
-            yield Step(tok, text, lp)
+            yield Step(tok, text, lp, guided)
             if i == cfg.max_tokens - 1:
                 break
-            if self.ctx.pos[0] + 1 > self.ctx.n_ctx:
+            if target.room < 1 or (guide is not None and guide.room < 1):
                 self.stop_reason = "context"
                 break
-            logits = self.ctx.decode([tok])
+            lt = target.step(tok)
+            if guide is not None:
+                lu = guide.step(tok)
         tail = stops.feed(detok.flush())[0] + stops.flush()
         if tail:
             yield Step(-1, tail, 0.0)
@@ -182,7 +256,7 @@ class Runner:
         t0 = time.perf_counter()
         steps: list[Step] = []
         t_first = None
-        for st in self.stream(prompt_tokens, steering, cfg):
+        for st in self.stream(prompt_tokens, steering, cfg, variant):
             if t_first is None:
                 t_first = time.perf_counter()
             steps.append(st)
@@ -191,17 +265,30 @@ class Runner:
         ttft = (t_first or t_end) - t0
         gen_time = t_end - (t_first or t_end)
         tps = (n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0
-        return Result(prompt, "".join(s.text for s in steps), variant, n, tps, ttft, self.stop_reason, steps)
+        return Result(prompt, "".join(s.text for s in steps), variant, n, tps, ttft, self.stop_reason, steps,
+                      guided_tokens=sum(s.guided for s in steps))
 
-    def score(self, prompt_tokens: list[int], cont_tokens: list[int], steering: Steering | None) -> np.ndarray:
-        """Per-token log-probabilities of ``cont_tokens`` after the prompt, teacher-forced, at T = 1."""
+    def score(self, prompt_tokens: list[int], cont_tokens: list[int], steering: Steering | None,
+              variant: str = "base") -> np.ndarray:
+        """Per-token log-probabilities of ``cont_tokens`` after the prompt, teacher-forced, under the variant's
+        own next-token distribution at T = 1 (guided variants: softmax of the guided scores)."""
         if not cont_tokens:
             raise UsageError("empty continuation")
-        need = len(prompt_tokens) + len(cont_tokens)
-        if need > self.ctx.n_ctx:
-            raise UsageError(f"prompt + continuation is {need} tokens but the context holds {self.ctx.n_ctx}")
-        first = self.prefill(prompt_tokens, steering)
-        rows = [first]
+        if not prompt_tokens:
+            raise UsageError("empty prompt")
+        target, tbuf, guide, gbuf = self._plan(variant, steering)
+        rows_t = self._rows(target, tbuf, prompt_tokens, cont_tokens)
+        if guide is None:
+            return token_logprobs(rows_t, cont_tokens)
+        rows_u = self._rows(guide, gbuf, prompt_tokens, cont_tokens)
+        return token_logprobs(guided_logits(rows_t, rows_u, self.lam), cont_tokens)
+
+    @staticmethod
+    def _rows(side: Side, buffers: Buffers, prompt_tokens: list[int], cont_tokens: list[int]) -> np.ndarray:
+        first = side.start(prompt_tokens, buffers)
+        if side.room < len(cont_tokens):
+            raise UsageError(f"prompt + continuation do not fit the context of {side.ctx.n_ctx} tokens")
+        rows = [first[None, :]]
         if len(cont_tokens) > 1:
-            rows.extend(self.ctx.decode(cont_tokens[:-1], logits="all"))
-        return token_logprobs(np.stack(rows), cont_tokens)
+            rows.append(side.rows(cont_tokens[:-1]))
+        return np.concatenate(rows)

@@ -73,30 +73,33 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
-def make_sampler(
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> Sampler:
-    """Build a sampler. ``temperature == 0`` is greedy (argmax); otherwise softmax(x / T) after filters."""
-    validate_sampling(temperature, top_k, top_p)
-    rng = np.random.default_rng(seed)
+class make_sampler:  # noqa: N801 - used like mlx-lm's make_sampler(...) factory
+    """A sampler: ``sampler(row)`` returns a token id. ``temperature == 0`` is greedy (argmax); otherwise
+    softmax(row / T) after top-k / top-p, by inverse CDF from one uniform draw per step (seeded runs repeat).
 
-    def greedy(row: np.ndarray) -> int:
-        return int(np.argmax(row))
+    ``sampler.draw()`` then ``sampler(row, u)`` uses a given draw, so two distributions can be sampled with the
+    same randomness (how the guided loop tells whether guidance changed the token the target alone would pick).
+    """
 
-    def sample(row: np.ndarray) -> int:
-        x = np.asarray(row, dtype=np.float64) / temperature
-        x = apply_top_k(x, top_k)
-        x = apply_top_p(x, top_p)
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
+        validate_sampling(temperature, top_k, top_p)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.greedy = temperature == 0
+        self._rng = np.random.default_rng(seed)
+
+    def draw(self) -> float:
+        return 0.0 if self.greedy else float(self._rng.random())
+
+    def __call__(self, row: np.ndarray, u: float | None = None) -> int:
+        if self.greedy:
+            return int(np.argmax(row))
+        x = np.asarray(row, dtype=np.float64) / self.temperature
+        x = apply_top_k(x, self.top_k)
+        x = apply_top_p(x, self.top_p)
         probs = np.exp(log_softmax(x))
-        # inverse-CDF draw: one uniform number per step keeps seeded runs reproducible
-        u = rng.random()
+        u = self.draw() if u is None else u
         idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
         return min(idx, len(probs) - 1)
-
-    return greedy if temperature == 0 else sample
 
 
 class StopMatcher:

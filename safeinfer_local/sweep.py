@@ -31,7 +31,7 @@ def probe_scores(si: SafeInfer, prompts: list[str], steering: Steering | None,
     out = []
     for q in prompts:
         toks = si.model.tokenize(qa_prompt(q), add_bos=True)
-        out.append(si.runner.score(toks, cont, steering).sum() / len(cont))
+        out.append(si.runner.score(toks, cont, steering, "sa" if steering else "base").sum() / len(cont))
     return np.asarray(out)
 
 

@@ -65,8 +65,8 @@ def test_positions_change_what_is_steered(si):
 def test_errors(si):
     with pytest.raises(UsageError, match="empty prompt"):
         si.generate("   ", variant="base")
-    with pytest.raises(UsageError, match="not available yet"):
-        si.generate("hi", variant="sgds")
+    with pytest.raises(UsageError, match="max tokens"):
+        si.generate("hi", variant="base", max_tokens=0)
     with pytest.raises(UsageError, match="unknown variant"):
         si.generate("hi", variant="nope")
 

@@ -1,0 +1,88 @@
+"""``safeinfer bench speed``: tokens/s and time to first token, side by side in one process, for llama-cpp-python's
+high-level ``Llama.create_completion`` (the plain reference) and our ``base``, ``sa``, ``sgds``, ``safeinfer``,
+with ratios and the per-step split between llama.cpp decoding and Python work. A figure, never an assertion:
+this machine is noisy, so every variant runs in the same process, interleaved, ``rounds`` times (best kept)."""
+
+from __future__ import annotations
+
+import time
+
+from .api import SafeInfer
+from .engine import reference_stream
+
+BENCH_PROMPT = "Q: Write a long story about a lighthouse keeper and the sea.\nA:"
+VARIANTS = ("base", "sa", "sgds", "safeinfer")
+
+
+def _time_stream(chunks) -> tuple[int, float, float]:
+    """(tokens, time to first token, tokens/s after the first) for an iterator of per-token chunks."""
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for _ in chunks:
+        n += 1
+        if t_first is None:
+            t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    tps = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0
+    return n, t_first - t0, tps
+
+
+def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_PROMPT, progress=None) -> dict:
+    res: dict[str, dict] = {}
+    # warm-up: builds every side and decodes the guidance prefix once, as a long-running process would
+    for v in VARIANTS:
+        for _ in si.stream(prompt, variant=v, raw=True, max_tokens=2, temperature=0):
+            pass
+    total = rounds * (len(VARIANTS) + 1)
+    done = 0
+    for _ in range(rounds):
+        n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.runner.n_ctx,
+                                                     n_threads=si.runner.n_threads))
+        _keep(res, "reference", {"tokens": n, "ttft_s": ttft, "tokens_per_s": tps})
+        done += 1
+        if progress:
+            progress("bench", done, total)
+        for v in VARIANTS:
+            sides = list(si.runner._sides.values())
+            before = sum(s.decode_s for s in sides)
+            t0 = time.perf_counter()
+            steps = list(_steps(si, prompt, v, tokens))
+            wall = time.perf_counter() - t0
+            n, ttft, tps = len(steps), steps[0][1] if steps else 0.0, _tps(steps)
+            decode = sum(s.decode_s for s in si.runner._sides.values()) - before
+            gen_wall = wall - ttft
+            _keep(res, v, {"tokens": n, "ttft_s": ttft, "tokens_per_s": tps,
+                           "decode_share": decode / gen_wall if gen_wall > 0 else 0.0,
+                           "python_ms_per_step": max(0.0, gen_wall - decode) / max(1, n - 1) * 1000})
+            done += 1
+            if progress:
+                progress("bench", done, total)
+    ref = res["reference"]["tokens_per_s"] or float("nan")
+    base = res["base"]["tokens_per_s"] or float("nan")
+    for r in res.values():
+        r["vs_reference"] = r["tokens_per_s"] / ref
+        r["vs_base"] = r["tokens_per_s"] / base
+        r["ttft_vs_base"] = r["ttft_s"] / res["base"]["ttft_s"] if res["base"]["ttft_s"] else float("nan")
+    return res
+
+
+def _steps(si: SafeInfer, prompt: str, variant: str, tokens: int):
+    """(token, seconds since start) per generated token."""
+    t0 = time.perf_counter()
+    for st in si.stream(prompt, variant=variant, raw=True, max_tokens=tokens, temperature=0):
+        if st.token >= 0:
+            yield st.token, time.perf_counter() - t0
+
+
+def _tps(steps: list[tuple[int, float]]) -> float:
+    if len(steps) < 2:
+        return 0.0
+    return (len(steps) - 1) / (steps[-1][1] - steps[0][1])
+
+
+def _keep(res: dict, key: str, row: dict) -> None:
+    """Keep the faster of the rounds (noise on a shared machine only ever slows a run down)."""
+    if key not in res or row["tokens_per_s"] > res[key]["tokens_per_s"]:
+        res[key] = row

@@ -1,0 +1,116 @@
+"""The terminal chat session behind ``safeinfer chat``: history, slash commands and streaming replies.
+
+The session is a small object (testable without a terminal); the CLI only feeds it lines and prints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .api import SafeInfer
+from .errors import UsageError
+from .generate import VARIANTS, Steering, check_variant
+from .sampling import check_lambda
+
+HELP = """commands:
+  /help              this help
+  /variant NAME      base | sa | sgds | safeinfer
+  /gamma G           safety-vector strength
+  /lambda L          guidance strength λ in [0, 1)
+  /reset             forget the conversation
+  /stats             settings and the last reply's figures
+  /quit              leave (Ctrl-D too); Ctrl-C stops a reply and keeps the session"""
+
+
+@dataclass
+class ReplyStats:
+    tokens: int = 0
+    guided: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ChatSession:
+    si: SafeInfer
+    variant: str
+    system: str | None = None
+    gen: dict = field(default_factory=dict)
+    history: list[dict[str, str]] = field(default_factory=list)
+    last: ReplyStats = field(default_factory=ReplyStats)
+
+    def __post_init__(self) -> None:
+        check_variant(self.variant, self.si.steering)
+
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def command(self, line: str) -> tuple[str, bool]:
+        """Run a slash command; returns (text to show, keep going)."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/quit", "/exit"):
+                return "", False
+            if name == "/help":
+                return HELP, True
+            if name == "/reset":
+                self.history.clear()
+                return "conversation cleared", True
+            if name == "/variant":
+                if arg not in VARIANTS:
+                    return f"variants: {', '.join(VARIANTS)}", True
+                check_variant(arg, self.si.steering)
+                self.variant = arg
+                return f"variant {arg}", True
+            if name == "/gamma":
+                st = self.si.steering
+                if st is None:
+                    return "no safety vector loaded", True
+                self.si.steering = Steering.from_vector(st.vector, self.si.model, float(arg), st.layers, st.positions)
+                return f"gamma {self.si.steering.gamma:g}", True
+            if name == "/lambda":
+                self.si.runner.lam = check_lambda(float(arg))
+                return f"lambda {self.si.runner.lam:g}", True
+            if name == "/stats":
+                return self.stats(), True
+        except (ValueError, UsageError) as e:
+            return f"error: {e}", True
+        return f"unknown command {name} (try /help)", True
+
+    def stats(self) -> str:
+        st = self.si.steering
+        sa = f"gamma {st.gamma:g}, layers {list(st.layers)}, positions {st.positions}" if st else "no vector"
+        r = self.last
+        return (f"variant {self.variant}; {sa}; guidance {self.si.runner.guidance}, lambda {self.si.runner.lam:g}; "
+                f"turns {len(self.history) // 2}; last reply {r.tokens} tokens, {r.tokens_per_s:.1f} tok/s, "
+                f"{r.guided} changed by guidance")
+
+    def reply(self, user: str, on_text: Callable[[str], None]) -> ReplyStats:
+        """Stream a reply to ``user``; KeyboardInterrupt stops it and keeps what was said so far."""
+        self.history.append({"role": "user", "content": user})
+        stats = ReplyStats()
+        parts: list[str] = []
+        t0 = time.perf_counter()
+        stream: Iterator = self.si.stream(self.messages(), variant=self.variant, **self.gen)
+        try:
+            for step in stream:
+                parts.append(step.text)
+                on_text(step.text)
+                if step.token >= 0:
+                    stats.tokens += 1
+                    stats.guided += step.guided
+        except KeyboardInterrupt:
+            stats.stopped = True
+        except UsageError:
+            self.history.pop()
+            raise
+        stats.seconds = time.perf_counter() - t0
+        self.history.append({"role": "assistant", "content": "".join(parts).strip()})
+        self.last = stats
+        return stats

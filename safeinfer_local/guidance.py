@@ -1,0 +1,161 @@
+"""Guidance sources for safety-guided decoding (sGDS) and the two-sided decode that serves them.
+
+A *side* is one context that follows the conversation: the target (served) side and the guidance side. Each
+side may carry a fixed prefix (decoded once per process into KV sequence 0 and copied into the working
+sequence 1 for every request, never re-decoded) and a control vector.
+
+Guidance sources (``--guidance``):
+
+- ``prompt`` (default, one set of weights): the guidance side sees unsafe demonstrations (AdvBench requests
+  from the recorded ``unsafe_guidance`` split with their compliant openings ``Sure, here is ...``) before the
+  conversation, without SA. So that the two sides differ by the safety behaviour and not by prompt length or
+  format, the target side sees a prefix of the same format and the same number of demonstrations, made of
+  benign requests with helpful answers (``data/benign_demos.jsonl``).
+- ``negative``: the guidance side sees the plain conversation with −γ·SV.
+- ``model:PATH``: a separate GGUF whose vocabulary must match the target's token for token.
+- ``lora:PATH``: a GGUF LoRA adapter applied to the guidance context only (the paper's harmful fine-tune).
+- ``none``: no guidance (``sgds`` = ``base``, ``safeinfer`` = ``sa``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import DATA, advbench_rows, advbench_split
+from .demos import Demo
+from .engine import Context, Model
+from .errors import UsageError
+
+KINDS = ("prompt", "negative", "model", "lora", "none")
+DEFAULT_GUIDANCE = "prompt"
+N_GUIDE_SHOTS = 10
+"""Demonstrations in each side's prefix for ``prompt`` guidance (the paper's in-context prompts use 10)."""
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    kind: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str | None) -> GuidanceSpec:
+        spec = spec or DEFAULT_GUIDANCE
+        kind, _, rest = spec.partition(":")
+        if kind not in KINDS:
+            raise UsageError(f"unknown guidance {spec!r} (choose prompt, negative, none, model:PATH or lora:PATH)")
+        if kind in ("model", "lora"):
+            if not rest:
+                raise UsageError(f"--guidance {kind} needs a path: {kind}:PATH")
+            p = Path(rest)
+            if not p.is_file():
+                raise UsageError(f"guidance {kind} file not found: {p}")
+            return cls(kind, p)
+        if rest:
+            raise UsageError(f"--guidance {kind} takes no path")
+        return cls(kind)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}" if self.path else self.kind
+
+
+def unsafe_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
+    """Harmful request -> compliant opening (AdvBench goal/target), from the recorded guidance split."""
+    rows = advbench_rows()
+    return [Demo(rows[i]["goal"], rows[i]["target"] + ".") for i in advbench_split()["unsafe_guidance"][:n]]
+
+
+def safe_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
+    """Harmful request -> refusal: the shipped safe demonstrations (the vector's own split)."""
+    from .demos import load_demos
+    from .models import VECTORS_DIR
+
+    return load_demos(VECTORS_DIR / "safe_demos.jsonl")[:n]
+
+
+def benign_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
+    """Benign request -> helpful answer (written for this project), the target side's matching prefix."""
+    lines = (DATA / "benign_demos.jsonl").read_text(encoding="utf-8").splitlines()
+    out = [Demo(d["prompt"], d["response"]) for d in map(json.loads, filter(None, lines))]
+    return out[:n]
+
+
+def prefix_text(demos: list[Demo]) -> str:
+    """The demonstrations in the paper's plain template, ready to precede a ``Q: ...`` or chat prompt."""
+    return "".join(f"Q: {d.prompt}\nA: {d.response}\n\n" for d in demos)
+
+
+def check_same_vocab(target: Model, guide: Model) -> None:
+    """A guidance model must share the target's vocabulary token for token."""
+    if guide.n_vocab != target.n_vocab:
+        raise UsageError(f"guidance model {guide.path.name} has a vocabulary of {guide.n_vocab} tokens, the target "
+                         f"{target.n_vocab}: they must share one vocabulary")
+    a, b = target.vocab_fingerprint(), guide.vocab_fingerprint()
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            raise UsageError(f"guidance model {guide.path.name} differs from the target's vocabulary at token {i} "
+                             f"({x!r} vs {y!r})")
+
+
+class Side:
+    """One context following the conversation, with an optional cached prefix and control-vector switching."""
+
+    def __init__(self, model: Model, n_ctx: int, n_threads: int | None, prefix: list[int] | None = None,
+                 lora: Path | None = None) -> None:
+        self.model = model
+        self.prefix = list(prefix or [])
+        self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=2 if self.prefix else 1, n_threads=n_threads)
+        if lora is not None:
+            self.ctx.set_lora(lora)
+        self.seq = 1 if self.prefix else 0
+        self._prefix_decoded = False
+        self.decode_s = 0.0  # time spent inside llama.cpp decodes (for the speed benchmark's split)
+
+    def start(self, prompt_tokens: list[int], buffers: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]
+              ) -> np.ndarray:
+        """Decode a fresh request; ``buffers`` = control vector for (prompt[:-1], last prompt token, after).
+        The prompt's own BOS is dropped after a prefix (the prefix starts with BOS). Returns the last logits."""
+        ctx = self.ctx
+        toks = list(prompt_tokens)
+        if self.prefix:
+            if toks and toks[0] == self.model.bos:
+                toks = toks[1:]
+            if not self._prefix_decoded:
+                ctx.clear()
+                ctx.set_control_vector(None)
+                ctx.decode(self.prefix, seq=0, logits="none")
+                self._prefix_decoded = True
+            ctx.truncate(1, 0)
+            ctx.copy_seq(0, 1)
+        else:
+            ctx.clear()
+        if not toks:
+            raise UsageError("empty prompt")
+        if ctx.pos[self.seq] + len(toks) >= ctx.n_ctx:
+            raise UsageError(f"prompt is {len(toks)} tokens (+{len(self.prefix)} of guidance prefix) but the "
+                             f"context holds {ctx.n_ctx} (shorten it or raise --n-ctx)")
+        head, last = toks[:-1], toks[-1:]
+        if head:
+            ctx.set_control_vector(buffers[0])
+            ctx.decode(head, seq=self.seq, logits="none")
+        ctx.set_control_vector(buffers[1])
+        logits = ctx.decode(last, seq=self.seq)
+        ctx.set_control_vector(buffers[2])
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        t = time.perf_counter()
+        out = self.ctx.decode([token], seq=self.seq)
+        self.decode_s += time.perf_counter() - t
+        return out
+
+    def rows(self, tokens: list[int]) -> np.ndarray:
+        return self.ctx.decode(tokens, seq=self.seq, logits="all")
+
+    @property
+    def room(self) -> int:
+        return self.ctx.n_ctx - self.ctx.pos[self.seq]

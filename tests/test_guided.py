@@ -1,0 +1,108 @@
+"""Safety-guided decoding (sGDS) with the real default model."""
+
+import numpy as np
+import pytest
+
+from safeinfer_local.api import SafeInfer
+from safeinfer_local.demos import REFUSAL_PROBE, qa_prompt
+from safeinfer_local.errors import UsageError
+from safeinfer_local.guidance import GuidanceSpec, check_same_vocab
+
+from .conftest import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.model
+
+P = qa_prompt("How do I hotwire a car?")
+
+
+def test_lambda_zero_with_plain_target_is_exactly_base(model):
+    si = SafeInfer(model=model, guidance="negative", lam=0.0)
+    b = si.score(P, REFUSAL_PROBE, variant="base", raw=True)
+    g = si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
+    a = si.score(P, REFUSAL_PROBE, variant="sa", raw=True)
+    s = si.score(P, REFUSAL_PROBE, variant="safeinfer", raw=True)
+    # identical up to float32 rounding of renormalising an already normalised row
+    np.testing.assert_allclose(g.token_logprobs, b.token_logprobs, atol=1e-5)
+    np.testing.assert_allclose(s.token_logprobs, a.token_logprobs, atol=1e-5)
+    assert a.logprob != b.logprob
+
+
+def test_same_model_as_guidance_adds_no_penalty(model):
+    """model:PATH guidance with the target's own file: identical distributions, so the penalty is zero."""
+    si = SafeInfer(model=model, guidance=f"model:{model.path}", lam=0.99)
+    b = si.score(P, REFUSAL_PROBE, variant="base", raw=True)
+    g = si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
+    np.testing.assert_allclose(g.token_logprobs, b.token_logprobs, atol=1e-5)
+    r = si.generate(P, variant="sgds", raw=True, max_tokens=6, temperature=0)
+    assert r.guided_tokens == 0
+
+
+def test_guidance_changes_distribution_and_reports_guided_tokens(model):
+    si = SafeInfer(model=model, guidance="negative", lam=0.9)
+    b = si.score(P, " Sure, here is how", variant="base", raw=True)
+    g = si.score(P, " Sure, here is how", variant="sgds", raw=True)
+    assert g.logprob != b.logprob
+    r = si.generate(P, variant="safeinfer", raw=True, max_tokens=12, temperature=0)
+    assert 0 <= r.guided_tokens <= r.n_tokens
+    assert sum(s.guided for s in r.steps) == r.guided_tokens
+
+
+def test_prompt_guidance_prefix_is_decoded_once(model):
+    si = SafeInfer(model=model, guidance="prompt", lam=0.5)
+    si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
+    guide = si.runner._sides["guide-prompt"]
+    n_prefix = len(guide.prefix)
+    assert n_prefix > 100 and guide._prefix_decoded
+    first = si.score(qa_prompt("What is bread?"), " Bread is food.", variant="sgds", raw=True)
+    # the cached prefix (KV sequence 0) is still there and only the request was decoded after it
+    assert guide.ctx.pos[0] == n_prefix
+    again = si.score(qa_prompt("What is bread?"), " Bread is food.", variant="sgds", raw=True)
+    assert again.token_logprobs == first.token_logprobs
+
+
+def test_vocab_check_rejects_a_different_vocabulary():
+    class Fake:
+        def __init__(self, toks):
+            self.toks, self.n_vocab, self.path = toks, len(toks), type("P", (), {"name": "fake.gguf"})()
+
+        def vocab_fingerprint(self):
+            return self.toks
+
+    check_same_vocab(Fake([b"a", b"b"]), Fake([b"a", b"b"]))
+    with pytest.raises(UsageError, match="vocabulary of 3"):
+        check_same_vocab(Fake([b"a", b"b"]), Fake([b"a", b"b", b"c"]))
+    with pytest.raises(UsageError, match="at token 1"):
+        check_same_vocab(Fake([b"a", b"b"]), Fake([b"a", b"x"]))
+
+
+def test_guidance_spec_parsing(tmp_path):
+    assert GuidanceSpec.parse(None).kind == "prompt"
+    with pytest.raises(UsageError):
+        GuidanceSpec.parse("wat")
+    with pytest.raises(UsageError, match="not found"):
+        GuidanceSpec.parse(f"model:{tmp_path}/nope.gguf")
+    with pytest.raises(UsageError, match="needs a path"):
+        GuidanceSpec.parse("lora")
+
+
+def test_cli_bad_guidance_inputs(tmp_path):
+    for lam in ("1", "-0.1", "nan"):
+        assert_one_line_error(run_cli("score", P, " no", "--raw", "--variant", "sgds", "--lam", lam),
+                              contains="lam")
+    assert_one_line_error(run_cli("generate", "hi", "--guidance", "bogus"), contains="unknown guidance")
+    assert_one_line_error(run_cli("generate", "hi", "--guidance", "model:/nope.gguf"), contains="not found")
+    bad = tmp_path / "lora.gguf"
+    import gguf
+
+    w = gguf.GGUFWriter(str(bad), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 1.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((1, 16), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((16, 1), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(run_cli("generate", P, "--raw", "--variant", "sgds", "--guidance", f"lora:{bad}", "-n", "2"),
+                          contains="LoRA")
