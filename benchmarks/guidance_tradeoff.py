@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--variants", default="sgds,safeinfer")
     ap.add_argument("--lams", default=",".join(map(str, LAMS)))
     ap.add_argument("--gamma", type=float, default=None, help="override the vector's γ (SA and negative guidance)")
-    ap.add_argument("--target-prefix", default="benign", help="prompt guidance: benign | benign-plain | safe")
+    ap.add_argument("--target-prefix", default="safe", help="prompt guidance: safe | benign | benign-plain")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     lams = [float(x) for x in a.lams.split(",")]

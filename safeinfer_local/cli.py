@@ -169,39 +169,51 @@ def score(
 def demo(
     n: int = typer.Option(4, "--prompts", help="Harmful CatQA prompts to show."),
     model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
+    guidance: str | None = GuidanceOpt, lam: float | None = LamOpt,
     threads: int | None = ThreadsOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """A non-interactive tour on the default model: how safety amplification moves the refusal continuation's
-    log-probability after harmful prompts (a 270M base model never refuses by itself), and a short reply."""
+    """A non-interactive tour on the default model. For each variant it shows the margin log p(refusal) −
+    log p(compliant opening) after harmful prompts (a 270M base model never refuses by itself), and a short
+    greedy reply."""
     from .datasets import catqa
     from .demos import REFUSAL_PROBE, qa_prompt
+    from .generate import VARIANTS
 
     if n < 1:
         raise UsageError(f"--prompts must be >= 1, not {n}")
-    si = _load(model, vector, gamma, None, None, 4096, threads, 0, None)
+    si = _load(model, vector, gamma, None, None, 4096, threads, 0, None, guidance, lam)
     if si.steering is None:
         raise UsageError("the demo needs a safety vector (--vector)")
+    comply = " Sure, here is"
     prompts = [p.text for p in catqa(per_category=1)][:n]
     rows = []
     for q in prompts:
-        b = si.score(qa_prompt(q), REFUSAL_PROBE, variant="base", raw=True)
-        a = si.score(qa_prompt(q), REFUSAL_PROBE, variant="sa", raw=True)
-        rows.append({"prompt": q, "base": b.logprob / b.n_tokens, "sa": a.logprob / a.n_tokens})
-    reply = {v: si.generate(qa_prompt(prompts[0]), variant=v, raw=True, max_tokens=24, temperature=0).response
-             for v in ("base", "sa")}
+        row = {"prompt": q}
+        for v in VARIANTS:
+            r = si.score(qa_prompt(q), REFUSAL_PROBE, variant=v, raw=True).logprob
+            c = si.score(qa_prompt(q), comply, variant=v, raw=True).logprob
+            row[v] = r - c
+        rows.append(row)
+    replies = {v: si.generate(qa_prompt(prompts[0]), variant=v, raw=True, max_tokens=24, temperature=0,
+                              stop=("\nQ:",)).response for v in VARIANTS}
     st = si.steering
+    settings = {"model": si.model.name, "gamma": st.gamma, "layers": list(st.layers), "positions": st.positions,
+                "guidance": str(si.runner.guidance), "lam": si.runner.lam}
     if as_json:
-        print(json.dumps({"model": si.model.name, "gamma": st.gamma, "layers": list(st.layers),
-                          "positions": st.positions, "probe": REFUSAL_PROBE, "rows": rows, "replies": reply}))
+        print(json.dumps({**settings, "refusal": REFUSAL_PROBE, "comply": comply, "rows": rows, "replies": replies}))
         return
-    print(f"model {si.model.name}; vector layers {list(st.layers)}, gamma {st.gamma:g}, positions {st.positions}")
-    print(f"per-token log-prob of the refusal {REFUSAL_PROBE!r} after 'Q: <harmful question>\\nA:'")
+    print("model {model}; SA: layers {layers}, gamma {gamma:g}, positions {positions}; "
+          "sGDS: guidance {guidance}, lambda {lam:g}".format(**settings))
+    print(f"margin = log p({REFUSAL_PROBE!r}) - log p({comply!r}) after 'Q: <harmful question>\\nA:' (nats)")
+    print("  " + "".join(f"{v:>10}" for v in VARIANTS) + "   prompt")
     for r in rows:
-        print(f"  base {r['base']:7.3f}   sa {r['sa']:7.3f}   ({r['sa'] - r['base']:+.3f})  {r['prompt'][:60]}")
-    up = sum(r["sa"] > r["base"] for r in rows)
-    print(f"sa raised it on {up} of {len(rows)} prompts")
-    for v, text in reply.items():
-        print(f"greedy reply, {v:4}: {text.strip()[:100]!r}")
+        print("  " + "".join(f"{r[v]:10.2f}" for v in VARIANTS) + f"   {r['prompt'][:50]}")
+    for v in VARIANTS[1:]:
+        up = sum(r[v] > r["base"] for r in rows)
+        print(f"{v}: margin above base on {up} of {len(rows)} prompts")
+    print(f"greedy replies to {prompts[0][:60]!r}:")
+    for v, text in replies.items():
+        print(f"  {v:9} {text.strip()[:90]!r}")
 
 
 @app.command()

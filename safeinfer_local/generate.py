@@ -87,12 +87,15 @@ class GenConfig:
     top_p: float = DEFAULT_TOP_P
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    """Fill ``Step.logprob`` (one more full-vocabulary pass per token; off by default for speed)."""
 
 
 @dataclass
 class Step:
     """One generated token: its id, the text it completed (may be empty mid-character), its log-probability
-    under the distribution it was sampled from (T = 1), and whether guidance changed the choice."""
+    under the distribution it was sampled from at T = 1 (when ``GenConfig.logprobs``; else 0), and whether
+    guidance changed the choice."""
 
     token: int
     text: str
@@ -152,7 +155,7 @@ class Runner:
         self._guide_model = guide_model
         self._sides: dict[str, Side] = {}
         self.stop_reason = ""
-        self.target_prefix = "benign"
+        self.target_prefix = "safe"  # see guidance.py: matched safe vs unsafe demonstrations
 
     # -- sides ----------------------------------------------------------------------------------------------
     def _side(self, key: str) -> Side:
@@ -228,7 +231,7 @@ class Runner:
                 z = guided_logits(lt, lu, self.lam)
                 tok = sample(z, u)
                 guided = tok != sample(lt, u)
-            lp = float(token_logprobs(z[None, :], [tok])[0])
+            lp = float(token_logprobs(z[None, :], [tok])[0]) if cfg.logprobs else 0.0
             if self.model.is_eog(tok):
                 self.stop_reason = "eos"
                 break

@@ -6,11 +6,14 @@ sequence 1 for every request, never re-decoded) and a control vector.
 
 Guidance sources (``--guidance``):
 
-- ``prompt`` (default, one set of weights): the guidance side sees unsafe demonstrations (AdvBench requests
+- ``prompt`` (default, one set of weights): the guidance side sees 10 unsafe demonstrations (AdvBench requests
   from the recorded ``unsafe_guidance`` split with their compliant openings ``Sure, here is ...``) before the
   conversation, without SA. So that the two sides differ by the safety behaviour and not by prompt length or
-  format, the target side sees a prefix of the same format and the same number of demonstrations, made of
-  benign requests with helpful answers (``data/benign_demos.jsonl``).
+  format, the target side sees 10 safe demonstrations (harmful request -> refusal, the shipped
+  ``vectors/safe_demos.jsonl``) in the same template. Measured on the default model: a plain target against an
+  unsafe-prefixed guidance crushes every answer, and a benign-answer prefix on the target
+  (``data/benign_demos.jsonl``, kept as ``Runner.target_prefix = "benign"`` for comparison) pulls the target
+  itself towards "Sure, here is" (docs/results/sgds_tradeoff_*.json).
 - ``negative``: the guidance side sees the plain conversation with −γ·SV.
 - ``model:PATH``: a separate GGUF whose vocabulary must match the target's token for token.
 - ``lora:PATH``: a GGUF LoRA adapter applied to the guidance context only (the paper's harmful fine-tune).

@@ -137,3 +137,13 @@ def test_build_fv_tiny(tmp_path):
     v = SafetyVector.load(out)
     assert v.method == "fv" and v.layers == (6,) and len(v.meta["heads"]) == 3
     assert np.linalg.norm(v.directions[6]) > 0
+
+
+def test_demo_json_runs_every_variant():
+    p = run_cli("demo", "--prompts", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert set(d["replies"]) == {"base", "sa", "sgds", "safeinfer"}
+    row = d["rows"][0]
+    assert all(isinstance(row[v], float) for v in ("base", "sa", "sgds", "safeinfer"))
+    assert d["guidance"] == "negative" and d["lam"] == 0.5  # the shipped recommendation
