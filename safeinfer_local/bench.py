@@ -45,15 +45,13 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
         if progress:
             progress("bench", done, total)
         for v in VARIANTS:
-            sides = list(si.runner._sides.values())
-            before = sum(s.decode_s for s in sides)
-            t0 = time.perf_counter()
             steps = list(_steps(si, prompt, v, tokens))
-            wall = time.perf_counter() - t0
-            n, ttft, tps = len(steps), steps[0][1] if steps else 0.0, _tps(steps)
-            decode = sum(s.decode_s for s in si.runner._sides.values()) - before
-            gen_wall = wall - ttft
-            _keep(res, v, {"tokens": n, "ttft_s": ttft, "tokens_per_s": tps,
+            n = len(steps)
+            ttft = steps[0][1] if steps else 0.0
+            # between the first and the last token: n - 1 steps of (paired) decoding plus Python work
+            gen_wall = steps[-1][1] - steps[0][1] if n > 1 else 0.0
+            decode = steps[-1][2] - steps[0][2] if n > 1 else 0.0
+            _keep(res, v, {"tokens": n, "ttft_s": ttft, "tokens_per_s": _tps(steps),
                            "decode_share": decode / gen_wall if gen_wall > 0 else 0.0,
                            "python_ms_per_step": max(0.0, gen_wall - decode) / max(1, n - 1) * 1000})
             done += 1
@@ -69,11 +67,11 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
 
 
 def _steps(si: SafeInfer, prompt: str, variant: str, tokens: int):
-    """(token, seconds since start) per generated token."""
+    """(token, seconds since start, the runner's decode seconds so far) per generated token."""
     t0 = time.perf_counter()
     for st in si.stream(prompt, variant=variant, raw=True, max_tokens=tokens, temperature=0):
         if st.token >= 0:
-            yield st.token, time.perf_counter() - t0
+            yield st.token, time.perf_counter() - t0, si.runner.decode_s
 
 
 def _tps(steps: list[tuple[int, float]]) -> float:

@@ -23,7 +23,6 @@ Guidance sources (``--guidance``):
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +115,6 @@ class Side:
             self.ctx.set_lora(lora)
         self.seq = 1 if self.prefix else 0
         self._prefix_decoded = False
-        self.decode_s = 0.0  # time spent inside llama.cpp decodes (for the speed benchmark's split)
 
     def start(self, prompt_tokens: list[int], buffers: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]
               ) -> np.ndarray:
@@ -151,10 +149,7 @@ class Side:
         return logits
 
     def step(self, token: int) -> np.ndarray:
-        t = time.perf_counter()
-        out = self.ctx.decode([token], seq=self.seq)
-        self.decode_s += time.perf_counter() - t
-        return out
+        return self.ctx.decode([token], seq=self.seq)
 
     def rows(self, tokens: list[int]) -> np.ndarray:
         return self.ctx.decode(tokens, seq=self.seq, logits="all")

@@ -146,7 +146,8 @@ def check_lambda(lam: float) -> float:
     return float(lam)
 
 
-def guided_logits(target_logits: np.ndarray, guide_logits: np.ndarray, lam: float = DEFAULT_LAMBDA) -> np.ndarray:
+def guided_logits(target_logits: np.ndarray, guide_logits: np.ndarray, lam: float = DEFAULT_LAMBDA,
+                  guide_is_logprobs: bool = False) -> np.ndarray:
     """Safety-guided scores z = ℓ_t − (λ / (1 − λ)) · max(0, ℓ_u − ℓ_t), with ℓ = log-softmax (DESIGN §1.2).
 
     ``target_logits`` and ``guide_logits`` are raw logits over the same vocabulary (1-D or 2-D rows). The result
@@ -155,6 +156,8 @@ def guided_logits(target_logits: np.ndarray, guide_logits: np.ndarray, lam: floa
     target stays −inf; −inf in the guidance adds no penalty.
 
     Cost: two log-sum-exp passes and a few in-place element-wise passes, in float32 for float32 input.
+    ``guide_is_logprobs`` says ``guide_logits`` is already a log-softmax (computed elsewhere, e.g. on the
+    guidance side's thread while the target still decodes) and skips its pass.
     """
     lam = check_lambda(lam)
     t = np.asarray(target_logits)
@@ -167,7 +170,7 @@ def guided_logits(target_logits: np.ndarray, guide_logits: np.ndarray, lam: floa
     if lam == 0.0:
         return lt
     k = lam / (1.0 - lam)
-    pen = u - logsumexp(u)  # ℓ_u
+    pen = u.copy() if guide_is_logprobs else u - logsumexp(u)  # ℓ_u
     with np.errstate(invalid="ignore"):  # (-inf) - (-inf) where both are -inf: no penalty
         np.subtract(pen, lt, out=pen)
         np.nan_to_num(pen, copy=False, nan=0.0, posinf=np.inf, neginf=0.0)

@@ -53,3 +53,11 @@ def test_bad_lambda(lam):
 def test_shape_mismatch():
     with pytest.raises(ValueError):
         guided_logits(np.zeros(3), np.zeros(4), 0.5)
+
+
+def test_precomputed_guide_logprobs_give_the_same_result():
+    rng = np.random.default_rng(2)
+    t = (rng.normal(size=500) * 3).astype(np.float32)
+    u = (rng.normal(size=500) * 3).astype(np.float32)
+    np.testing.assert_allclose(guided_logits(t, log_softmax(u), 0.7, guide_is_logprobs=True),
+                               guided_logits(t, u, 0.7), atol=1e-4)
