@@ -171,10 +171,9 @@ def guided_logits(target_logits: np.ndarray, guide_logits: np.ndarray, lam: floa
         return lt
     k = lam / (1.0 - lam)
     pen = u.copy() if guide_is_logprobs else u - logsumexp(u)  # ℓ_u
-    with np.errstate(invalid="ignore"):  # (-inf) - (-inf) where both are -inf: no penalty
+    with np.errstate(invalid="ignore"):  # (-inf) - (-inf) where both are -inf: NaN, which fmax turns into 0
         np.subtract(pen, lt, out=pen)
-        np.nan_to_num(pen, copy=False, nan=0.0, posinf=np.inf, neginf=0.0)
-    np.maximum(pen, 0.0, out=pen)
+    np.fmax(pen, 0.0, out=pen)  # max(0, ℓ_u − ℓ_t) in one pass; fmax ignores NaN
     pen *= pen.dtype.type(k)
     np.subtract(lt, pen, out=pen)
     return pen
