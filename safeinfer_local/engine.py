@@ -344,6 +344,26 @@ class Context:
         _api.mem_seq_cp(self._mem, src, dst, 0, -1)
         self.pos[dst] = self.pos[src]
 
+    def set_threads(self, n: int) -> None:
+        _L.llama_set_n_threads(self._ctx, n, n)
+
+    def export_seq(self, seq: int) -> bytes:
+        """The KV state of one sequence (to copy it into another context of the same model)."""
+        size = _L.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = _L.llama_state_seq_get_data(self._ctx, buf, size, seq)
+        if n == 0 and size:
+            raise EngineError("llama.cpp could not export the sequence state")
+        return bytes(buf[:n])
+
+    def import_seq(self, state: bytes, seq: int, n_tokens: int) -> None:
+        """Load a sequence state exported by :meth:`export_seq` (same model) into sequence ``seq``."""
+        _api.mem_seq_rm(self._mem, seq, 0, -1)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if _L.llama_state_seq_set_data(self._ctx, buf, len(state), seq) == 0:
+            raise EngineError("llama.cpp could not import the sequence state")
+        self.pos[seq] = n_tokens
+
     # -- control vector -------------------------------------------------------------------------------------
     def set_control_vector(self, buffer: np.ndarray | None, il_start: int = 1, il_end: int | None = None) -> None:
         """Apply a flat (n_layer - 1) * n_embd buffer (row i = block i + 1), or clear with ``None``.

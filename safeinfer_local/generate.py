@@ -242,6 +242,27 @@ class Runner:
         finally:
             self.decode_s += time.perf_counter() - t0
 
+    def _start(self, prompt_tokens: list[int], target: Side, tbuf: Buffers, guide: Side | None, gbuf: Buffers):
+        """Prefill both sides. When their prompt heads are identical (same weights, no prefix, no vector on
+        the head: ``negative`` guidance with ``generation``/``last`` positions), the head is decoded once on
+        the target with every thread and its KV copied to the guidance side; the last prompt token is then
+        decoded on both sides at once. The guidance side's log-softmax is computed on its own thread."""
+        if guide is None:
+            return target.start(prompt_tokens, tbuf), None
+        if len(prompt_tokens) > 1 and target.shares_head_with(guide, tbuf, gbuf):
+            target.ctx.set_threads(self.n_threads or default_threads())
+            try:
+                t0 = time.perf_counter()
+                target.start_head(prompt_tokens, None)
+                guide.copy_head_from(target, prompt_tokens)
+                self.decode_s += time.perf_counter() - t0
+            finally:
+                target.ctx.set_threads(self._half_threads)
+            return self._both(lambda: target.finish_start(prompt_tokens, tbuf),
+                              lambda: log_softmax(guide.finish_start(prompt_tokens, gbuf)))
+        return self._both(lambda: target.start(prompt_tokens, tbuf),
+                          lambda: log_softmax(guide.start(prompt_tokens, gbuf)))
+
     # -- the loop -------------------------------------------------------------------------------------------
     def stream(self, prompt_tokens: list[int], steering: Steering | None, cfg: GenConfig,
                variant: str = "base") -> Iterator[Step]:
@@ -253,9 +274,7 @@ class Runner:
             raise UsageError("empty prompt")
         sample = make_sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
         target, tbuf, guide, gbuf = self._plan(variant, steering)
-        # the guidance side's log-softmax is computed on its own thread, overlapping the target's decode
-        lt, lu = self._both(lambda: target.start(prompt_tokens, tbuf),
-                            (lambda: log_softmax(guide.start(prompt_tokens, gbuf))) if guide else None)
+        lt, lu = self._start(prompt_tokens, target, tbuf, guide, gbuf)
         detok = Detokenizer(self.model)
         stops = StopMatcher(cfg.stop)
         self.stop_reason = "max_tokens"

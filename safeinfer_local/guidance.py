@@ -111,6 +111,7 @@ class Side:
         self.model = model
         self.prefix = list(prefix or [])
         self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=2 if self.prefix else 1, n_threads=n_threads)
+        self.lora = lora
         if lora is not None:
             self.ctx.set_lora(lora)
         self.seq = 1 if self.prefix else 0
@@ -120,6 +121,11 @@ class Side:
               ) -> np.ndarray:
         """Decode a fresh request; ``buffers`` = control vector for (prompt[:-1], last prompt token, after).
         The prompt's own BOS is dropped after a prefix (the prefix starts with BOS). Returns the last logits."""
+        self.start_head(prompt_tokens, buffers[0])
+        return self.finish_start(prompt_tokens, buffers)
+
+    def start_head(self, prompt_tokens: list[int], head_buffer: np.ndarray | None) -> None:
+        """Reset to the (cached) prefix and decode the prompt minus its last token."""
         ctx = self.ctx
         toks = list(prompt_tokens)
         if self.prefix:
@@ -139,14 +145,29 @@ class Side:
         if ctx.pos[self.seq] + len(toks) >= ctx.n_ctx:
             raise UsageError(f"prompt is {len(toks)} tokens (+{len(self.prefix)} of guidance prefix) but the "
                              f"context holds {ctx.n_ctx} (shorten it or raise --n-ctx)")
-        head, last = toks[:-1], toks[-1:]
+        head = toks[:-1]
         if head:
-            ctx.set_control_vector(buffers[0])
+            ctx.set_control_vector(head_buffer)
             ctx.decode(head, seq=self.seq, logits="none")
+
+    def finish_start(self, prompt_tokens: list[int], buffers) -> np.ndarray:
+        """Decode the last prompt token (after :meth:`start_head` or an imported head) and return its logits."""
+        ctx = self.ctx
         ctx.set_control_vector(buffers[1])
-        logits = ctx.decode(last, seq=self.seq)
+        logits = ctx.decode(prompt_tokens[-1:], seq=self.seq)
         ctx.set_control_vector(buffers[2])
         return logits
+
+    def shares_head_with(self, other: Side, buffers, other_buffers) -> bool:
+        """Both sides would compute the same KV for the prompt head: same weights, no prefix, no LoRA, and no
+        control vector on the head on either side."""
+        return (self.model is other.model and not self.prefix and not other.prefix and not self.lora
+                and not other.lora and buffers[0] is None and other_buffers[0] is None)
+
+    def copy_head_from(self, other: Side, prompt_tokens: list[int]) -> None:
+        """Take the prompt head's KV from ``other`` (decoded there) instead of decoding it again."""
+        self.ctx.clear()
+        self.ctx.import_seq(other.ctx.export_seq(other.seq), self.seq, len(prompt_tokens) - 1)
 
     def step(self, token: int) -> np.ndarray:
         return self.ctx.decode([token], seq=self.seq)

@@ -106,3 +106,23 @@ def test_cli_bad_guidance_inputs(tmp_path):
     w.close()
     assert_one_line_error(run_cli("generate", P, "--raw", "--variant", "sgds", "--guidance", f"lora:{bad}", "-n", "2"),
                           contains="LoRA")
+
+
+def test_shared_prompt_head_matches_decoding_it(model):
+    """With negative guidance the unsteered prompt head is decoded once and its KV copied to the guidance side;
+    the guidance logits must match decoding the head there (up to thread-count rounding)."""
+    from safeinfer_local.generate import position_buffers
+
+    si = SafeInfer(model=model, guidance="negative", lam=0.5)
+    toks = model.tokenize(P)
+    target, tbuf, guide, gbuf = si.runner._plan("safeinfer", si.steering)
+    assert target.shares_head_with(guide, tbuf, gbuf)
+    direct = guide.start(toks, gbuf)
+    _, lu = si.runner._start(toks, target, tbuf, guide, gbuf)
+    from safeinfer_local.sampling import log_softmax
+
+    np.testing.assert_allclose(lu, log_softmax(direct), atol=2e-3)
+    assert guide.ctx.pos[guide.seq] == len(toks)
+    # a vector on the head (positions "all") must not share
+    all_buf = position_buffers(si.steering.__class__.from_vector(si.vector, model, 0.5, None, "all"), model.n_layer)
+    assert not target.shares_head_with(guide, all_buf, gbuf)
