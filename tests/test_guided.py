@@ -126,3 +126,61 @@ def test_shared_prompt_head_matches_decoding_it(model):
     # a vector on the head (positions "all") must not share
     all_buf = position_buffers(si.steering.__class__.from_vector(si.vector, model, 0.5, None, "all"), model.n_layer)
     assert not target.shares_head_with(guide, all_buf, gbuf)
+
+
+def _write_lora(path, b_scale):
+    """A rank-1 LoRA on block 0's attn_q for Gemma 3 270M (B = 0 makes it a no-op)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 1.0)
+    rng = np.random.default_rng(0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", rng.normal(size=(1, 640)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", (rng.normal(size=(1024, 1)) * b_scale).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_lora_guidance_applies_to_the_guidance_side_only(model, tmp_path):
+    zero = _write_lora(tmp_path / "zero.gguf", 0.0)
+    si = SafeInfer(model=model, guidance=f"lora:{zero}", lam=0.99)
+    b = si.score(P, REFUSAL_PROBE, variant="base", raw=True)
+    g = si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
+    np.testing.assert_allclose(g.token_logprobs, b.token_logprobs, atol=1e-4)  # a no-op adapter: no penalty
+    strong = _write_lora(tmp_path / "strong.gguf", 5.0)
+    si2 = SafeInfer(model=model, guidance=f"lora:{strong}", lam=0.9)
+    g2 = si2.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
+    b2 = si2.score(P, REFUSAL_PROBE, variant="base", raw=True)
+    assert abs(g2.logprob - b2.logprob) > 0.01  # the adapter changed the guidance distribution
+    assert b2.token_logprobs == b.token_logprobs  # and the target's weights are untouched
+
+
+def test_prompt_longer_than_context_is_a_usage_error():
+    long = "word " * 400
+    for v in ("base", "safeinfer"):
+        assert_one_line_error(run_cli("generate", long, "--raw", "--variant", v, "--n-ctx", "256", "-n", "2"),
+                              contains="context")
+
+
+def test_guidance_model_with_another_vocabulary_is_refused(model, tmp_path):
+    """A copy of the default model whose token 1000 is spelled differently: same size, another vocabulary."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(str(model.path))
+    tokens = list(reader.get_field("tokenizer.ggml.tokens").contents())
+    tokens[1000] = tokens[1000] + "_x"
+    out = tmp_path / "other-vocab.gguf"
+    arch = reader.get_field("general.architecture").contents()
+    writer = gguf.GGUFWriter(str(out), arch=arch, endianess=reader.endianess)
+    new = {"tokenizer.ggml.tokens": MetadataDetails(gguf.GGUFValueType.ARRAY, tokens,
+                                                    sub_type=gguf.GGUFValueType.STRING)}
+    copy_with_new_metadata(reader, writer, new, [])
+    line = assert_one_line_error(run_cli("score", P, " no", "--raw", "--variant", "sgds", "--guidance",
+                                         f"model:{out}"), contains="vocabulary")
+    assert "token 1000" in line
