@@ -272,6 +272,108 @@ def chat(
         sys.stdout.flush()
 
 
+@app.command("filter")
+def filter_cmd(
+    input: str = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning "
+                                    "the same command resumes it."),
+    fmt: str | None = typer.Option(None, "--format", help="jsonl | csv | txt (default: from the extension)."),
+    field: str | None = typer.Option(None, "--field", help="JSONL field / CSV column holding the prompt "
+                                     "(default: prompt)."),
+    split: Path | None = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl."),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
+    layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
+    guidance: str | None = GuidanceOpt, lam: float | None = LamOpt, raw: bool = RawOpt,
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default here)."),
+    top_k: int = typer.Option(40, "--top-k"), top_p: float = typer.Option(0.95, "--top-p"),
+    seed: int | None = typer.Option(None, "--seed"),
+    n_ctx: int = NCtxOpt, threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
+    chat_format: str | None = ChatFmtOpt,
+) -> None:
+    """Generate a reply for every prompt in a file and judge it (refused / answered / error)."""
+    from . import filter as flt
+    from .sampling import validate_sampling
+
+    try:
+        validate_sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+    sh = flt.parse_shard(shard)
+    if out is not None:
+        _check_writable(out)
+    items = flt.read_items(input, fmt, field)
+    done = flt.load_done(out) if out is not None else {}
+    todo = list(flt.pending(items, done, sh))
+    wanted = [it for it in items if flt.in_shard(it.id, sh)]
+    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
+    v = variant or si.default_variant()
+    gen = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if done and not quiet:
+        print(f"resuming: {len(wanted) - len(todo)} of {len(wanted)} already in {out}", file=sys.stderr)
+    app_ = flt.Appender(out)
+    written: list[dict] = []
+    try:
+        with (_progress() if not quiet else _NoProgress()) as prog:
+            for k, it in enumerate(todo):
+                if it.error is not None:
+                    rec = flt.record(it, v)
+                else:
+                    try:
+                        r = si.generate(it.prompt, variant=v, raw=raw, **gen)
+                        rec = flt.record(it, v, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
+                    except UsageError as e:
+                        rec = flt.record(it, v, error=str(e))
+                app_.write(rec)
+                written.append(rec)
+                prog("filter", k + 1, len(todo))
+    except KeyboardInterrupt:
+        app_.close()
+        n_done = len(wanted) - len(todo) + len(written)
+        where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
+        print(f"interrupted: {n_done} of {len(wanted)} prompts done; {where}", file=sys.stderr)
+        raise typer.Exit(130) from None
+    app_.close()
+    if out is not None:
+        counts = flt.finalize(out, wanted, split)
+    else:
+        if split is not None:
+            flt.write_split(written, split)
+        counts = {}
+        for r in written:
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    if not quiet:
+        speeds = [r["tokens_per_s"] for r in written if r["verdict"] != "error" and r["tokens_per_s"]]
+        mean = sum(speeds) / len(speeds) if speeds else 0.0
+        summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("answered", "refused", "error"))
+        print(f"done: {summary}; mean {mean:.1f} tok/s over {len(written)} new", file=sys.stderr)
+
+
+@app.command("merge")
+def merge_cmd(
+    out: Path = typer.Argument(..., help="Merged output (JSON Lines)."),
+    shards: list[Path] = typer.Argument(..., help="Shard outputs of `filter --shard`."),
+) -> None:
+    """Join shard outputs in input order; duplicates or gaps are refused."""
+    from .filter import merge
+
+    _check_writable(out)
+    n = merge(out, shards)
+    print(f"wrote {out} ({n} records)", file=sys.stderr)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return lambda *a: None
+
+    def __exit__(self, *exc):
+        return False
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, not assertions).")
 app.add_typer(bench_app, name="bench")
 

@@ -1,0 +1,275 @@
+"""Batch-filtering prompt files (``safeinfer filter``): read prompts, generate with a variant, judge each reply,
+append one JSON record per prompt. Never loses or duplicates work: every record is appended and flushed when its
+prompt finishes, a rerun skips ids already written (a torn last line is detected and redone), and the finished
+file is rewritten in input order."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .judge import is_refusal
+
+FORMATS = ("jsonl", "csv", "txt")
+
+
+@dataclass
+class Item:
+    """One input prompt (or a line that could not be read: ``error`` set)."""
+
+    index: int  # position in the input, 0-based
+    id: str
+    prompt: str | None
+    error: str | None = None
+
+
+def detect_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown --format {fmt!r} (choose {', '.join(FORMATS)})")
+        return fmt
+    if path == "-":
+        return "txt"
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext in ("jsonl", "ndjson"):
+        return "jsonl"
+    if ext in ("csv", "txt"):
+        return ext
+    raise UsageError(f"cannot tell the format of {path} from its extension: pass --format jsonl|csv|txt")
+
+
+def read_items(path: str, fmt: str | None = None, field: str | None = None) -> list[Item]:
+    """All input items, in order. Malformed lines become error items that name the line."""
+    fmt = detect_format(path, fmt)
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"input file not found: {path}")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    if fmt == "txt":
+        items = [Item(i, str(n), line) for i, (n, line) in
+                 enumerate((n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())]
+    elif fmt == "jsonl":
+        items = _read_jsonl(text, field or "prompt", path)
+    else:
+        items = _read_csv(text, field or "prompt", path)
+    if not items:
+        raise UsageError(f"{path}: no prompts (the input is empty)")
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise UsageError(f"{path}: id {dup!r} appears more than once; ids must be unique to resume safely")
+    return items
+
+
+def _read_jsonl(text: str, field: str, path: str) -> list[Item]:
+    items: list[Item] = []
+    seen_field = False
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        idx = len(items)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            items.append(Item(idx, str(n), None, f"line {n}: not valid JSON ({e.msg})"))
+            continue
+        if not isinstance(obj, dict):
+            items.append(Item(idx, str(n), None, f"line {n}: not a JSON object"))
+            continue
+        rid = str(obj["id"]) if "id" in obj else str(n)
+        val = obj.get(field)
+        if val is None:
+            items.append(Item(idx, rid, None, f"line {n}: no field {field!r}"))
+            continue
+        seen_field = True
+        if not isinstance(val, str) or not val.strip():
+            items.append(Item(idx, rid, None, f"line {n}: field {field!r} is not a non-empty string"))
+            continue
+        items.append(Item(idx, rid, val))
+    if items and not seen_field:
+        raise UsageError(f"{path}: no line has the field {field!r} (use --field)")
+    return items
+
+
+def _read_csv(text: str, column: str, path: str) -> list[Item]:
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None:
+        return []
+    if column not in reader.fieldnames:
+        raise UsageError(f"{path}: no column {column!r} (columns: {', '.join(reader.fieldnames)}; use --field)")
+    items = []
+    for n, row in enumerate(reader, start=2):
+        idx = len(items)
+        rid = row.get("id") or str(n)
+        val = row.get(column)
+        if val is None or not val.strip():
+            items.append(Item(idx, rid, None, f"line {n}: empty {column!r}"))
+        else:
+            items.append(Item(idx, rid, val))
+    return items
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like I/N (e.g. 2/4), not {spec!r}") from None
+    if not (n >= 1 and 1 <= i <= n):
+        raise UsageError(f"--shard {spec}: need 1 <= I <= N")
+    return i, n
+
+
+def in_shard(item_id: str, shard: tuple[int, int] | None) -> bool:
+    """A deterministic 1/N of the input by a hash of the id (the same on every machine and run)."""
+    if shard is None:
+        return True
+    i, n = shard
+    h = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big")
+    return h % n == i - 1
+
+
+def load_done(out: Path) -> dict[str, dict]:
+    """Records already in the output, by id. A torn last line (a kill mid-write) is cut off the file."""
+    if not out.exists():
+        return {}
+    data = out.read_bytes()
+    done: dict[str, dict] = {}
+    good_end = 0
+    pos = 0
+    for raw in data.splitlines(keepends=True):
+        end = pos + len(raw)
+        complete = raw.endswith(b"\n")
+        try:
+            rec = json.loads(raw) if complete else None
+        except json.JSONDecodeError:
+            rec = None
+        if rec is None or not isinstance(rec, dict) or "id" not in rec:
+            break  # torn or foreign: everything from here is redone
+        done[str(rec["id"])] = rec
+        good_end = end
+        pos = end
+    if good_end < len(data):
+        with open(out, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+def record(item: Item, variant: str, response: str | None = None, n_tokens: int = 0, tokens_per_s: float = 0.0,
+           guided_tokens: int = 0, error: str | None = None) -> dict:
+    if error is None and item.error is None:
+        verdict = "refused" if is_refusal(response or "") else "answered"
+    else:
+        verdict = "error"
+    return {"id": item.id, "index": item.index, "prompt": item.prompt, "response": response, "variant": variant,
+            "verdict": verdict, "error": error or item.error, "n_tokens": n_tokens,
+            "tokens_per_s": round(tokens_per_s, 2), "guided_tokens": guided_tokens}
+
+
+class Appender:
+    """Appends one JSON line per record and flushes it to disk before returning."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        if out is None:
+            self.f = sys.stdout
+        else:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                self.f = open(out, "a", encoding="utf-8")
+            except OSError as e:
+                raise UsageError(f"cannot write {out}: {e.strerror}") from None
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+        if self.out is not None:
+            os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.f.close()
+
+
+def finalize(out: Path, items: list[Item], split_dir: Path | None) -> dict[str, int]:
+    """Once every wanted item has a record: rewrite the output in input order (atomically) and write the
+    split files. Returns the counts per verdict."""
+    done = load_done(out)
+    order = {it.id: it.index for it in items}
+    recs = sorted((r for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    os.replace(tmp, out)
+    if split_dir is not None:
+        write_split(recs, split_dir)
+    counts: dict[str, int] = {}
+    for r in recs:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    return counts
+
+
+def write_split(recs: list[dict], split_dir: Path) -> None:
+    try:
+        split_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --split folder {split_dir}: {e.strerror}") from None
+    for name, verdict in (("allowed.jsonl", "answered"), ("blocked.jsonl", "refused")):
+        (split_dir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs
+                                              if r["verdict"] == verdict), encoding="utf-8")
+
+
+def merge(out: Path, shards: list[Path]) -> int:
+    """Join shard outputs in input order; refuse duplicate ids or gaps in the input positions."""
+    recs: dict[str, dict] = {}
+    for p in shards:
+        if not p.is_file():
+            raise UsageError(f"shard output not found: {p}")
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                rid, idx = str(r["id"]), int(r["index"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise UsageError(f"{p}:{n}: not a filter record") from None
+            if rid in recs:
+                raise UsageError(f"id {rid!r} appears in more than one shard output (or twice in {p})")
+            recs[rid] = r | {"index": idx}
+    if not recs:
+        raise UsageError("no records in the shard outputs")
+    ordered = sorted(recs.values(), key=lambda r: r["index"])
+    have = {r["index"] for r in ordered}
+    missing = [i for i in range(ordered[-1]["index"] + 1) if i not in have]
+    if missing:
+        raise UsageError(f"the shards leave a gap: input positions {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         "have no record (a shard is missing or unfinished)")
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror}") from None
+    return len(ordered)
+
+
+def pending(items: list[Item], done: dict[str, dict], shard: tuple[int, int] | None) -> Iterator[Item]:
+    for it in items:
+        if in_shard(it.id, shard) and it.id not in done:
+            yield it

@@ -1,0 +1,150 @@
+"""safeinfer filter / merge: inputs, verdict records, resume after kill -9, shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from safeinfer_local import filter as flt
+from safeinfer_local.errors import UsageError
+
+from .conftest import ROOT, assert_one_line_error, run_cli
+
+
+def test_read_formats(tmp_path):
+    j = tmp_path / "a.jsonl"
+    j.write_text('{"id": "x1", "prompt": "hi"}\n{bad json\n{"prompt": "yo"}\n{"text": "no field"}\n')
+    items = flt.read_items(str(j))
+    assert [(i.id, i.prompt) for i in items[:1]] == [("x1", "hi")]
+    assert items[1].error.startswith("line 2: not valid JSON") and items[2].id == "3"
+    assert "no field 'prompt'" in items[3].error
+    c = tmp_path / "a.csv"
+    c.write_text("id,question\nq1,What?\nq2,\n")
+    items = flt.read_items(str(c), field="question")
+    assert items[0].prompt == "What?" and items[1].error == "line 3: empty 'question'"
+    t = tmp_path / "a.txt"
+    t.write_text("one\n\ntwo\n")
+    assert [(i.id, i.prompt) for i in flt.read_items(str(t))] == [("1", "one"), ("3", "two")]
+
+
+def test_bad_inputs(tmp_path):
+    e = tmp_path / "e.txt"
+    e.write_text("")
+    with pytest.raises(UsageError, match="empty"):
+        flt.read_items(str(e))
+    c = tmp_path / "a.csv"
+    c.write_text("id,question\n1,hi\n")
+    with pytest.raises(UsageError, match="no column 'prompt'"):
+        flt.read_items(str(c))
+    j = tmp_path / "a.jsonl"
+    j.write_text('{"q": "hi"}\n')
+    with pytest.raises(UsageError, match="no line has the field"):
+        flt.read_items(str(j))
+    with pytest.raises(UsageError, match="format"):
+        flt.read_items(str(tmp_path / "a.xyz"))
+    with pytest.raises(UsageError, match="not found"):
+        flt.read_items(str(tmp_path / "missing.txt"))
+
+
+def test_torn_last_line_is_cut_and_redone(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "1", "verdict": "answered"}\n{"id": "2", "verd')
+    done = flt.load_done(out)
+    assert set(done) == {"1"}
+    assert out.read_text() == '{"id": "1", "verdict": "answered"}\n'
+
+
+def test_shards_partition_and_merge(tmp_path):
+    ids = [str(i) for i in range(200)]
+    parts = [[x for x in ids if flt.in_shard(x, (i, 3))] for i in (1, 2, 3)]
+    assert sorted(sum(parts, [])) == sorted(ids) and all(len(p) > 40 for p in parts)
+    assert parts[0] == [x for x in ids if flt.in_shard(x, (1, 3))]  # deterministic
+    files = []
+    for k, part in enumerate(parts):
+        f = tmp_path / f"s{k}.jsonl"
+        f.write_text("".join(json.dumps({"id": x, "index": int(x), "verdict": "answered"}) + "\n" for x in part))
+        files.append(f)
+    out = tmp_path / "m.jsonl"
+    assert flt.merge(out, files) == 200
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ids
+    with pytest.raises(UsageError, match="more than one shard"):
+        flt.merge(out, files + [files[0]])
+    with pytest.raises(UsageError, match="gap"):
+        flt.merge(out, files[1:])
+    with pytest.raises(UsageError, match="I/N"):
+        flt.parse_shard("1-3")
+
+
+def _prompts(tmp_path, n):
+    f = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"p{i}", "prompt": f"Q: What is {i} plus {i}?\nA:"}) for i in range(n)]
+    lines.insert(2, "{not json")
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+@pytest.mark.model
+def test_filter_records_split_and_errors(tmp_path):
+    f = _prompts(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    p = run_cli("filter", f, "-o", out, "--raw", "-n", "4", "--variant", "base", "--split", tmp_path / "sp")
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["p0", "p1", "3", "p2"]
+    bad = recs[2]
+    assert bad["verdict"] == "error" and "line 3" in bad["error"]
+    for r in recs[:2] + recs[3:]:
+        assert r["verdict"] in ("answered", "refused") and r["n_tokens"] >= 1 and r["variant"] == "base"
+        assert set(r) >= {"id", "prompt", "response", "verdict", "error", "n_tokens", "tokens_per_s",
+                          "guided_tokens"}
+    allowed = (tmp_path / "sp" / "allowed.jsonl").read_text().splitlines()
+    blocked = (tmp_path / "sp" / "blocked.jsonl").read_text().splitlines()
+    assert len(allowed) + len(blocked) == 3
+
+
+@pytest.mark.model
+def test_kill_9_then_resume_gives_one_record_per_id(tmp_path):
+    f = _prompts(tmp_path, 10)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "filter", str(f), "-o", str(out), "--raw", "-n", "24", "-q"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.time() + 180
+        while time.time() < end:
+            if out.exists() and len(out.read_bytes().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    n_before = len(out.read_text().splitlines())
+    assert 3 <= n_before < 11
+    with open(out, "a") as fh:  # as if the kill had torn a line mid-write
+        fh.write('{"id": "p9", "respo')
+    p = run_cli("filter", f, "-o", out, "--raw", "-n", "24")
+    assert p.returncode == 0, p.stderr
+    assert "resuming" in p.stderr
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert ids == ["p0", "p1", "3"] + [f"p{i}" for i in range(2, 10)]
+
+
+@pytest.mark.model
+def test_filter_bad_arguments(tmp_path):
+    f = _prompts(tmp_path, 1)
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file instead
+        bad_out = tmp_path / "in.jsonl" / "out.jsonl"
+    else:
+        bad_out = locked / "out.jsonl"
+    assert_one_line_error(run_cli("filter", f, "-o", bad_out, "--raw"))
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    assert_one_line_error(run_cli("filter", empty), contains="empty")
+    assert_one_line_error(run_cli("filter", f, "--field", "question"), contains="field")
+    assert_one_line_error(run_cli("filter", f, "--shard", "5/2"), contains="shard")
