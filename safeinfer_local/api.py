@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .chat import Message, render
+from .chat import Message, render, render_stops
 from .engine import Model
 from .errors import UsageError
-from .generate import DEFAULT_N_CTX, GenConfig, Result, Runner, Steering, check_variant
+from .generate import DEFAULT_N_CTX, GenConfig, Result, Runner, Steering, check_variant, generate_many
 from .models import default_vector_path, resolve_model
 from .sampling import DEFAULT_LAMBDA, check_lambda
 from .vectors import SafetyVector
@@ -111,6 +111,33 @@ class SafeInfer:
         cfg.stop = tuple(cfg.stop) + stops
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         return self.runner.generate(text, tokens, steering, cfg, variant)
+
+    def generate_many(self, prompts, variant: str | None = None, raw: bool = False, n_parallel: int = 1, **gen):
+        """Yield ``(key, Result or UsageError)`` for ``(key, prompt)`` pairs as each finishes, decoding up to
+        ``n_parallel`` of them in the same batches. A prompt that cannot run yields its error, and the rest go
+        on."""
+        variant, steering = self._steering_for(variant)
+        cfg = GenConfig(**gen)
+        stop_sets: dict = {}
+
+        def requests():
+            for key, prompt in prompts:
+                try:
+                    tokens, stops = self.encode_prompt(prompt, raw)
+                except UsageError as e:
+                    errors.append((key, e))
+                    continue
+                stop_sets[key] = stops
+                yield key, prompt, tokens
+
+        errors: list = []
+        cfg.stop = tuple(cfg.stop) + (render_stops(self.model, self.chat_format) if not raw else ())
+        for key, res in generate_many(self.runner, requests(), steering, cfg, variant, n_parallel):
+            while errors:
+                yield errors.pop(0)
+            yield key, res
+        while errors:
+            yield errors.pop(0)
 
     def score(self, prompt: str | list[Message], continuation: str, variant: str | None = None,
               raw: bool = False) -> Score:

@@ -62,3 +62,8 @@ def render(model: Model, messages: list[Message], chat_format: str | None = None
     r = fn(messages=msgs)
     stop = r.stop if isinstance(r.stop, list) else ([r.stop] if r.stop else [])
     return Rendered(r.prompt, add_bos=True, stop=tuple(stop), source=name)
+
+
+def render_stops(model: Model, chat_format: str | None = None) -> tuple[str, ...]:
+    """The stop strings of the chat format in use (they do not depend on the messages)."""
+    return render(model, [{"role": "user", "content": "x"}], chat_format).stop

@@ -283,6 +283,7 @@ def filter_cmd(
     split: Path | None = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl."),
     shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
+    parallel: int = typer.Option(1, "--parallel", "-p", help="Prompts decoded in the same batch."),
     model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
     layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
     guidance: str | None = GuidanceOpt, lam: float | None = LamOpt, raw: bool = RawOpt,
@@ -303,6 +304,8 @@ def filter_cmd(
         raise UsageError(str(e)) from None
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+    if not 1 <= parallel <= 64:
+        raise UsageError(f"--parallel must be in 1..64, not {parallel}")
     sh = flt.parse_shard(shard)
     if out is not None:
         _check_writable(out)
@@ -319,18 +322,23 @@ def filter_cmd(
     written: list[dict] = []
     try:
         with (_progress() if not quiet else _NoProgress()) as prog:
-            for k, it in enumerate(todo):
+            for it in todo:
                 if it.error is not None:
-                    rec = flt.record(it, v)
+                    app_.write(rec := flt.record(it, v))
+                    written.append(rec)
+            runs = [it for it in todo if it.error is None]
+            by_id = {it.id: it for it in runs}
+            results = si.generate_many(((it.id, it.prompt) for it in runs), variant=v, raw=raw,
+                                       n_parallel=parallel, **gen)
+            for key, r in results:
+                it = by_id[key]
+                if isinstance(r, Exception):
+                    rec = flt.record(it, v, error=str(r))
                 else:
-                    try:
-                        r = si.generate(it.prompt, variant=v, raw=raw, **gen)
-                        rec = flt.record(it, v, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
-                    except UsageError as e:
-                        rec = flt.record(it, v, error=str(e))
+                    rec = flt.record(it, v, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
                 app_.write(rec)
                 written.append(rec)
-                prog("filter", k + 1, len(todo))
+                prog("filter", len(written), len(todo))
     except KeyboardInterrupt:
         app_.close()
         n_done = len(wanted) - len(todo) + len(written)

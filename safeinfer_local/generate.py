@@ -198,6 +198,17 @@ class Runner:
             self._sides[key] = side
         return side
 
+    def _batch_side(self, side: Side, n: int) -> Side:
+        """A copy of a side's setup with ``n`` request slots (made once per size and kept)."""
+        key = next(k for k, v in self._sides.items() if v is side)
+        bkey = f"{key}@{n}"
+        b = self._sides.get(bkey)
+        if b is None:
+            b = Side(side.model, self.n_ctx, self._half_threads if key != "plain" else self.n_threads,
+                     side.prefix, lora=side.lora, slots=n)
+            self._sides[bkey] = b
+        return b
+
     def _target_demos(self) -> list:
         if self.target_prefix == "safe":
             return safe_demos()
@@ -350,3 +361,130 @@ class Runner:
         if len(cont_tokens) > 1:
             rows.append(side.rows(cont_tokens[:-1]))
         return np.concatenate(rows)
+
+
+@dataclass
+class _Slot:
+    key: object
+    prompt: str
+    sampler: make_sampler
+    detok: Detokenizer
+    stops: StopMatcher
+    t0: float
+    steps: list = field(default_factory=list)
+    t_first: float | None = None
+    n: int = 0
+    guided: int = 0
+    text: str = ""
+
+
+def generate_many(runner: Runner, requests, steering: Steering | None, cfg: GenConfig, variant: str,
+                  n_parallel: int):
+    """Yield ``(key, Result or UsageError)`` for each ``(key, prompt_text, prompt_tokens)`` request, in the
+    order they finish. Up to ``n_parallel`` requests share each decode batch (target and guidance side each
+    batched, the two sides at the same time); a finished slot is refilled at once. Every request decodes the
+    same way as alone: its prompt head by itself, then one token per step."""
+    if n_parallel < 1:
+        raise UsageError(f"--parallel must be >= 1, not {n_parallel}")
+    t_side, tbuf, g_side, gbuf = runner._plan(variant, steering)
+    target = runner._batch_side(t_side, n_parallel)
+    guide = runner._batch_side(g_side, n_parallel) if g_side is not None else None
+    reqs = iter(requests)
+    free = list(range(n_parallel))
+    active: dict[int, _Slot] = {}
+    fresh: dict[int, list[int]] = {}  # slot -> its last prompt token, to decode with the vector's "last" state
+    logits_t: dict[int, np.ndarray] = {}
+    logits_u: dict[int, np.ndarray] = {}
+    exhausted = False
+    held = None  # a request read but not yet started
+    room = min(target.ctx.n_ctx, guide.ctx.n_ctx if guide else target.ctx.n_ctx)
+    while True:
+        # refill free slots
+        while free and (held is not None or not exhausted):
+            if held is None:
+                try:
+                    held = next(reqs)
+                except StopIteration:
+                    exhausted = True
+                    break
+            key, text, toks = held
+            need = len(toks) + cfg.max_tokens
+            if need > room:
+                held = None
+                yield key, UsageError(f"prompt is {len(toks)} tokens; with --max-tokens {cfg.max_tokens} it "
+                                      f"needs {need} but the context holds {room} (raise --n-ctx)")
+                continue
+            if active and max(target.used(), guide.used() if guide else 0) + need > room:
+                break  # the shared KV is full: wait for a slot to finish
+            held = None
+            i = free.pop(0)
+            try:
+                last_t, last_u = runner._both(lambda i=i, t=toks: target.begin(i, t, tbuf[0]),
+                                              (lambda i=i, t=toks: guide.begin(i, t, gbuf[0])) if guide else None)
+            except UsageError as e:
+                free.insert(0, i)
+                yield key, e
+                continue
+            fresh[i] = last_t
+            active[i] = _Slot(key, text, make_sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed),
+                              Detokenizer(runner.model), StopMatcher(cfg.stop), time.perf_counter())
+        if not active:
+            if held is None and exhausted:
+                return
+            continue
+        # one batched step: fresh slots' last prompt token (vector state "last") and the others' new token
+        def run_side(side: Side, bufs: Buffers, normalise: bool) -> dict[int, np.ndarray]:
+            out: dict[int, np.ndarray] = {}
+            groups = [([(i, t) for i, t in fresh.items()], bufs[1]),
+                      ([(i, [s.steps[-1]]) for i, s in active.items() if i not in fresh], bufs[2])]
+            if groups[0][0] and groups[1][0] and (bufs[1] is bufs[2] or (bufs[1] is None and bufs[2] is None)):
+                groups = [(groups[0][0] + groups[1][0], bufs[1])]
+            for items, buf in groups:
+                if items:
+                    rows = side.decode_slots(items, buf)
+                    for (i, _), row in zip(items, rows, strict=True):
+                        out[i] = log_softmax(row) if normalise else row
+            return out
+
+        lt, lu = runner._both(lambda: run_side(target, tbuf, False),
+                              (lambda: run_side(guide, gbuf, True)) if guide else None)
+        logits_t, logits_u = lt, lu or {}
+        fresh.clear()
+        for i in list(active):
+            s = active[i]
+            row = logits_t[i]
+            u = s.sampler.draw()
+            if guide is not None:
+                z = guided_logits(row, logits_u[i], runner.lam, guide_is_logprobs=True)
+                tok = s.sampler(z, u)
+                s.guided += tok != s.sampler(row, u)
+            else:
+                tok = s.sampler(row, u)
+            done_reason = None
+            if runner.model.is_eog(tok):
+                done_reason = "eos"
+            else:
+                text, stopped = s.stops.feed(s.detok.add(tok))
+                s.steps.append(tok)
+                s.n += 1
+                s.text += text
+                if s.t_first is None:
+                    s.t_first = time.perf_counter()
+                if stopped:
+                    done_reason = "stop"
+                elif s.n >= cfg.max_tokens:
+                    done_reason = "max_tokens"
+            if done_reason:
+                if done_reason != "stop":
+                    s.text += s.stops.feed(s.detok.flush())[0] + s.stops.flush()
+                t_end = time.perf_counter()
+                ttft = (s.t_first or t_end) - s.t0
+                gen = t_end - (s.t_first or t_end)
+                tps = (s.n - 1) / gen if s.n > 1 and gen > 0 else 0.0
+                yield s.key, Result(s.prompt, s.text, variant, s.n, tps, ttft, done_reason,
+                                    guided_tokens=s.guided)
+                del active[i]
+                target.ctx.truncate(target.slot_seq(i), 0)
+                if guide is not None:
+                    guide.ctx.truncate(guide.slot_seq(i), 0)
+                free.append(i)

@@ -107,10 +107,12 @@ class Side:
     """One context following the conversation, with an optional cached prefix and control-vector switching."""
 
     def __init__(self, model: Model, n_ctx: int, n_threads: int | None, prefix: list[int] | None = None,
-                 lora: Path | None = None) -> None:
+                 lora: Path | None = None, slots: int = 1) -> None:
         self.model = model
         self.prefix = list(prefix or [])
-        self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=2 if self.prefix else 1, n_threads=n_threads)
+        self.slots = slots
+        self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=slots + (1 if self.prefix else 0),
+                                          n_threads=n_threads)
         self.lora = lora
         if lora is not None:
             self.ctx.set_lora(lora)
@@ -168,6 +170,42 @@ class Side:
         """Take the prompt head's KV from ``other`` (decoded there) instead of decoding it again."""
         self.ctx.clear()
         self.ctx.import_seq(other.ctx.export_seq(other.seq), self.seq, len(prompt_tokens) - 1)
+
+    # -- several requests at once (filter --parallel): slot i lives in KV sequence slot_seq(i) --------------
+    def slot_seq(self, i: int) -> int:
+        return i + (1 if self.prefix else 0)
+
+    def begin(self, i: int, prompt_tokens: list[int], head_buffer: np.ndarray | None) -> list[int]:
+        """Reset slot ``i`` to the cached prefix and decode its prompt head alone; returns the last prompt
+        token, which the caller decodes batched with the other slots."""
+        ctx, seq = self.ctx, self.slot_seq(i)
+        toks = list(prompt_tokens)
+        if self.prefix:
+            if toks and toks[0] == self.model.bos:
+                toks = toks[1:]
+            if not self._prefix_decoded:
+                ctx.set_control_vector(None)
+                ctx.decode(self.prefix, seq=0, logits="none")
+                self._prefix_decoded = True
+            ctx.truncate(seq, 0)
+            ctx.copy_seq(0, seq)
+        else:
+            ctx.truncate(seq, 0)
+        if not toks:
+            raise UsageError("empty prompt")
+        if toks[:-1]:
+            ctx.set_control_vector(head_buffer)
+            ctx.decode(toks[:-1], seq=seq, logits="none")
+        return toks[-1:]
+
+    def decode_slots(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
+        self.ctx.set_control_vector(buffer)
+        return self.ctx.decode_multi([(self.slot_seq(i), toks) for i, toks in items])
+
+    def used(self) -> int:
+        """KV cells in use by the slots (the prefix's cells are shared, counted once)."""
+        n = len(self.prefix)
+        return n + sum(max(0, self.ctx.pos[self.slot_seq(i)] - n) for i in range(self.slots))
 
     def step(self, token: int) -> np.ndarray:
         return self.ctx.decode([token], seq=self.seq)
