@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -131,7 +132,6 @@ def generate(
         print(json.dumps(out, ensure_ascii=False))
         return
     res = None
-    import time
 
     t0 = time.perf_counter()
     n = 0
@@ -357,8 +357,20 @@ def filter_cmd(
     if not quiet:
         speeds = [r["tokens_per_s"] for r in written if r["verdict"] != "error" and r["tokens_per_s"]]
         mean = sum(speeds) / len(speeds) if speeds else 0.0
-        summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("answered", "refused", "error"))
-        print(f"done: {summary}; mean {mean:.1f} tok/s over {len(written)} new", file=sys.stderr)
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table(title=f"filter: {len(wanted)} prompts ({len(written)} new), variant {v}")
+            for c in ("verdict", "count"):
+                t.add_column(c, justify="right")
+            for k in ("answered", "refused", "error"):
+                t.add_row(k, str(counts.get(k, 0)))
+            t.add_row("mean tok/s", f"{mean:.1f}")
+            Console(stderr=True).print(t)
+        else:
+            summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("answered", "refused", "error"))
+            print(f"done: {summary}; mean {mean:.1f} tok/s over {len(written)} new", file=sys.stderr)
 
 
 @app.command("merge")
@@ -596,15 +608,18 @@ class _progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+                              TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                              console=Console(stderr=True), transient=False)
+            self.t0 = time.perf_counter()
             self.p.__enter__()
         return self
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.tty:
             if stage not in self.tasks:
-                self.tasks[stage] = self.p.add_task(stage, total=total)
-            self.p.update(self.tasks[stage], completed=done, total=total)
+                self.tasks[stage] = self.p.add_task(stage, total=total, rate="")
+            per_min = done / max(1e-9, time.perf_counter() - self.t0) * 60
+            self.p.update(self.tasks[stage], completed=done, total=total, rate=f"{per_min:.1f}/min")
         else:
             step = max(1, total // 10)
             if done == total or done - self.last.get(stage, 0) >= step:
