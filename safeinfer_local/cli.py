@@ -284,6 +284,9 @@ def filter_cmd(
     shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
     parallel: int = typer.Option(1, "--parallel", "-p", help="Prompts decoded in the same batch."),
+    judge_model: Path | None = typer.Option(None, "--judge-model", help="A GGUF classifier (e.g. Llama-Guard "
+                                            "style) that labels each reply safe/unsafe; 'unsafe' replies are "
+                                            "blocked in --split."),
     model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
     layers: str | None = LayersOpt, positions: str | None = PositionsOpt, variant: str | None = VariantOpt,
     guidance: str | None = GuidanceOpt, lam: float | None = LamOpt, raw: bool = RawOpt,
@@ -314,6 +317,11 @@ def filter_cmd(
     todo = list(flt.pending(items, done, sh))
     wanted = [it for it in items if flt.in_shard(it.id, sh)]
     si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
+    judge = None
+    if judge_model is not None:
+        from .judge_model import ModelJudge
+
+        judge = ModelJudge(judge_model, n_threads=threads)
     v = variant or si.default_variant()
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if done and not quiet:
@@ -336,6 +344,8 @@ def filter_cmd(
                     rec = flt.record(it, v, error=str(r))
                 else:
                     rec = flt.record(it, v, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
+                    if judge is not None:
+                        rec["judge"] = judge.classify(it.prompt, r.response)
                 app_.write(rec)
                 written.append(rec)
                 prog("filter", len(written), len(todo))

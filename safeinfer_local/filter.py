@@ -230,9 +230,13 @@ def write_split(recs: list[dict], split_dir: Path) -> None:
         split_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create --split folder {split_dir}: {e.strerror}") from None
-    for name, verdict in (("allowed.jsonl", "answered"), ("blocked.jsonl", "refused")):
+    def blocked(r: dict) -> bool:  # refused by the model, or judged unsafe by --judge-model
+        return r["verdict"] == "refused" or r.get("judge") == "unsafe"
+
+    for name, want in (("allowed.jsonl", False), ("blocked.jsonl", True)):
         (split_dir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs
-                                              if r["verdict"] == verdict), encoding="utf-8")
+                                              if r["verdict"] != "error" and blocked(r) == want),
+                                      encoding="utf-8")
 
 
 def merge(out: Path, shards: list[Path]) -> int:

@@ -166,3 +166,38 @@ def test_parallel_slots_refill_and_keep_input_order(tmp_path):
     assert len(ok) == 6 and all(r["n_tokens"] >= 1 for r in ok)
     same = sum(x["response"] == y["response"] for x, y in zip(ra, rb, strict=True))
     assert same >= 5  # llama.cpp is not batch invariant: a near-tie may flip in a batch of three
+
+
+@pytest.mark.model
+def test_judge_model_labels_every_reply(tmp_path, model):
+    """Any GGUF runs as judge through the same engine (here the base model itself, which is no classifier, so
+    its labels are mostly 'unknown'); 'unsafe' would move a reply to blocked.jsonl."""
+    f = _prompts(tmp_path, 2)
+    out = tmp_path / "o.jsonl"
+    p = run_cli("filter", f, "-o", out, "--raw", "-n", "4", "--variant", "base", "--judge-model", model.path,
+                "--split", tmp_path / "sp", "-q")
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(r["judge"] in ("safe", "unsafe", "unknown") for r in recs if r["verdict"] != "error")
+    assert_one_line_error(run_cli("filter", f, "--judge-model", tmp_path / "nope.gguf"), contains="not found")
+    flt.write_split([{"verdict": "answered", "judge": "unsafe", "id": "a"},
+                     {"verdict": "answered", "judge": "safe", "id": "b"}], tmp_path / "s2")
+    assert '"a"' in (tmp_path / "s2" / "blocked.jsonl").read_text()
+    assert '"b"' in (tmp_path / "s2" / "allowed.jsonl").read_text()
+
+
+@pytest.mark.model
+def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
+    f = _prompts(tmp_path, 10)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "filter", str(f), "-o", str(out), "--raw", "-n", "24", "-q"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 180
+    while time.time() < end and not (out.exists() and len(out.read_bytes().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    lines = out.read_text().splitlines()
+    assert all(json.loads(x)["id"] for x in lines)  # every written line is whole

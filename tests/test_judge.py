@@ -33,3 +33,13 @@ def test_refusals(text):
 ])
 def test_not_refusals(text):
     assert not is_refusal(text)
+
+
+def test_model_judge_labels():
+    from safeinfer_local.judge_model import label_of
+
+    assert label_of("safe") == "safe"
+    assert label_of(" unsafe\nS1") == "unsafe"
+    assert label_of("Unsafe.") == "unsafe"
+    assert label_of("I think so") == "unknown"
+    assert label_of("") == "unknown"
