@@ -60,6 +60,18 @@ def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers,
                      guidance=guidance, lam=lam, warn=_warn)
 
 
+def _check_generation(temperature: float, top_k: int, top_p: float, max_tokens: int) -> None:
+    """Sampling and length options, checked before any model is loaded."""
+    from .sampling import validate_sampling
+
+    try:
+        validate_sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+
+
 def _read_prompt(prompt: str | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -108,15 +120,9 @@ def generate(
     """Generate a reply to PROMPT with a variant (base: plain; sa: safety amplification; sgds: safety-guided
     decoding; safeinfer: both)."""
     from .generate import GenConfig
-    from .sampling import validate_sampling
 
     text = _read_prompt(prompt)
-    try:
-        validate_sampling(temperature, top_k, top_p)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+    _check_generation(temperature, top_k, top_p, max_tokens)
     si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
     v = variant or si.default_variant()
     gen = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -131,7 +137,6 @@ def generate(
             out.update(guidance=str(si.runner.guidance), lam=si.runner.lam)
         print(json.dumps(out, ensure_ascii=False))
         return
-    res = None
 
     t0 = time.perf_counter()
     n = 0
@@ -232,12 +237,8 @@ def chat(
     """Chat in the terminal: streaming replies, multi-turn, slash commands (/help). With stdin not a terminal,
     each input line is a user turn and replies are printed as plain text."""
     from .chatloop import ChatSession
-    from .sampling import validate_sampling
 
-    try:
-        validate_sampling(temperature, top_k, top_p)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    _check_generation(temperature, top_k, top_p, max_tokens)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
     sess = ChatSession(si, variant or si.default_variant(), system,
@@ -299,14 +300,8 @@ def filter_cmd(
 ) -> None:
     """Generate a reply for every prompt in a file and judge it (refused / answered / error)."""
     from . import filter as flt
-    from .sampling import validate_sampling
 
-    try:
-        validate_sampling(temperature, top_k, top_p)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+    _check_generation(temperature, top_k, top_p, max_tokens)
     if not 1 <= parallel <= 64:
         raise UsageError(f"--parallel must be in 1..64, not {parallel}")
     sh = flt.parse_shard(shard)
