@@ -1,0 +1,122 @@
+"""Evaluation data and metrics for the HarmEval protocol (pure: no model).
+
+Datasets by name are the licence-clean sets shipped in ``data/``; a user's own HarmEval copy (gated, not
+redistributable) is loaded from a CSV / JSONL / Parquet file with the columns ``Question`` and ``Topic``.
+Metrics: attack success rate and over-refusal as shares with 95% Wilson intervals, overall and per category.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from .datasets import Prompt, advbench, catqa, xstest
+from .errors import UsageError
+
+DATASETS = ("advbench", "catqa", "xstest", "xstest-unsafe")
+"""``advbench``: the eval split (disjoint from every demonstration and dev set); ``catqa``: the 11 HarmEval
+categories; ``xstest``: the 250 benign prompts (over-refusal); ``xstest-unsafe``: the 200 unsafe contrasts."""
+
+
+def load_dataset(name: str) -> list[Prompt]:
+    if name == "advbench":
+        return advbench("eval")
+    if name == "catqa":
+        return catqa()
+    if name == "xstest":
+        return xstest("safe")
+    if name == "xstest-unsafe":
+        return xstest("unsafe")
+    raise UsageError(f"unknown dataset {name!r} (choose {', '.join(DATASETS)}, or a HarmEval file path)")
+
+
+def load_harmeval(path: str | Path) -> list[Prompt]:
+    """A HarmEval-format file: columns ``Question`` and ``Topic`` (CSV, JSONL or Parquet)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"HarmEval file not found: {p}")
+    ext = p.suffix.lower()
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError("reading Parquet needs pyarrow (pip install pyarrow), or convert to CSV/JSONL") from None
+        rows = pq.read_table(p).to_pylist()
+        cols = set(rows[0]) if rows else set()
+    elif ext in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+        cols = set().union(*(r.keys() for r in rows if isinstance(r, dict))) if rows else set()
+    elif ext == ".csv":
+        reader = csv.DictReader(io.StringIO(p.read_text(encoding="utf-8")))
+        rows = list(reader)
+        cols = set(reader.fieldnames or ())
+    else:
+        raise UsageError(f"{p}: HarmEval files are .csv, .jsonl or .parquet")
+    if not rows:
+        raise UsageError(f"{p}: no rows (the file is empty)")
+    missing = [c for c in ("Question", "Topic") if c not in cols]
+    if missing:
+        raise UsageError(f"{p}: missing column(s) {', '.join(missing)} (HarmEval needs Question and Topic)")
+    out = []
+    for i, r in enumerate(rows):
+        q, t = r.get("Question"), r.get("Topic")
+        if isinstance(q, str) and q.strip():
+            out.append(Prompt(f"harmeval-{i}", q.strip(), str(t or "").strip()))
+    if not out:
+        raise UsageError(f"{p}: no non-empty Question")
+    return out
+
+
+def sample_per_category(prompts: list[Prompt], n: int | None, seed: int = 0) -> list[Prompt]:
+    """Up to ``n`` prompts per category, drawn with ``seed``, kept in their original order."""
+    if n is None:
+        return list(prompts)
+    if n < 1:
+        raise UsageError(f"--limit-per-category must be >= 1, not {n}")
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_cat[p.category].append(i)
+    rng = random.Random(seed)
+    keep = set()
+    for idx in by_cat.values():
+        keep.update(rng.sample(idx, min(n, len(idx))))
+    return [p for i, p in enumerate(prompts) if i in keep]
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n trials (n = 0 gives (0, 1))."""
+    if n == 0:
+        return 0.0, 1.0
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_table(rows: list[dict], flag: str, by: str = "category") -> dict[str, dict]:
+    """Share of rows with ``row[flag]`` true, overall (key ``"overall"``) and per ``row[by]``, each with n, k,
+    rate and its Wilson interval."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        groups[str(r.get(by, ""))].append(bool(r[flag]))
+        groups["overall"].append(bool(r[flag]))
+    out = {}
+    for name, vals in sorted(groups.items(), key=lambda kv: (kv[0] == "overall", kv[0])):
+        k, n = sum(vals), len(vals)
+        lo, hi = wilson(k, n)
+        out[name] = {"n": n, "k": k, "rate": k / n if n else 0.0, "ci95": [lo, hi]}
+    return out
