@@ -149,6 +149,18 @@ def position_buffers(steering: Steering | None, n_layer: int, sign: float = 1.0)
     return {"generation": (None, b, b), "last": (None, b, None), "all": (b, b, b)}[steering.positions]
 
 
+def choose(sample: make_sampler, lt: np.ndarray, lu: np.ndarray | None, lam: float) -> tuple[np.ndarray, int, bool]:
+    """One decoding step's choice: the scores sampled from (target logits, or the guided scores when a guidance
+    log-softmax ``lu`` is given), the token, and whether guidance changed the token the target alone would
+    have picked with the same uniform draw."""
+    u = sample.draw()
+    if lu is None:
+        return lt, sample(lt, u), False
+    z = guided_logits(lt, lu, lam, guide_is_logprobs=True)
+    tok = sample(z, u)
+    return z, tok, tok != sample(lt, u)
+
+
 class Runner:
     """Runs requests one at a time for any variant: a target side, and for ``sgds``/``safeinfer`` a guidance
     side, each its own llama.cpp context (a control vector applies to a whole context, and the two sides need
@@ -290,13 +302,7 @@ class Runner:
         stops = StopMatcher(cfg.stop)
         self.stop_reason = "max_tokens"
         for i in range(cfg.max_tokens):
-            u = sample.draw()
-            if lu is None:
-                z, tok, guided = lt, sample(lt, u), False
-            else:
-                z = guided_logits(lt, lu, self.lam, guide_is_logprobs=True)
-                tok = sample(z, u)
-                guided = tok != sample(lt, u)
+            z, tok, guided = choose(sample, lt, lu, self.lam)
             lp = float(token_logprobs(z[None, :], [tok])[0]) if cfg.logprobs else 0.0
             if self.model.is_eog(tok):
                 self.stop_reason = "eos"
@@ -453,13 +459,8 @@ def generate_many(runner: Runner, requests, steering: Steering | None, cfg: GenC
         for i in list(active):
             s = active[i]
             row = logits_t[i]
-            u = s.sampler.draw()
-            if guide is not None:
-                z = guided_logits(row, logits_u[i], runner.lam, guide_is_logprobs=True)
-                tok = s.sampler(z, u)
-                s.guided += tok != s.sampler(row, u)
-            else:
-                tok = s.sampler(row, u)
+            _, tok, guided = choose(s.sampler, row, logits_u.get(i), runner.lam)
+            s.guided += guided
             done_reason = None
             if runner.model.is_eog(tok):
                 done_reason = "eos"
