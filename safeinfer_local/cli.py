@@ -91,9 +91,10 @@ LayersOpt = typer.Option(None, "--layers", help="Blocks to steer, e.g. 8 or 6,8 
 PositionsOpt = typer.Option(None, "--positions", help="generation | last | all (default: the vector's).")
 VariantOpt = typer.Option(None, "--variant", help="base | sa | sgds | safeinfer (SA + sGDS). Default: "
                           "safeinfer when a vector is loaded, else sgds.")
-GuidanceOpt = typer.Option(None, "--guidance", help="sGDS guidance: prompt (default) | negative | none | "
-                           "model:PATH | lora:PATH.")
-LamOpt = typer.Option(None, "--lam", help="sGDS λ in [0, 1) (default 0.99, the paper's).")
+GuidanceOpt = typer.Option(None, "--guidance", help="sGDS guidance: prompt | negative | none | "
+                           "model:PATH | lora:PATH (default: the vector's recommendation, else prompt).")
+LamOpt = typer.Option(None, "--lam", help="sGDS λ in [0, 1) (default: the vector's "
+                      "recommendation, else 0.99, the paper's).")
 RawOpt = typer.Option(False, "--raw", help="No chat template: BOS + the prompt's tokens.")
 NCtxOpt = typer.Option(4096, "--n-ctx", help="Context length in tokens.")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cores).")
@@ -424,7 +425,6 @@ def bench_speed(
         print(json.dumps({"model": si.model.name, "guidance": str(si.runner.guidance), "lam": si.runner.lam,
                           "results": res}))
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{si.model.name}: greedy, {tokens} tokens, guidance {si.runner.guidance}, λ {si.runner.lam:g}")
@@ -435,7 +435,172 @@ def bench_speed(
                   f"{r['ttft_s'] * 1000:.0f}", f"{r['ttft_vs_base']:.2f}",
                   f"{r['decode_share']:.0%}" if "decode_share" in r else "-",
                   f"{r['python_ms_per_step']:.2f}" if "python_ms_per_step" in r else "-")
-    Console().print(t)
+    _console().print(t)
+
+
+def _csv_list(values: list[str] | None) -> list[str]:
+    return [x.strip() for v in values or () for x in v.split(",") if x.strip()]
+
+
+@bench_app.command("harm")
+def bench_harm(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: results.jsonl (resumable), report.md, "
+                             "report.json, charts."),
+    dataset: list[str] | None = typer.Option(None, "--dataset", "-d", help="advbench | catqa | xstest | "
+                                             "xstest-unsafe | a HarmEval file (CSV/JSONL/Parquet with Question "
+                                             "and Topic); repeat or comma-separate. Default: catqa,advbench,xstest."),
+    variants: str = typer.Option("base,sa,sgds,safeinfer", "--variants", help="Comma-separated subset of base, "
+                                 "sa, sgds, safeinfer."),
+    prompt_types: str = typer.Option("simple", "--prompt-types", help="simple | instruction | simple,instruction."),
+    measure: str = typer.Option("generation", "--measure", help="generation | likelihood | generation,likelihood."),
+    limit: int | None = typer.Option(None, "--limit-per-category", help="Sample N prompts per category."),
+    sample_seed: int = typer.Option(0, "--seed", help="Seed of the per-category sample."),
+    judge_model: Path | None = typer.Option(None, "--judge-model", help="A GGUF classifier (Llama-Guard style) "
+                                            "that labels each reply safe/unsafe, next to the refusal detector."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens per reply (greedy)."),
+    parallel: int = typer.Option(1, "--parallel", "-p", help="Prompts decoded in the same batch."),
+    redact: bool = typer.Option(False, "--redact", help="Leave the text of replies to harmful prompts out of "
+                                "results.jsonl (verdicts, lengths and a hash stay): for results you publish."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
+    layers: str | None = LayersOpt, positions: str | None = PositionsOpt, guidance: str | None = GuidanceOpt,
+    lam: float | None = LamOpt,
+    raw: bool = typer.Option(False, "--raw", help="No chat template: the prompt in a plain 'Q: ...\\nA:' frame "
+                             "(for base models)."),
+    n_ctx: int = NCtxOpt, threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
+    chat_format: str | None = ChatFmtOpt,
+) -> None:
+    """The HarmEval protocol: attack success rate per category, over-refusal, and refusal likelihood, per
+    variant, with a report (tables and charts). Rerunning the same command resumes it."""
+    from .evaluate import RESULTS, HarmBench, HarmConfig, check_out
+    from .harm import resolve_sets
+    from .report import load_records, write_report
+
+    cfg = HarmConfig(datasets=_csv_list(dataset) or ["catqa", "advbench", "xstest"], variants=_csv_list([variants]),
+                     prompt_types=_csv_list([prompt_types]), measures=_csv_list([measure]),
+                     limit_per_category=limit, seed=sample_seed, max_tokens=max_tokens, raw=raw, parallel=parallel,
+                     judge_model=str(judge_model) if judge_model else None, redact=redact)
+    cfg.check_names()
+    sets = resolve_sets(cfg.datasets, limit, sample_seed)
+    check_out(out)
+    if judge_model is not None and not judge_model.is_file():
+        raise UsageError(f"judge model not found: {judge_model}")
+    si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
+    judge = None
+    if judge_model is not None:
+        from .judge_model import ModelJudge
+
+        judge = ModelJudge(judge_model, n_threads=threads)
+    with (_progress() if not quiet else _NoProgress()) as prog:
+        hb = HarmBench(si, cfg, sets, out, progress=prog, judge=judge)
+        hb.write_config("safeinfer " + " ".join(_quote(a) for a in _ARGV))
+        if hb.n_done and not quiet:
+            print(f"resuming: {hb.n_done} of {hb.total} records already in {out / RESULTS}", file=sys.stderr)
+        try:
+            hb.run()
+        except KeyboardInterrupt:
+            print(f"interrupted: {hb.n_done} of {hb.total} records done; rerun the same command to resume",
+                  file=sys.stderr)
+            raise typer.Exit(130) from None
+    keys = {(m, s.name, str(p.id), t, v) for m in cfg.measures for s in sets for t in cfg.prompt_types
+            for p in s.prompts for v in cfg.variants}
+    records = [r for r in load_records(out / RESULTS) if
+               (r["measure"], r["dataset"], str(r["id"]), r["prompt_type"], r["variant"]) in keys]
+    paths = write_report(out, json.loads((out / "config.json").read_text()), records)
+    if not quiet:
+        print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+
+
+@bench_app.command("report")
+def bench_report(out: Path = typer.Argument(..., help="A bench harm output folder.")) -> None:
+    """Rewrite report.md, report.json and the charts from a bench harm folder's results.jsonl."""
+    from .evaluate import CONFIG, RESULTS
+    from .report import load_records, write_report
+
+    if not (out / RESULTS).is_file() or not (out / CONFIG).is_file():
+        raise UsageError(f"{out} has no {RESULTS} and {CONFIG} (not a bench harm folder)")
+    paths = write_report(out, json.loads((out / CONFIG).read_text()), load_records(out / RESULTS))
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    gammas: str = typer.Option("0.25,0.5,0.75,1.0", "--gammas", help="γ values to try."),
+    lams: str = typer.Option("0,0.1,0.3,0.5,0.7,0.9", "--lams", help="sGDS λ values to try (0 = SA alone)."),
+    sweep_layers: str | None = typer.Option(None, "--sweep-layers", help="Blocks to try, one at a time (each must "
+                                            "be in the vector; default: the vector's recommended ones)."),
+    n_harmful: int = typer.Option(24, "--n-harmful", help="Harmful dev prompts (AdvBench dev split)."),
+    n_benign: int = typer.Option(24, "--n-benign", help="Benign dev prompts (XSTest safe, odd positions)."),
+    max_loss: float = typer.Option(0.5, "--max-benign-loss", help="Most benign utility loss (nats/token) a "
+                                   "setting may cost."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the calibrated vector here (default: update "
+                                    "the --vector file in place)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the sweep and the choice; write nothing."),
+    as_json: bool = JsonOpt,
+    model: str | None = ModelOpt, vector: str | None = VectorOpt, guidance: str | None = GuidanceOpt,
+    positions: str | None = PositionsOpt,
+    raw: bool = typer.Option(False, "--raw", help="No chat template: prompts in a plain 'Q: ...\\nA:' frame."),
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Sweep γ, λ (and the block) on a dev split; pick the best refusal-margin gain minus benign utility loss;
+    record it in the vector's metadata."""
+    from .calibrate import calibrate, dev_split, pick, record
+    from .models import default_vector_path
+
+    def floats(name: str, spec: str) -> tuple[float, ...]:
+        try:
+            vals = tuple(float(x) for x in spec.split(",") if x.strip())
+        except ValueError:
+            raise UsageError(f"{name}: not a comma-separated list of numbers: {spec!r}") from None
+        if not vals or not all(math.isfinite(x) for x in vals):
+            raise UsageError(f"{name}: give finite numbers, e.g. 0.25,0.5")
+        return vals
+
+    g, lm = floats("--gammas", gammas), floats("--lams", lams)
+    bad = [x for x in lm if not 0 <= x < 1]
+    if bad or any(x <= 0 for x in g):
+        raise UsageError(f"--lams must be in [0, 1) (got {bad[0]:g})" if bad else "--gammas must be > 0")
+    _check_finite("--max-benign-loss", max_loss)
+    target = out
+    if target is None and not dry_run:
+        target = Path(vector) if vector not in (None, "none", "") else default_vector_path()
+    if target is not None and not dry_run:
+        _check_writable(target)
+    harmful, benign = dev_split(n_harmful, n_benign)
+    si = _load(model, vector, None, None, positions, 4096, threads, 0, None, guidance, None)
+    if si.vector is None:
+        raise UsageError("calibrate needs a safety vector (--vector)")
+    lay = _parse_layers(sweep_layers) or si.vector.layers
+    with _progress() as prog:
+        rows = calibrate(si, g, lm, lay, harmful, benign, raw=raw, progress=prog)
+    best = pick(rows, max_loss)
+    if as_json:
+        print(json.dumps({"rows": rows, "best": best}))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"calibrate {si.model.name}: safeinfer, guidance {si.runner.guidance.kind}, "
+                        f"{len(harmful)} harmful / {len(benign)} benign dev prompts")
+        for c in ("block", "γ", "λ", "margin above base", "margin gain (nats/tok)", "benign loss (nats/tok)",
+                  "objective", ""):
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(str(r["layer"]), f"{r['gamma']:g}", f"{r['lam']:g}", f"{r['margin_up']:.0%}",
+                      f"{r['margin_gain']:+.3f}", f"{r['benign_loss']:+.3f}", f"{r['objective']:+.3f}",
+                      "◀ chosen" if r is best else "")
+        _console().print(t)
+    msg = f"chosen: block {best['layer']}, γ {best['gamma']:g}, λ {best['lam']:g}"
+    if dry_run:
+        print(msg + " (dry run: nothing written)", file=sys.stderr)
+        return
+    record(si, best, rows, len(harmful), len(benign), raw, max_loss).save(target)
+    print(f"{msg}; recorded in {target}", file=sys.stderr)
 
 
 @vectors_app.command("build")
@@ -572,7 +737,6 @@ def vectors_sweep(
     if as_json:
         print(json.dumps({"rows": rows, "best": best}))
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title="SA sweep: refusal continuation, per-token log-prob change vs base")
@@ -582,8 +746,15 @@ def vectors_sweep(
         t.add_row(str(r["layer"]), f"{r['gamma']:g}", r["positions"], f"{r['harmful_up']:.2f}",
                   f"{r['harmful_delta']:+.3f}", f"{r['benign_up']:.2f}", f"{r['benign_delta']:+.3f}",
                   f"{r['score']:+.3f}")
-    Console().print(t)
+    _console().print(t)
     print(f"best: layer {best['layer']}, gamma {best['gamma']:g}, positions {best['positions']}")
+
+
+def _console():
+    """stdout for tables: its own width on a terminal; wide enough for whole tables in a file or a pipe."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _check_writable(path: Path) -> None:
@@ -637,8 +808,13 @@ class _progress:
         return False
 
 
+_ARGV: list[str] = []
+"""The arguments of this run (recorded in reports so that they say how to reproduce them)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
+    _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="safeinfer")
         return rv if isinstance(rv, int) else 0

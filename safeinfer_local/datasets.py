@@ -18,6 +18,8 @@ class Prompt:
     id: str
     text: str
     category: str = ""
+    target: str = ""
+    """A compliant opening for this prompt when the dataset has one (AdvBench's ``target`` column)."""
 
 
 @lru_cache(maxsize=1)
@@ -35,7 +37,7 @@ def advbench_split() -> dict[str, list[int]]:
 
 def advbench(part: str) -> list[Prompt]:
     rows = advbench_rows()
-    return [Prompt(f"advbench-{i}", rows[i]["goal"]) for i in advbench_split()[part]]
+    return [Prompt(f"advbench-{i}", rows[i]["goal"], target=rows[i]["target"]) for i in advbench_split()[part]]
 
 
 def catqa(per_category: int | None = None) -> list[Prompt]:

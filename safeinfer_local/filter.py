@@ -11,7 +11,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,24 +148,27 @@ def in_shard(item_id: str, shard: tuple[int, int] | None) -> bool:
 
 def load_done(out: Path) -> dict[str, dict]:
     """Records already in the output, by id. A torn last line (a kill mid-write) is cut off the file."""
+    return load_appended(out, lambda rec: str(rec["id"]))
+
+
+def load_appended(out: Path, key: Callable[[dict], Hashable]) -> dict:
+    """The records of an append-only JSON Lines file by ``key(record)``. Reading stops at the first torn or
+    foreign line (a kill mid-write), which is cut off the file with everything after it, to be redone."""
     if not out.exists():
         return {}
     data = out.read_bytes()
-    done: dict[str, dict] = {}
+    done: dict = {}
     good_end = 0
-    pos = 0
     for raw in data.splitlines(keepends=True):
-        end = pos + len(raw)
-        complete = raw.endswith(b"\n")
         try:
-            rec = json.loads(raw) if complete else None
-        except json.JSONDecodeError:
-            rec = None
-        if rec is None or not isinstance(rec, dict) or "id" not in rec:
-            break  # torn or foreign: everything from here is redone
-        done[str(rec["id"])] = rec
-        good_end = end
-        pos = end
+            rec = json.loads(raw) if raw.endswith(b"\n") else None
+            k = key(rec) if isinstance(rec, dict) else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            k = None
+        if k is None:
+            break
+        done[k] = rec
+        good_end += len(raw)
     if good_end < len(data):
         with open(out, "r+b") as f:
             f.truncate(good_end)

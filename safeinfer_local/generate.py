@@ -346,17 +346,24 @@ class Runner:
               variant: str = "base") -> np.ndarray:
         """Per-token log-probabilities of ``cont_tokens`` after the prompt, teacher-forced, under the variant's
         own next-token distribution at T = 1 (guided variants: softmax of the guided scores)."""
+        rows_t, rows_u = self.score_rows(prompt_tokens, cont_tokens, steering, variant)
+        if rows_u is None:
+            return token_logprobs(rows_t, cont_tokens)
+        return token_logprobs(guided_logits(rows_t, rows_u, self.lam), cont_tokens)
+
+    def score_rows(self, prompt_tokens: list[int], cont_tokens: list[int], steering: Steering | None,
+                   variant: str = "base") -> tuple[np.ndarray, np.ndarray | None]:
+        """The raw next-token logits behind :meth:`score`: the target side's rows and the guidance side's
+        (``None`` for unguided variants), one row per continuation token. Any λ applies to them afterwards
+        (``guided_logits`` is a pure function), so a λ sweep costs one pass."""
         if not cont_tokens:
             raise UsageError("empty continuation")
         if not prompt_tokens:
             raise UsageError("empty prompt")
         target, tbuf, guide, gbuf = self._plan(variant, steering)
-        rows_t, rows_u = self._both(
+        return self._both(
             lambda: self._rows(target, tbuf, prompt_tokens, cont_tokens),
             (lambda: self._rows(guide, gbuf, prompt_tokens, cont_tokens)) if guide else None)
-        if rows_u is None:
-            return token_logprobs(rows_t, cont_tokens)
-        return token_logprobs(guided_logits(rows_t, rows_u, self.lam), cont_tokens)
 
     @staticmethod
     def _rows(side: Side, buffers: Buffers, prompt_tokens: list[int], cont_tokens: list[int]) -> np.ndarray:

@@ -58,4 +58,4 @@ def test_datasets_by_name_and_sampling():
     s1 = harm.sample_per_category(cat, 3, seed=1)
     assert len(s1) == 33 and s1 == harm.sample_per_category(cat, 3, seed=1)
     assert s1 != harm.sample_per_category(cat, 3, seed=2)
-    assert len(harm.load_dataset("xstest")) == 250 and len(harm.load_dataset("advbench")) == 360
+    assert len(harm.load_dataset("xstest")) == 125 and len(harm.load_dataset("advbench")) == 360

@@ -1,0 +1,304 @@
+"""The HarmEval protocol behind ``safeinfer bench harm``: every prompt × prompt type × variant × measure, one
+record each, appended to ``results.jsonl`` (flushed to disk per record, so a rerun resumes where a run stopped).
+
+Measures:
+- ``generation``: greedy replies; the built-in refusal detector (and a ``--judge-model`` when given) decide
+  whether a harmful prompt was answered (attack success) and whether a benign one was refused (over-refusal).
+- ``likelihood``: no generation; the log-probability (summed over tokens) of a refusal and of a compliant opening
+  after the prompt, under each variant's own next-token distribution (the same code as ``score``); their
+  difference is the margin (> 0: the refusal is the likelier). On benign prompts, base's own greedy answer is
+  also scored under the variant, per token (the utility cost). ``tokens_per_s`` here counts prompt and
+  continuation tokens evaluated per second.
+
+Records and metrics are described in ``report.py``, which turns them into tables and charts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .api import SafeInfer
+from .demos import qa_prompt
+from .errors import UsageError
+from .filter import Appender, load_appended
+from .generate import VARIANTS, check_variant
+from .harm import PROMPT_TYPES, REFUSAL, EvalSet, compliant_opening, format_prompt
+from .judge import is_refusal
+
+MEASURES = ("generation", "likelihood")
+RESULTS = "results.jsonl"
+CONFIG = "config.json"
+
+
+@dataclass
+class HarmConfig:
+    datasets: list[str]
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    prompt_types: list[str] = field(default_factory=lambda: ["simple"])
+    measures: list[str] = field(default_factory=lambda: ["generation"])
+    limit_per_category: int | None = None
+    seed: int = 0
+    max_tokens: int = 64
+    answer_tokens: int = 24
+    raw: bool = False
+    parallel: int = 1
+    judge_model: str | None = None
+    redact: bool = False
+
+    def check_names(self) -> None:
+        """Option values that need no model (checked before one is loaded)."""
+        for name, vals, allowed in (("--variants", self.variants, VARIANTS),
+                                    ("--prompt-types", self.prompt_types, tuple(PROMPT_TYPES)),
+                                    ("--measure", self.measures, MEASURES)):
+            if not vals:
+                raise UsageError(f"{name}: nothing given")
+            bad = [v for v in vals if v not in allowed]
+            if bad:
+                raise UsageError(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
+        if self.max_tokens < 1 or self.answer_tokens < 1:
+            raise UsageError("--max-tokens must be >= 1")
+        if not 1 <= self.parallel <= 64:
+            raise UsageError(f"--parallel must be in 1..64, not {self.parallel}")
+
+    def check(self, si: SafeInfer) -> None:
+        self.check_names()
+        for v in self.variants:
+            check_variant(v, si.steering)
+            if v in ("sgds", "safeinfer") and si.runner.guidance.kind == "negative" and si.steering is None:
+                raise UsageError("--guidance negative needs a safety vector (--vector)")
+
+
+def settings(si: SafeInfer, cfg: HarmConfig) -> dict:
+    """What shapes each record's value: a resumed run must match these (datasets, variants, prompt types and
+    measures may be added to a run; they only add records)."""
+    st = si.steering
+    return {"model": si.model.path.name, "model_sha256_head": _head_hash(si.model.path),
+            "vector_sha256": _vector_hash(si.vector) if si.vector is not None else None,
+            "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
+            "positions": st.positions if st else None, "guidance": _guidance_name(si),
+            "lam": si.runner.lam, "max_tokens": cfg.max_tokens, "answer_tokens": cfg.answer_tokens,
+            "raw": cfg.raw, "chat_format": si.chat_format, "seed": cfg.seed,
+            "limit_per_category": cfg.limit_per_category, "judge_model": cfg.judge_model, "redact": cfg.redact}
+
+
+def _guidance_name(si: SafeInfer) -> str:
+    g = si.runner.guidance
+    return f"{g.kind}:{g.path}" if g.path else g.kind
+
+
+def _vector_hash(vec) -> str:
+    h = hashlib.sha256()
+    for layer in sorted(vec.directions):
+        h.update(str(layer).encode())
+        h.update(vec.directions[layer].tobytes())
+    return h.hexdigest()[:16]
+
+
+def _head_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+
+
+def check_out(out: Path) -> None:
+    """Create ``out`` if needed and check that files can be written in it."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {out}: {e.strerror}") from None
+
+
+def prepare_out(out: Path, current: dict) -> dict[tuple, dict]:
+    """Check ``out``, refuse to mix runs with different settings, and return the records already there by key
+    (a torn last line is cut off)."""
+    check_out(out)
+    cfg_path = out / CONFIG
+    if cfg_path.exists():
+        try:
+            old = json.loads(cfg_path.read_text())["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{cfg_path} is not a bench harm config; use another --out") from None
+        diff = [k for k in current if old.get(k) != current[k]]
+        if diff:
+            k = diff[0]
+            raise UsageError(f"{out} holds a run with other settings ({k}: {old.get(k)!r}, now {current[k]!r}); "
+                             "use another --out or remove it")
+    return load_results(out / RESULTS)
+
+
+def key_of(rec: dict) -> tuple:
+    return rec["measure"], rec["dataset"], str(rec["id"]), rec["prompt_type"], rec["variant"]
+
+
+def load_results(path: Path) -> dict[tuple, dict]:
+    """Records by key; a torn or unreadable tail (a kill mid-write) is cut off the file and redone."""
+    return load_appended(path, key_of)
+
+
+@dataclass
+class Unit:
+    """One prompt of one dataset under one prompt type (every variant and measure runs on it)."""
+
+    dataset: EvalSet
+    prompt_type: str
+    index: int
+
+    @property
+    def prompt(self):
+        return self.dataset.prompts[self.index]
+
+    def base(self, measure: str) -> dict:
+        p = self.prompt
+        return {"measure": measure, "dataset": self.dataset.name, "harmful": self.dataset.harmful, "id": p.id,
+                "category": p.category or self.dataset.name, "prompt_type": self.prompt_type,
+                "prompt": p.text}
+
+
+class HarmBench:
+    """Runs the protocol into an output folder. ``progress(stage, done, total)`` is called after each record."""
+
+    def __init__(self, si: SafeInfer, cfg: HarmConfig, sets: list[EvalSet], out: Path,
+                 progress: Callable[[str, int, int], None] | None = None, judge=None) -> None:
+        cfg.check(si)
+        self.si, self.cfg, self.sets, self.out = si, cfg, sets, out
+        self.progress = progress or (lambda *a: None)
+        self.judge = judge
+        self.settings = settings(si, cfg)
+        self.done = prepare_out(out, self.settings)
+        self.units = [Unit(s, t, i) for s in sets for t in cfg.prompt_types for i in range(len(s.prompts))]
+        self.total = len(self.units) * len(cfg.variants) * len(cfg.measures)
+        self.n_done = sum(1 for m in cfg.measures for u in self.units for v in cfg.variants
+                          if self._key(m, u, v) in self.done)
+        self.n_new = 0
+
+    @staticmethod
+    def _key(measure: str, u: Unit, variant: str) -> tuple:
+        return measure, u.dataset.name, u.prompt.id, u.prompt_type, variant
+
+    def write_config(self, command: str) -> None:
+        doc = {"settings": self.settings, "command": command, "datasets": [s.name for s in self.sets],
+               "variants": self.cfg.variants, "prompt_types": self.cfg.prompt_types,
+               "measures": self.cfg.measures, "config": asdict(self.cfg),
+               "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        tmp = self.out / (CONFIG + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+        tmp.replace(self.out / CONFIG)
+
+    def run(self) -> int:
+        """Run every pending record; returns how many were written. KeyboardInterrupt propagates after the
+        record in progress is on disk."""
+        app = Appender(self.out / RESULTS)
+        try:
+            for measure in self.cfg.measures:
+                if measure == "generation":
+                    self._generation(app)
+                else:
+                    self._likelihood(app)
+        finally:
+            app.close()
+        return self.n_new
+
+    def _write(self, app: Appender, rec: dict) -> None:
+        app.write(rec)
+        self.done[key_of(rec)] = rec
+        self.n_new += 1
+        self.n_done += 1
+        self.progress("bench harm", self.n_done, self.total)
+
+    # -- prompt encoding -----------------------------------------------------------------------------------
+    def _text(self, u: Unit) -> str:
+        q = format_prompt(u.prompt.text, u.prompt_type)
+        return qa_prompt(q) if self.cfg.raw else q
+
+    def _cont(self, text: str) -> str:
+        return " " + text if self.cfg.raw else text
+
+    def _gen_kw(self, max_tokens: int) -> dict:
+        return {"max_tokens": max_tokens, "temperature": 0.0, "stop": ("\nQ:",) if self.cfg.raw else ()}
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def _generation(self, app: Appender) -> None:
+        chunk = max(8, 4 * self.cfg.parallel)
+        for start in range(0, len(self.units), chunk):
+            units = self.units[start:start + chunk]
+            for v in self.cfg.variants:
+                todo = {f"{k}": u for k, u in enumerate(units) if self._key("generation", u, v) not in self.done}
+                if not todo:
+                    continue
+                reqs = ((k, self._text(u)) for k, u in todo.items())
+                for k, res in self.si.generate_many(reqs, variant=v, raw=self.cfg.raw, n_parallel=self.cfg.parallel,
+                                                    **self._gen_kw(self.cfg.max_tokens)):
+                    self._write(app, self._gen_record(todo[k], v, res))
+
+    def _gen_record(self, u: Unit, variant: str, res) -> dict:
+        rec = u.base("generation") | {"variant": variant}
+        if isinstance(res, Exception):
+            return rec | {"response": None, "n_tokens": 0, "tokens_per_s": 0.0, "guided_tokens": 0,
+                          "refused": None, "judge": None, "error": str(res)}
+        text = res.response
+        judge = self.judge.classify(self._text(u), text) if self.judge is not None else None
+        hidden = self.cfg.redact and u.dataset.harmful
+        return rec | {"response": None if hidden else text,
+                      "response_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+                      "n_tokens": res.n_tokens, "tokens_per_s": round(res.tokens_per_s, 2),
+                      "guided_tokens": res.guided_tokens, "refused": is_refusal(text), "judge": judge, "error": None}
+
+    # -- likelihood ----------------------------------------------------------------------------------------
+    def _likelihood(self, app: Appender) -> None:
+        for u in self.units:
+            todo = [v for v in self.cfg.variants if self._key("likelihood", u, v) not in self.done]
+            if not todo:
+                continue
+            answer = self._base_answer(u) if not u.dataset.harmful else None
+            for v in todo:
+                self._write(app, self._lik_record(u, v, answer))
+
+    def _base_answer(self, u: Unit) -> str:
+        """Base's own greedy reply to a benign prompt (what the utility cost is measured on); kept in each
+        record so a resumed run scores the same text."""
+        for v in self.cfg.variants:
+            rec = self.done.get(self._key("likelihood", u, v))
+            if rec and rec.get("answer"):
+                return rec["answer"]
+        res = self.si.generate(self._text(u), variant="base", raw=self.cfg.raw, **self._gen_kw(self.cfg.answer_tokens))
+        return res.response if res.response.strip() else self._cont("I don't know.")
+
+    def _lik_record(self, u: Unit, variant: str, answer: str | None) -> dict:
+        rec = u.base("likelihood") | {"variant": variant}
+        si = self.si
+        t0 = time.perf_counter()
+        try:
+            toks, _ = si.encode_prompt(self._text(u), self.cfg.raw)
+            n = 0
+
+            def lp(text: str) -> tuple[float, int]:
+                nonlocal n
+                cont = si.model.tokenize(text, add_bos=False)
+                n += len(toks) + len(cont)
+                return float(si.runner.score(toks, cont, si.steering, variant).sum()), len(cont)
+
+            (r, nr), (c, nc) = lp(self._cont(REFUSAL)), lp(self._cont(compliant_opening(u.prompt, u.prompt_type)))
+            a, na = lp(answer) if answer is not None else (None, 0)
+        except UsageError as e:
+            return rec | {"lp_refusal": None, "lp_compliant": None, "margin": None, "lp_answer": None,
+                          "tokens_per_s": 0.0, "error": str(e)}
+        dt = time.perf_counter() - t0
+        out = rec | {"lp_refusal": round(r, 4), "n_refusal": nr, "lp_compliant": round(c, 4), "n_compliant": nc,
+                     "margin": round(r - c, 4), "lp_answer": None if a is None else round(a / na, 5),
+                     "tokens_per_s": round(n / dt, 1), "error": None}
+        if answer is not None:
+            out["answer"] = answer
+        return out
+
+
+def iter_records(done: dict[tuple, dict]) -> Iterator[dict]:
+    yield from done.values()
