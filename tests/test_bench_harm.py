@@ -33,6 +33,22 @@ def test_resolve_sets_names_files_and_roles(tmp_path):
         harm.resolve_sets([str(bad)])
 
 
+def test_harmeval_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "harmeval.parquet"
+    pq.write_table(pa.table({"Question": ["How to a?", "How to b?"], "Topic": ["Malware", "Adult Content"],
+                             "Id": [1, 2]}), f)
+    (s,) = harm.resolve_sets([str(f)])
+    assert s.name == "harmeval:harmeval.parquet" and s.harmful
+    assert [(p.text, p.category) for p in s.prompts] == [("How to a?", "Malware"), ("How to b?", "Adult Content")]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"Question": ["q"]}), bad)
+    with pytest.raises(UsageError, match=r"missing column\(s\) Topic"):
+        harm.load_harmeval(bad)
+
+
 def test_evaluation_sets_are_disjoint_from_demonstrations_and_dev():
     from safeinfer_local.calibrate import dev_split
     from safeinfer_local.demos import load_demos
@@ -237,6 +253,27 @@ def test_calibrate_writes_the_best_setting_and_its_figures_are_real(si, tmp_path
     row = next(r for r in rows if r["gamma"] == 0.5 and r["lam"] == 0)
     assert row["margin_gain"] == pytest.approx(sum(gains) / 3, abs=1e-3)
     assert row["margin_up"] == pytest.approx(sum(g > 0 for g in gains) / 3)
+
+
+@pytest.mark.model
+def test_calibrate_sweeps_blocks_of_a_multi_block_vector(tmp_path):
+    """--sweep-layers tries each block on its own (the fv/mean-diff case of a vector with several blocks)."""
+    from safeinfer_local.models import default_vector_path
+    from safeinfer_local.vectors import SafetyVector
+
+    v = SafetyVector.load(default_vector_path())
+    two = tmp_path / "two.gguf"
+    SafetyVector({8: v.directions[12] * 0.5, 12: v.directions[12]}, model_hint=v.model_hint, method=v.method,
+                 gamma=0.5, layers=(12,), meta=dict(v.meta)).save(two)
+    p = run_cli("calibrate", "--vector", two, "--sweep-layers", "8,12", "--gammas", "0.5", "--lams", "0,0.5",
+                "--n-harmful", "2", "--n-benign", "1", "--raw")
+    assert p.returncode == 0, p.stderr
+    assert "recorded in" in p.stderr
+    rows = [ln for ln in p.stdout.splitlines() if "│" in ln and ("  8 │" in ln or " 12 │" in ln)]
+    assert len(rows) == 4, p.stdout
+    out = SafetyVector.load(two)  # updated in place
+    assert out.meta["calibration"]["n_settings"] == 4 and out.layers == (out.meta["calibration"]["chosen"]["layer"],)
+    assert set(out.directions) == {8, 12}
 
 
 def test_calibrate_bad_input(tmp_path):
