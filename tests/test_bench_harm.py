@@ -205,6 +205,31 @@ def test_bench_harm_end_to_end_with_resume(tmp_path):
     assert_one_line_error(p, 2, "other settings")
 
 
+@pytest.mark.model
+def test_bench_harm_ctrl_c_keeps_whole_records_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    out = tmp_path / "o"
+    res = out / "results.jsonl"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "bench", "harm", "-o", str(out), "-d", "catqa", "--variants",
+           "base", "--max-tokens", "24", "--raw", "-q"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 180
+    while time.time() < end and not (res.exists() and len(res.read_bytes().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    lines = res.read_text().splitlines()
+    assert len(lines) >= 3 and all(json.loads(x)["variant"] == "base" for x in lines)
+
+
 def test_bench_harm_bad_input(tmp_path):
     out = tmp_path / "o"
     assert_one_line_error(run_cli("bench", "harm", "-o", out, "-d", "harmbench"), 2, "unknown dataset 'harmbench'")
