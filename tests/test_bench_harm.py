@@ -266,6 +266,8 @@ def test_calibrate_writes_the_best_setting_and_its_figures_are_real(si, tmp_path
     v = SafetyVector.load(out)
     assert v.gamma == best["gamma"] and v.layers == (best["layer"],)
     assert v.meta["sgds"]["lam"] == best["lam"] and v.meta["calibration"]["chosen"] == best
+    used = SafeInfer(model=si.model, vector=out)  # the next run picks the recommendation up by itself
+    assert used.runner.lam == best["lam"] and used.steering.gamma == best["gamma"]
     # λ = 0 is SA alone: its margin gain is what `score` gives for sa against base
     s05 = SafeInfer(model=si.model, vector="default", gamma=0.5)
     gains = []
