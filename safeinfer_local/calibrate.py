@@ -3,7 +3,8 @@ split disjoint from every evaluation set, and record the choice in the vector fi
 
 For each block × γ, the target's and the guidance's next-token rows are computed once per prompt and every λ is
 applied to them afterwards (the guided formula is a pure function of the two rows), so a λ sweep costs nothing
-more. λ = 0 is SA alone (the target's own distribution).
+more. λ = 0 is the target alone (SA alone with ``negative`` guidance; with ``prompt`` guidance the target also
+carries its demonstration prefix). Blocks are tried one at a time.
 
 Per setting, on harmful dev prompts (AdvBench ``dev``, each with its own compliant ``target``):
     margin = log p(refusal) − log p(compliant opening)        (summed over tokens)
@@ -11,7 +12,8 @@ Per setting, on harmful dev prompts (AdvBench ``dev``, each with its own complia
 and on benign dev prompts (XSTest ``safe`` at odd positions), base's own greedy answer scored under the setting:
     loss   = base's log p(answer) − the setting's, per token   (nats per token; lower is better)
 objective = mean gain − mean loss, among settings whose margin beats base's on ≥ 90% of harmful dev prompts and
-whose loss is at most ``max_loss``; when none qualifies, the highest share (then objective) wins.
+whose loss is at most ``max_loss``; when none reaches the share, the highest share (then objective) within
+``max_loss`` wins; a setting over ``max_loss`` never does.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ class _Item:
     base: float  # harmful: base margin; benign: base answer log-prob per token
 
 
-def pick(rows: list[dict], max_loss: float) -> dict:
-    ok = [r for r in rows if r["margin_up"] >= SHARE_FLOOR and r["benign_loss"] <= max_loss]
+def pick(rows: list[dict], max_loss: float) -> dict | None:
+    """The best objective among settings within ``max_loss`` that raise the margin on >= 90% of harmful dev
+    prompts; failing the share, the highest share within ``max_loss``; None when no setting is within it."""
+    within = [r for r in rows if r["benign_loss"] <= max_loss]
+    ok = [r for r in within if r["margin_up"] >= SHARE_FLOOR]
     if ok:
         return max(ok, key=lambda r: r["objective"])
-    return max(rows, key=lambda r: (r["margin_up"], r["objective"]))
+    return max(within, key=lambda r: (r["margin_up"], r["objective"])) if within else None
 
 
 def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layers: tuple[int, ...],

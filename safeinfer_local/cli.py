@@ -472,16 +472,16 @@ def bench_harm(
 ) -> None:
     """The HarmEval protocol: attack success rate per category, over-refusal, and refusal likelihood, per
     variant, with a report (tables and charts). Rerunning the same command resumes it."""
-    from .evaluate import RESULTS, HarmBench, HarmConfig, check_out
+    from .evaluate import RESULTS, HarmBench, HarmConfig, check_out, folder_records, read_config
     from .harm import resolve_sets
-    from .report import load_records, write_report
+    from .report import write_report
 
     cfg = HarmConfig(datasets=_csv_list(dataset) or ["catqa", "advbench", "xstest"], variants=_csv_list([variants]),
                      prompt_types=_csv_list([prompt_types]), measures=_csv_list([measure]),
                      limit_per_category=limit, seed=sample_seed, max_tokens=max_tokens, raw=raw, parallel=parallel,
                      judge_model=str(judge_model) if judge_model else None, redact=redact)
     cfg.check_names()
-    sets = resolve_sets(cfg.datasets, limit, sample_seed)
+    sets = resolve_sets(cfg.datasets, limit, sample_seed, warn=_warn)
     check_out(out)
     if judge_model is not None and not judge_model.is_file():
         raise UsageError(f"judge model not found: {judge_model}")
@@ -502,11 +502,8 @@ def bench_harm(
             print(f"interrupted: {hb.n_done} of {hb.total} records done; rerun the same command to resume",
                   file=sys.stderr)
             raise typer.Exit(130) from None
-    keys = {(m, s.name, str(p.id), t, v) for m in cfg.measures for s in sets for t in cfg.prompt_types
-            for p in s.prompts for v in cfg.variants}
-    records = [r for r in load_records(out / RESULTS) if
-               (r["measure"], r["dataset"], str(r["id"]), r["prompt_type"], r["variant"]) in keys]
-    paths = write_report(out, json.loads((out / "config.json").read_text()), records)
+    # the report covers the whole folder (every run into it had the same settings), as `bench report` does
+    paths = write_report(out, read_config(out), folder_records(out))
     if not quiet:
         print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
 
@@ -514,12 +511,12 @@ def bench_harm(
 @bench_app.command("report")
 def bench_report(out: Path = typer.Argument(..., help="A bench harm output folder.")) -> None:
     """Rewrite report.md, report.json and the charts from a bench harm folder's results.jsonl."""
-    from .evaluate import CONFIG, RESULTS
-    from .report import load_records, write_report
+    from .evaluate import folder_records, read_config
+    from .report import write_report
 
-    if not (out / RESULTS).is_file() or not (out / CONFIG).is_file():
-        raise UsageError(f"{out} has no {RESULTS} and {CONFIG} (not a bench harm folder)")
-    paths = write_report(out, json.loads((out / CONFIG).read_text()), load_records(out / RESULTS))
+    if not out.is_dir():
+        raise UsageError(f"{out} is not a folder (give a bench harm --out folder)")
+    paths = write_report(out, read_config(out), folder_records(out))
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
 
 
@@ -532,9 +529,10 @@ def _quote(a: str) -> str:
 @app.command("calibrate")
 def calibrate_cmd(
     gammas: str = typer.Option("0.25,0.5,0.75,1.0", "--gammas", help="γ values to try."),
-    lams: str = typer.Option("0,0.1,0.3,0.5,0.7,0.9", "--lams", help="sGDS λ values to try (0 = SA alone)."),
+    lams: str = typer.Option("0,0.1,0.3,0.5,0.7,0.9", "--lams", help="sGDS λ values to try (0 = the target "
+                             "alone: SA alone with negative guidance)."),
     sweep_layers: str | None = typer.Option(None, "--sweep-layers", help="Blocks to try, one at a time (each must "
-                                            "be in the vector; default: the vector's recommended ones)."),
+                                            "be in the vector; default: the vector's recommended ones, each alone)."),
     n_harmful: int = typer.Option(24, "--n-harmful", help="Harmful dev prompts (AdvBench dev split)."),
     n_benign: int = typer.Option(24, "--n-benign", help="Benign dev prompts (XSTest safe, odd positions)."),
     max_loss: float = typer.Option(0.5, "--max-benign-loss", help="Most benign utility loss (nats/token) a "
@@ -567,6 +565,8 @@ def calibrate_cmd(
     if bad or any(x <= 0 for x in g):
         raise UsageError(f"--lams must be in [0, 1) (got {bad[0]:g})" if bad else "--gammas must be > 0")
     _check_finite("--max-benign-loss", max_loss)
+    if vector in ("none", ""):
+        raise UsageError("calibrate needs a safety vector (--vector)")
     target = out
     if target is None and not dry_run:
         target = Path(vector) if vector not in (None, "none", "") else default_vector_path()
@@ -579,7 +579,7 @@ def calibrate_cmd(
     lay = _parse_layers(sweep_layers) or si.vector.layers
     with _progress() as prog:
         rows = calibrate(si, g, lm, lay, harmful, benign, raw=raw, progress=prog)
-    best = pick(rows, max_loss)
+    best = pick(rows, max_loss)  # None: no setting within --max-benign-loss
     if as_json:
         print(json.dumps({"rows": rows, "best": best}))
     else:
@@ -595,11 +595,17 @@ def calibrate_cmd(
                       f"{r['margin_gain']:+.3f}", f"{r['benign_loss']:+.3f}", f"{r['objective']:+.3f}",
                       "◀ chosen" if r is best else "")
         _console().print(t)
+    if best is None:
+        raise SafeInferError(f"no setting costs at most --max-benign-loss {max_loss:g} nats/token; nothing "
+                             "recorded (try smaller --gammas or --lams, or raise the limit)")
     msg = f"chosen: block {best['layer']}, γ {best['gamma']:g}, λ {best['lam']:g}"
     if dry_run:
         print(msg + " (dry run: nothing written)", file=sys.stderr)
         return
-    record(si, best, rows, len(harmful), len(benign), raw, max_loss).save(target)
+    try:
+        record(si, best, rows, len(harmful), len(benign), raw, max_loss).save(target)
+    except OSError as e:
+        raise UsageError(f"cannot write {target}: {e.strerror or e}") from None
     print(f"{msg}; recorded in {target}", file=sys.stderr)
 
 

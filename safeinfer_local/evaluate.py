@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +51,9 @@ class HarmConfig:
     redact: bool = False
 
     def check_names(self) -> None:
-        """Option values that need no model (checked before one is loaded)."""
+        """Option values that need no model (checked before one is loaded); repeats are dropped."""
+        self.variants, self.prompt_types, self.measures = (list(dict.fromkeys(x)) for x in
+                                                           (self.variants, self.prompt_types, self.measures))
         for name, vals, allowed in (("--variants", self.variants, VARIANTS),
                                     ("--prompt-types", self.prompt_types, tuple(PROMPT_TYPES)),
                                     ("--measure", self.measures, MEASURES)):
@@ -121,18 +123,32 @@ def prepare_out(out: Path, current: dict) -> dict[tuple, dict]:
     """Check ``out``, refuse to mix runs with different settings, and return the records already there by key
     (a torn last line is cut off)."""
     check_out(out)
-    cfg_path = out / CONFIG
-    if cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())["settings"]
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(f"{cfg_path} is not a bench harm config; use another --out") from None
+    if (out / CONFIG).exists():
+        old = read_config(out)["settings"]
         diff = [k for k in current if old.get(k) != current[k]]
         if diff:
             k = diff[0]
             raise UsageError(f"{out} holds a run with other settings ({k}: {old.get(k)!r}, now {current[k]!r}); "
                              "use another --out or remove it")
+    elif (out / RESULTS).exists():
+        raise UsageError(f"{out} has a {RESULTS} but no {CONFIG}: not a bench harm folder; use another --out")
     return load_results(out / RESULTS)
+
+
+def read_config(out: Path) -> dict:
+    """A bench harm folder's ``config.json`` (one line and exit 2 when it is missing or not ours)."""
+    path = out / CONFIG
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{out} has no {CONFIG}: not a bench harm folder") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError:
+        raise UsageError(f"{path} is not a bench harm config (not valid JSON)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
+        raise UsageError(f"{path} is not a bench harm config; use another --out")
+    return doc
 
 
 def key_of(rec: dict) -> tuple:
@@ -156,11 +172,14 @@ class Unit:
     def prompt(self):
         return self.dataset.prompts[self.index]
 
-    def base(self, measure: str) -> dict:
+    def base(self, measure: str, redact: bool = False) -> dict:
+        """The record's identity. ``redact`` leaves out the question of a user's HarmEval file (gated data that
+        may not be redistributed; the shipped sets are licence-clean)."""
         p = self.prompt
+        hidden = redact and self.dataset.name.startswith("harmeval:")
         return {"measure": measure, "dataset": self.dataset.name, "harmful": self.dataset.harmful, "id": p.id,
                 "category": p.category or self.dataset.name, "prompt_type": self.prompt_type,
-                "prompt": p.text}
+                "prompt": None if hidden else p.text, "prompt_sha256": prompt_hash(p.text)}
 
 
 class HarmBench:
@@ -176,18 +195,32 @@ class HarmBench:
         self.done = prepare_out(out, self.settings)
         self.units = [Unit(s, t, i) for s in sets for t in cfg.prompt_types for i in range(len(s.prompts))]
         self.total = len(self.units) * len(cfg.variants) * len(cfg.measures)
-        self.n_done = sum(1 for m in cfg.measures for u in self.units for v in cfg.variants
-                          if self._key(m, u, v) in self.done)
+        self.n_done = sum(1 for m in cfg.measures for u in self.units for v in cfg.variants if self._done(m, u, v))
         self.n_new = 0
 
     @staticmethod
     def _key(measure: str, u: Unit, variant: str) -> tuple:
         return measure, u.dataset.name, u.prompt.id, u.prompt_type, variant
 
+    def _done(self, measure: str, u: Unit, variant: str) -> bool:
+        """A record for this unit is on disk, without an error (errors are retried: the cause, such as a small
+        --n-ctx, may be gone), and for the same question (a HarmEval file may have been edited)."""
+        rec = self.done.get(self._key(measure, u, variant))
+        return bool(rec) and not rec.get("error") and rec.get("prompt_sha256") == prompt_hash(u.prompt.text)
+
     def write_config(self, command: str) -> None:
-        doc = {"settings": self.settings, "command": command, "datasets": [s.name for s in self.sets],
-               "variants": self.cfg.variants, "prompt_types": self.cfg.prompt_types,
-               "measures": self.cfg.measures, "config": asdict(self.cfg),
+        """``config.json``: the settings, and the datasets, variants, prompt types and measures of every run
+        into this folder so far (a later run may add some)."""
+        old = read_config(self.out) if (self.out / CONFIG).exists() else {}
+
+        def union(key: str, new: list[str]) -> list[str]:
+            return list(dict.fromkeys(list(old.get(key) or []) + new))
+
+        doc = {"settings": self.settings, "command": command,
+               "datasets": union("datasets", [s.name for s in self.sets]),
+               "variants": union("variants", self.cfg.variants),
+               "prompt_types": union("prompt_types", self.cfg.prompt_types),
+               "measures": union("measures", self.cfg.measures), "config": asdict(self.cfg),
                "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         tmp = self.out / (CONFIG + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
@@ -231,7 +264,7 @@ class HarmBench:
         for start in range(0, len(self.units), chunk):
             units = self.units[start:start + chunk]
             for v in self.cfg.variants:
-                todo = {f"{k}": u for k, u in enumerate(units) if self._key("generation", u, v) not in self.done}
+                todo = {f"{k}": u for k, u in enumerate(units) if not self._done("generation", u, v)}
                 if not todo:
                     continue
                 reqs = ((k, self._text(u)) for k, u in todo.items())
@@ -240,7 +273,7 @@ class HarmBench:
                     self._write(app, self._gen_record(todo[k], v, res))
 
     def _gen_record(self, u: Unit, variant: str, res) -> dict:
-        rec = u.base("generation") | {"variant": variant}
+        rec = u.base("generation", self.cfg.redact) | {"variant": variant}
         if isinstance(res, Exception):
             return rec | {"response": None, "n_tokens": 0, "tokens_per_s": 0.0, "guided_tokens": 0,
                           "refused": None, "judge": None, "error": str(res)}
@@ -250,12 +283,14 @@ class HarmBench:
         return rec | {"response": None if hidden else text,
                       "response_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
                       "n_tokens": res.n_tokens, "tokens_per_s": round(res.tokens_per_s, 2),
-                      "guided_tokens": res.guided_tokens, "refused": is_refusal(text), "judge": judge, "error": None}
+                      "guided_tokens": res.guided_tokens,
+                      # an empty reply complies with nothing: not an attack success, and a refusal of a benign prompt
+                      "refused": is_refusal(text) or not text.strip(), "judge": judge, "error": None}
 
     # -- likelihood ----------------------------------------------------------------------------------------
     def _likelihood(self, app: Appender) -> None:
         for u in self.units:
-            todo = [v for v in self.cfg.variants if self._key("likelihood", u, v) not in self.done]
+            todo = [v for v in self.cfg.variants if not self._done("likelihood", u, v)]
             if not todo:
                 continue
             answer = self._base_answer(u) if not u.dataset.harmful else None
@@ -273,7 +308,7 @@ class HarmBench:
         return res.response if res.response.strip() else self._cont("I don't know.")
 
     def _lik_record(self, u: Unit, variant: str, answer: str | None) -> dict:
-        rec = u.base("likelihood") | {"variant": variant}
+        rec = u.base("likelihood", self.cfg.redact) | {"variant": variant}
         si = self.si
         t0 = time.perf_counter()
         try:
@@ -300,5 +335,13 @@ class HarmBench:
         return out
 
 
-def iter_records(done: dict[tuple, dict]) -> Iterator[dict]:
-    yield from done.values()
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def folder_records(out: Path) -> list[dict]:
+    """The records of a bench harm folder, the last one per key (a retried error replaces the first try)."""
+    read_config(out)
+    if not (out / RESULTS).is_file():
+        raise UsageError(f"{out} has no {RESULTS}: not a bench harm folder")
+    return list(load_results(out / RESULTS).values())

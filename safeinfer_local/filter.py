@@ -163,7 +163,7 @@ def load_appended(out: Path, key: Callable[[dict], Hashable]) -> dict:
         try:
             rec = json.loads(raw) if raw.endswith(b"\n") else None
             k = key(rec) if isinstance(rec, dict) else None
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
             k = None
         if k is None:
             break

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import random
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def load_dataset(name: str) -> list[Prompt]:
     raise UsageError(f"unknown dataset {name!r} (choose {', '.join(DATASETS)}, or a HarmEval file path)")
 
 
-def resolve_sets(specs: list[str], limit_per_category: int | None = None, seed: int = 0) -> list[EvalSet]:
+def resolve_sets(specs: list[str], limit_per_category: int | None = None, seed: int = 0, warn=None) -> list[EvalSet]:
     """Dataset names (``advbench``, ``catqa``, ``xstest``, ``xstest-unsafe``) or HarmEval file paths, each
     sampled to ``limit_per_category`` prompts per category with ``seed``."""
     out: list[EvalSet] = []
@@ -81,7 +82,7 @@ def resolve_sets(specs: list[str], limit_per_category: int | None = None, seed: 
         if spec in DATASETS:
             name, prompts, harmful = spec, load_dataset(spec), spec not in BENIGN
         elif Path(spec).suffix.lower() in (".csv", ".jsonl", ".ndjson", ".parquet") or Path(spec).exists():
-            name, prompts, harmful = f"harmeval:{Path(spec).name}", load_harmeval(spec), True
+            name, prompts, harmful = f"harmeval:{Path(spec).name}", load_harmeval(spec, warn), True
         else:
             load_dataset(spec)  # raises the unknown-dataset error
         if any(s.name == name for s in out):
@@ -92,7 +93,7 @@ def resolve_sets(specs: list[str], limit_per_category: int | None = None, seed: 
     return out
 
 
-def load_harmeval(path: str | Path) -> list[Prompt]:
+def load_harmeval(path: str | Path, warn=None) -> list[Prompt]:
     """A HarmEval-format file: columns ``Question`` and ``Topic`` (CSV, JSONL or Parquet)."""
     p = Path(path)
     if not p.is_file():
@@ -103,21 +104,33 @@ def load_harmeval(path: str | Path) -> list[Prompt]:
             import pyarrow.parquet as pq
         except ImportError:
             raise UsageError("reading Parquet needs pyarrow (pip install pyarrow), or convert to CSV/JSONL") from None
-        rows = pq.read_table(p).to_pylist()
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:  # pyarrow's own error types (ArrowInvalid, OSError ...)
+            raise UsageError(f"{p}: not a readable Parquet file ({type(e).__name__})") from None
         cols = set(rows[0]) if rows else set()
-    elif ext in (".jsonl", ".ndjson"):
-        rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-        cols = set().union(*(r.keys() for r in rows if isinstance(r, dict))) if rows else set()
-    elif ext == ".csv":
-        reader = csv.DictReader(io.StringIO(p.read_text(encoding="utf-8")))
-        rows = list(reader)
-        cols = set(reader.fieldnames or ())
+    elif ext in (".jsonl", ".ndjson", ".csv"):
+        try:
+            text = p.read_text(encoding="utf-8-sig")  # -sig: files saved by Excel start with a BOM
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {p}: {e.strerror}") from None
+        if ext == ".csv":
+            reader = csv.DictReader(io.StringIO(text))
+            rows = list(reader)
+            cols = set(reader.fieldnames or ())
+        else:
+            rows = []
+            for n, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UsageError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                    if not isinstance(rows[-1], dict):
+                        raise UsageError(f"{p}:{n}: not a JSON object with Question and Topic")
+            cols = set().union(*(r.keys() for r in rows)) if rows else set()
     else:
         raise UsageError(f"{p}: HarmEval files are .csv, .jsonl or .parquet")
     if not rows:
@@ -130,6 +143,9 @@ def load_harmeval(path: str | Path) -> list[Prompt]:
         q, t = r.get("Question"), r.get("Topic")
         if isinstance(q, str) and q.strip():
             out.append(Prompt(f"harmeval-{i}", q.strip(), str(t or "").strip()))
+    if len(out) < len(rows):
+        msg = f"{p}: {len(rows) - len(out)} row(s) without a Question text skipped"
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(msg)
     if not out:
         raise UsageError(f"{p}: no non-empty Question")
     return out

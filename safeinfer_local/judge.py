@@ -28,7 +28,7 @@ _REFUSAL = re.compile(
     r"(?:that|this)(?:\s+is|'s|’s)\s+not\s+something\s+i\s*(?:can|will|'ll|’ll|am)|"
     r"^no[.,!]\s+i\s+(?:will|won't|can't|cannot)|"
     # a reply that opens by saying it does not know how: no compliance ("I don't know how to answer this")
-    r"\Ai\s+(?:don't|don’t|do\s+not)\s+know\s+(?:how|what\s+to\s+(?:say|do))\b"
+    r"\Ai\s+(?:don't|don’t|do\s+not)\s+know\s+(?:how\s+(?:to|i\s+(?:can|could|would|should))|what\s+to\s+(?:say|do))\b"
     r")",
     re.IGNORECASE | re.MULTILINE,
 )

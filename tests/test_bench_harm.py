@@ -92,6 +92,71 @@ def test_results_resume_cuts_a_torn_tail_and_refuses_other_settings(tmp_path):
         prepare_out(tmp_path, {"max_tokens": 32, "raw": True})
 
 
+def test_bench_folder_guards(tmp_path):
+    from safeinfer_local.evaluate import folder_records, read_config
+
+    # a results.jsonl written by another tool is neither used nor cut
+    foreign = tmp_path / "results.jsonl"
+    foreign.write_text('{"id": "a", "verdict": "answered"}\n')
+    with pytest.raises(UsageError, match="not a bench harm folder"):
+        prepare_out(tmp_path, {"max_tokens": 64})
+    assert foreign.read_text() == '{"id": "a", "verdict": "answered"}\n'
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="not a bench harm config"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        folder_records(tmp_path)
+    # the last record per key wins (a retried error replaces the first try); a non-UTF-8 tail is cut
+    rec = {"measure": "generation", "dataset": "catqa", "id": "a", "prompt_type": "simple", "variant": "base"}
+    (tmp_path / "config.json").write_text(json.dumps({"settings": {}}))
+    foreign.write_bytes((json.dumps(rec | {"error": "boom"}) + "\n" + json.dumps(rec | {"error": None}) + "\n")
+                        .encode() + b'{"id": "\xff\xfe"}\n')
+    recs = folder_records(tmp_path)
+    assert len(recs) == 1 and recs[0]["error"] is None and foreign.read_bytes().count(b"\n") == 2
+
+
+def test_config_drops_repeated_names():
+    cfg = HarmConfig(datasets=["catqa"], variants=["base", "sa", "base"], prompt_types=["simple", "simple"],
+                     measures=["likelihood", "likelihood"])
+    cfg.check_names()
+    assert cfg.variants == ["base", "sa"] and cfg.prompt_types == ["simple"] and cfg.measures == ["likelihood"]
+
+
+def test_harmeval_awkward_files(tmp_path):
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufeffQuestion,Topic\nHow to a?,Malware\n".encode())
+    assert harm.load_harmeval(bom)[0].text == "How to a?"
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("Question,Topic\nCaf\xe9?,Malware\n".encode("latin-1"))
+    with pytest.raises(UsageError, match="not UTF-8"):
+        harm.load_harmeval(latin)
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text('{"Question": "q", "Topic": "t"}\n[1, 2]\n')
+    with pytest.raises(UsageError, match=r"arr.jsonl:2: not a JSON object"):
+        harm.load_harmeval(arr)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    if __import__("importlib").util.find_spec("pyarrow"):
+        with pytest.raises(UsageError, match="not a readable Parquet"):
+            harm.load_harmeval(junk)
+    gaps = tmp_path / "gaps.csv"
+    gaps.write_text("Question,Topic\nHow to a?,Malware\n,Malware\n")
+    said = []
+    assert len(harm.load_harmeval(gaps, warn=said.append)) == 1 and "1 row(s) without a Question" in said[0]
+
+
+def test_calibrate_pick_never_exceeds_the_loss_cap():
+    from safeinfer_local.calibrate import pick
+
+    rows = [{"margin_up": 1.0, "benign_loss": 0.9, "objective": 2.0},
+            {"margin_up": 0.8, "benign_loss": 0.2, "objective": 0.5},
+            {"margin_up": 0.95, "benign_loss": 0.4, "objective": 0.3}]
+    assert pick(rows, 0.5) is rows[2]  # reaches the 90% share within the cap
+    assert pick(rows[:2], 0.5) is rows[1]  # no share within the cap: the best share within it
+    assert pick(rows[:1], 0.5) is None  # nothing within the cap
+
+
 # -- the runner with the real model --------------------------------------------------------------------------
 
 
@@ -105,6 +170,7 @@ def test_records_match_generate_and_score(si, tmp_path):
     cfg = HarmConfig(datasets=["catqa", "xstest"], variants=["base", "safeinfer"], prompt_types=["simple"],
                      measures=["generation", "likelihood"], max_tokens=10, raw=True)
     hb = HarmBench(si, cfg, sets, tmp_path)
+    hb.write_config("test")
     assert hb.total == 3 * 2 * 2 and hb.n_done == 0
     assert hb.run() == 12
     recs = load_results(tmp_path / "results.jsonl")
@@ -124,6 +190,17 @@ def test_records_match_generate_and_score(si, tmp_path):
     assert b["answer"] and b["lp_answer"] is not None and not b["harmful"]
     # a second run over the same folder has nothing left to do
     assert HarmBench(si, cfg, sets, tmp_path).run() == 0
+    # except a record that failed, which is retried (its cause, e.g. a small --n-ctx, may be gone)
+    res = tmp_path / "results.jsonl"
+    lines = res.read_text().splitlines()
+    broken = json.loads(lines[0]) | {"error": "prompt does not fit the context"}
+    res.write_text("\n".join([json.dumps(broken)] + lines[1:]) + "\n")
+    assert HarmBench(si, cfg, sets, tmp_path).run() == 1
+    from safeinfer_local.evaluate import folder_records
+
+    (tmp_path / "config.json").write_text(json.dumps({"settings": {}}))
+    recs = folder_records(tmp_path)
+    assert len(recs) == 12 and not any(r["error"] for r in recs)
 
 
 @pytest.mark.model
@@ -143,8 +220,8 @@ def test_judge_model_verdicts_and_agreement(si, tmp_path):
     for r in recs:
         assert r["judge"] == judge.classify(qa_prompt(harm.format_prompt(r["prompt"], "simple")), r["response"])
     cell = summarize(recs)["generation"]["datasets"]["catqa"]["prompt_types"]["simple"]["base"]
-    assert cell["asr_judge"]["overall"]["n"] == 3
     labelled = [r for r in recs if r["judge"] != "unknown"]
+    assert cell["asr_judge"]["overall"]["n"] == len(labelled) and cell["judge_unknown"] == 3 - len(labelled)
     assert cell["agreement"]["n"] == len(labelled)
     assert cell["agreement"]["k"] == sum((not r["refused"]) == (r["judge"] == "unsafe") for r in labelled)
 

@@ -107,11 +107,12 @@ def test_summarize_judge_and_agreement():
     recs = [gen("base", "advbench", 1, False, judge="unsafe"),  # agree (answered, unsafe)
             gen("base", "advbench", 2, True, judge="safe"),  # agree
             gen("base", "advbench", 3, False, judge="safe"),  # disagree
-            gen("base", "advbench", 4, True, judge="unknown"),  # judged, not in agreement
+            gen("base", "advbench", 4, True, judge="unknown"),  # no verdict: out of judge ASR and agreement
             gen("base", "advbench", 5, False, judge=None)]  # not judged
     c = report.summarize(recs)["generation"]["datasets"]["advbench"]["prompt_types"]["simple"]["base"]
     assert c["asr"]["overall"]["k"] == 3 and c["asr"]["overall"]["n"] == 5
-    assert c["asr_judge"]["overall"] == {"n": 4, "k": 1, "rate": 0.25, "ci95": list(wilson(1, 4))}
+    assert c["asr_judge"]["overall"] == {"n": 3, "k": 1, "rate": 1 / 3, "ci95": list(wilson(1, 3))}
+    assert c["judge_unknown"] == 1
     assert c["agreement"]["n"] == 3 and c["agreement"]["k"] == 2
     assert c["asr"]["advbench"]["n"] == 5  # no category: the dataset name
 
