@@ -43,6 +43,19 @@ def _check_finite(name: str, x: float | None) -> None:
         raise UsageError(f"{name} must be a finite number, not {x}")
 
 
+def _parse_floats(name: str, spec: str) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers (``--gammas``, ``--lams``)."""
+    try:
+        vals = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{name} must be numbers separated by commas, not {spec!r}") from None
+    if not vals:
+        raise UsageError(f"{name}: give at least one number, e.g. 0.25,0.5")
+    for x in vals:
+        _check_finite(name, x)
+    return vals
+
+
 def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance=None,
           lam=None):
     from .api import SafeInfer
@@ -459,8 +472,9 @@ def bench_harm(
                                             "that labels each reply safe/unsafe, next to the refusal detector."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens per reply (greedy)."),
     parallel: int = typer.Option(1, "--parallel", "-p", help="Prompts decoded in the same batch."),
-    redact: bool = typer.Option(False, "--redact", help="Leave the text of replies to harmful prompts out of "
-                                "results.jsonl (verdicts, lengths and a hash stay): for results you publish."),
+    redact: bool = typer.Option(False, "--redact", help="Leave the text of replies to harmful prompts, and the "
+                                "questions of a HarmEval file, out of results.jsonl (verdicts, lengths and hashes "
+                                "stay): for results you publish."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
     model: str | None = ModelOpt, vector: str | None = VectorOpt, gamma: float | None = GammaOpt,
     layers: str | None = LayersOpt, positions: str | None = PositionsOpt, guidance: str | None = GuidanceOpt,
@@ -551,16 +565,7 @@ def calibrate_cmd(
     from .calibrate import calibrate, dev_split, pick, record
     from .models import default_vector_path
 
-    def floats(name: str, spec: str) -> tuple[float, ...]:
-        try:
-            vals = tuple(float(x) for x in spec.split(",") if x.strip())
-        except ValueError:
-            raise UsageError(f"{name}: not a comma-separated list of numbers: {spec!r}") from None
-        if not vals or not all(math.isfinite(x) for x in vals):
-            raise UsageError(f"{name}: give finite numbers, e.g. 0.25,0.5")
-        return vals
-
-    g, lm = floats("--gammas", gammas), floats("--lams", lams)
+    g, lm = _parse_floats("--gammas", gammas), _parse_floats("--lams", lams)
     bad = [x for x in lm if not 0 <= x < 1]
     if bad or any(x <= 0 for x in g):
         raise UsageError(f"--lams must be in [0, 1) (got {bad[0]:g})" if bad else "--gammas must be > 0")
@@ -569,7 +574,7 @@ def calibrate_cmd(
         raise UsageError("calibrate needs a safety vector (--vector)")
     target = out
     if target is None and not dry_run:
-        target = Path(vector) if vector not in (None, "none", "") else default_vector_path()
+        target = Path(vector) if vector is not None else default_vector_path()
     if target is not None and not dry_run:
         _check_writable(target)
     harmful, benign = dev_split(n_harmful, n_benign)
@@ -725,12 +730,7 @@ def vectors_sweep(
     from .sweep import dev_prompts, pick_best, sweep_sa
 
     lay = _parse_layers(layers)
-    try:
-        gs = tuple(float(x) for x in gammas.split(","))
-    except ValueError:
-        raise UsageError(f"--gammas must be numbers separated by commas, not {gammas!r}") from None
-    for g in gs:
-        _check_finite("--gammas", g)
+    gs = _parse_floats("--gammas", gammas)
     if out:
         _check_writable(out)
     si = SafeInfer(model=model, vector=vector, n_threads=threads, warn=_warn)
