@@ -25,15 +25,12 @@ import numpy as np
 
 from .api import SafeInfer
 from .datasets import Prompt, advbench, xstest
-from .demos import qa_prompt
 from .errors import UsageError
 from .generate import Steering
-from .harm import COMPLIANT, REFUSAL
+from .harm import COMPLIANT, QA_STOP, REFUSAL, frame, frame_cont
 from .sampling import check_lambda, guided_logits, token_logprobs
 
 SHARE_FLOOR = 0.9
-DEFAULT_GAMMAS = (0.25, 0.5, 0.75, 1.0)
-DEFAULT_LAMS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def dev_split(n_harmful: int, n_benign: int) -> tuple[list[Prompt], list[Prompt]]:
@@ -76,10 +73,10 @@ def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...],
     m, r = si.model, si.runner
 
     def enc(q: str) -> list[int]:
-        return si.encode_prompt(qa_prompt(q) if raw else q, raw)[0]
+        return si.encode_prompt(frame(q, raw), raw)[0]
 
     def cont(text: str) -> list[int]:
-        return m.tokenize((" " + text) if raw else text, add_bos=False)
+        return m.tokenize(frame_cont(text, raw), add_bos=False)
 
     items_h, items_b = [], []
     total = len(harmful) + len(benign) + len(layers) * len(gammas) * (len(harmful) + len(benign))
@@ -93,9 +90,9 @@ def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...],
         progress("calibrate", done, total)
     for p in benign:
         toks = enc(p.text)
-        ans = si.generate(qa_prompt(p.text) if raw else p.text, variant="base", raw=raw, max_tokens=answer_tokens,
-                          temperature=0.0, stop=("\nQ:",) if raw else ()).response
-        c = m.tokenize(ans if ans.strip() else ((" " if raw else "") + "I don't know."), add_bos=False)
+        ans = si.generate(frame(p.text, raw), variant="base", raw=raw, max_tokens=answer_tokens,
+                          temperature=0.0, stop=QA_STOP if raw else ()).response
+        c = m.tokenize(ans, add_bos=False) if ans.strip() else cont("I don't know.")
         items_b.append(_Item(toks, [c], float(r.score(toks, c, None, "base").mean())))
         done += 1
         progress("calibrate", done, total)
@@ -141,7 +138,7 @@ def record(si: SafeInfer, best: dict, rows: list[dict], n_harmful: int, n_benign
     v = si.vector
     g = si.runner.guidance
     meta = dict(v.meta)
-    meta["sgds"] = {"guidance": f"{g.kind}:{g.path}" if g.path else g.kind, "lam": best["lam"]}
+    meta["sgds"] = {"guidance": str(g), "lam": best["lam"]}
     meta["calibration"] = {
         "objective": "mean refusal-margin gain per token - mean benign loss per token",
         "dev": {"harmful": f"advbench dev[:{n_harmful}]", "benign": f"xstest safe odd positions[:{n_benign}]"},

@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .api import SafeInfer
-from .demos import qa_prompt
 from .errors import UsageError
 from .filter import Appender, load_appended
 from .generate import VARIANTS, check_variant
-from .harm import PROMPT_TYPES, REFUSAL, EvalSet, compliant_opening, format_prompt
+from .harm import PROMPT_TYPES, QA_STOP, REFUSAL, EvalSet, compliant_opening, format_prompt, frame, frame_cont
 from .judge import is_refusal
 
 MEASURES = ("generation", "likelihood")
@@ -82,15 +81,10 @@ def settings(si: SafeInfer, cfg: HarmConfig) -> dict:
     return {"model": si.model.path.name, "model_sha256_head": _head_hash(si.model.path),
             "vector_sha256": _vector_hash(si.vector) if si.vector is not None else None,
             "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
-            "positions": st.positions if st else None, "guidance": _guidance_name(si),
+            "positions": st.positions if st else None, "guidance": str(si.runner.guidance),
             "lam": si.runner.lam, "max_tokens": cfg.max_tokens, "answer_tokens": cfg.answer_tokens,
             "raw": cfg.raw, "chat_format": si.chat_format, "seed": cfg.seed,
             "limit_per_category": cfg.limit_per_category, "judge_model": cfg.judge_model, "redact": cfg.redact}
-
-
-def _guidance_name(si: SafeInfer) -> str:
-    g = si.runner.guidance
-    return f"{g.kind}:{g.path}" if g.path else g.kind
 
 
 def _vector_hash(vec) -> str:
@@ -179,7 +173,7 @@ class Unit:
         hidden = redact and self.dataset.name.startswith("harmeval:")
         return {"measure": measure, "dataset": self.dataset.name, "harmful": self.dataset.harmful, "id": p.id,
                 "category": p.category or self.dataset.name, "prompt_type": self.prompt_type,
-                "prompt": None if hidden else p.text, "prompt_sha256": prompt_hash(p.text)}
+                "prompt": None if hidden else p.text, "prompt_sha256": short_hash(p.text)}
 
 
 class HarmBench:
@@ -206,7 +200,7 @@ class HarmBench:
         """A record for this unit is on disk, without an error (errors are retried: the cause, such as a small
         --n-ctx, may be gone), and for the same question (a HarmEval file may have been edited)."""
         rec = self.done.get(self._key(measure, u, variant))
-        return bool(rec) and not rec.get("error") and rec.get("prompt_sha256") == prompt_hash(u.prompt.text)
+        return bool(rec) and not rec.get("error") and rec.get("prompt_sha256") == short_hash(u.prompt.text)
 
     def write_config(self, command: str) -> None:
         """``config.json``: the settings, and the datasets, variants, prompt types and measures of every run
@@ -249,14 +243,13 @@ class HarmBench:
 
     # -- prompt encoding -----------------------------------------------------------------------------------
     def _text(self, u: Unit) -> str:
-        q = format_prompt(u.prompt.text, u.prompt_type)
-        return qa_prompt(q) if self.cfg.raw else q
+        return frame(format_prompt(u.prompt.text, u.prompt_type), self.cfg.raw)
 
     def _cont(self, text: str) -> str:
-        return " " + text if self.cfg.raw else text
+        return frame_cont(text, self.cfg.raw)
 
     def _gen_kw(self, max_tokens: int) -> dict:
-        return {"max_tokens": max_tokens, "temperature": 0.0, "stop": ("\nQ:",) if self.cfg.raw else ()}
+        return {"max_tokens": max_tokens, "temperature": 0.0, "stop": QA_STOP if self.cfg.raw else ()}
 
     # -- generation ----------------------------------------------------------------------------------------
     def _generation(self, app: Appender) -> None:
@@ -281,7 +274,7 @@ class HarmBench:
         judge = self.judge.classify(self._text(u), text) if self.judge is not None else None
         hidden = self.cfg.redact and u.dataset.harmful
         return rec | {"response": None if hidden else text,
-                      "response_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+                      "response_sha256": short_hash(text),
                       "n_tokens": res.n_tokens, "tokens_per_s": round(res.tokens_per_s, 2),
                       "guided_tokens": res.guided_tokens,
                       # an empty reply complies with nothing: not an attack success, and a refusal of a benign prompt
@@ -335,7 +328,8 @@ class HarmBench:
         return out
 
 
-def prompt_hash(text: str) -> str:
+def short_hash(text: str) -> str:
+    """A text's identity in a record (the question of a prompt, a redacted reply)."""
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
