@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import datasets
 from .api import SafeInfer
-from .datasets import Prompt, advbench, xstest
+from .datasets import Prompt
 from .errors import UsageError
 from .generate import Steering
 from .harm import COMPLIANT, QA_STOP, REFUSAL, frame, frame_cont
@@ -34,11 +35,10 @@ SHARE_FLOOR = 0.9
 
 
 def dev_split(n_harmful: int, n_benign: int) -> tuple[list[Prompt], list[Prompt]]:
-    """AdvBench ``dev`` (never in demonstrations, guidance or evaluation) and the odd XSTest ``safe`` prompts
-    (``bench harm --dataset xstest`` uses the even ones)."""
+    """``datasets.dev_split``, with at least one prompt of each kind."""
     if n_harmful < 1 or n_benign < 1:
         raise UsageError("--n-harmful and --n-benign must be >= 1")
-    return advbench("dev")[:n_harmful], xstest("safe")[1::2][:n_benign]
+    return datasets.dev_split(n_harmful, n_benign)
 
 
 @dataclass

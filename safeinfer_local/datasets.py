@@ -63,3 +63,9 @@ def catqa(per_category: int | None = None) -> list[Prompt]:
 def xstest(label: str = "safe") -> list[Prompt]:
     with open(DATA / "xstest_prompts.csv", encoding="utf-8", newline="") as f:
         return [Prompt(f"xstest-{r['id']}", r["prompt"], r["type"]) for r in csv.DictReader(f) if r["label"] == label]
+
+
+def dev_split(n_harmful: int, n_benign: int) -> tuple[list[Prompt], list[Prompt]]:
+    """The dev prompts that sweeps and calibration tune on, kept out of every evaluation set: AdvBench ``dev``
+    and the XSTest ``safe`` prompts at odd positions (``bench harm --dataset xstest`` uses the even ones)."""
+    return advbench("dev")[:n_harmful], xstest("safe")[1::2][:n_benign]

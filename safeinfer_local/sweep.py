@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .api import SafeInfer
-from .datasets import advbench, xstest
+from .datasets import dev_split
 from .demos import REFUSAL_PROBE, qa_prompt
 from .generate import Steering
 
@@ -19,9 +19,8 @@ SWEEP_SHARE_FLOOR = 0.9
 
 
 def dev_prompts(n_harmful: int = 40, n_benign: int = 40) -> tuple[list[str], list[str]]:
-    harmful = [p.text for p in advbench("dev")][:n_harmful]
-    benign = [p.text for p in xstest("safe")][1::2][:n_benign]  # odd positions; even ones stay for reporting
-    return harmful, benign
+    harmful, benign = dev_split(n_harmful, n_benign)  # odd XSTest positions; even ones stay for reporting
+    return [p.text for p in harmful], [p.text for p in benign]
 
 
 def probe_scores(si: SafeInfer, prompts: list[str], steering: Steering | None,
