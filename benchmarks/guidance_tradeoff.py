@@ -57,9 +57,7 @@ def main() -> None:
         def rows(variant: str, prompt: str, cont: str, m=m, r=r, si=si):
             toks = m.tokenize(prompt, add_bos=True)
             c = m.tokenize(cont, add_bos=False)
-            t, tb, g, gb = r._plan(variant, si.steering)
-            rt = r._rows(t, tb, toks, c)
-            ru = r._rows(g, gb, toks, c) if g is not None else None
+            rt, ru = r.score_rows(toks, c, si.steering, variant)
             return c, rt, ru
 
         base_margin, base_benign, answers = [], [], []
