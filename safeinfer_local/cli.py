@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ try:  # newer typer vendors click; older versions use the click package
 except ImportError:  # pragma: no cover
     from click import ClickException as _ClickError
 
+from . import interrupts
 from .errors import SafeInferError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -821,6 +823,8 @@ _ARGV: list[str] = []
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and turns every expected failure into one line and an exit code."""
     _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
+    if threading.current_thread() is threading.main_thread():
+        interrupts.install()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="safeinfer")
         return rv if isinstance(rv, int) else 0

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .errors import ContextOverflowError, EngineError, ModelError
+from .interrupts import raise_deferred_interrupt
 
 try:
     import llama_cpp as _L
@@ -457,6 +458,7 @@ class Context:
             if self.hook is not None:
                 self.hook.error = None
             rc = _L.llama_decode(self._ctx, b)
+            raise_deferred_interrupt()  # a Ctrl-C that arrived inside llama.cpp's log callback
             if rc != 0:
                 raise EngineError(f"llama_decode failed with code {rc}")
             if self.hook is not None and self.hook.error is not None:
