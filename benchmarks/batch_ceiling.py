@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from safeinfer_local.engine import Model
-from safeinfer_local.models import default_model_path
+from safeinfer_local.core.models import default_model_path
+from safeinfer_local.llama.engine import Model
 
 
 def main() -> None:

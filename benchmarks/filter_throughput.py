@@ -10,7 +10,7 @@ import json
 import time
 
 from safeinfer_local.api import SafeInfer
-from safeinfer_local.datasets import xstest
+from safeinfer_local.core.datasets import xstest
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from safeinfer_local.api import SafeInfer
-from safeinfer_local.datasets import advbench, advbench_rows, advbench_split, catqa, xstest
-from safeinfer_local.demos import REFUSAL_PROBE, qa_prompt
-from safeinfer_local.sampling import guided_logits, token_logprobs
+from safeinfer_local.core.datasets import advbench, advbench_rows, advbench_split, catqa, xstest
+from safeinfer_local.core.demos import REFUSAL_PROBE, qa_prompt
+from safeinfer_local.core.sampling import guided_logits, token_logprobs
 
 LAMS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from safeinfer_local.api import SafeInfer
-from safeinfer_local.datasets import catqa, xstest
-from safeinfer_local.demos import REFUSAL_PROBE, qa_prompt
-from safeinfer_local.judge import is_refusal
+from safeinfer_local.core.datasets import catqa, xstest
+from safeinfer_local.core.demos import REFUSAL_PROBE, qa_prompt
+from safeinfer_local.core.judge import is_refusal
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """safeinfer_local: SafeInfer decoding-time safety alignment for local GGUF models through llama.cpp."""
 
+from .core.vectors import SafetyVector
 from .errors import SafeInferError, UsageError
-from .vectors import SafetyVector
 
 __version__ = "0.1.0"
 __all__ = ["SafeInfer", "SafetyVector", "SafeInferError", "UsageError", "__version__"]

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .chat import Message, render, render_stops
-from .engine import Model
+from .core.models import default_vector_path, resolve_model
+from .core.sampling import DEFAULT_LAMBDA, check_lambda
+from .core.vectors import SafetyVector
+from .decode.generate import DEFAULT_N_CTX, GenConfig, Result, Runner, Steering, check_variant, generate_many
 from .errors import UsageError
-from .generate import DEFAULT_N_CTX, GenConfig, Result, Runner, Steering, check_variant, generate_many
-from .models import default_vector_path, resolve_model
-from .sampling import DEFAULT_LAMBDA, check_lambda
-from .vectors import SafetyVector
+from .llama.chat import Message, render, render_stops
+from .llama.engine import Model
 
 
 @dataclass

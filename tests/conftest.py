@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def model():
-    from safeinfer_local.engine import Model
-    from safeinfer_local.models import default_model_path
+    from safeinfer_local.core.models import default_model_path
+    from safeinfer_local.llama.engine import Model
 
     return Model(default_model_path())
 

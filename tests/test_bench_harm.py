@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from safeinfer_local import harm
-from safeinfer_local.datasets import advbench, catqa, xstest
-from safeinfer_local.demos import qa_prompt
+from safeinfer_local.core import harm
+from safeinfer_local.core.datasets import advbench, catqa, xstest
+from safeinfer_local.core.demos import qa_prompt
 from safeinfer_local.errors import UsageError
-from safeinfer_local.evaluate import HarmBench, HarmConfig, load_results, prepare_out
+from safeinfer_local.eval.evaluate import HarmBench, HarmConfig, load_results, prepare_out
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -50,10 +50,10 @@ def test_harmeval_parquet(tmp_path):
 
 
 def test_evaluation_sets_are_disjoint_from_demonstrations_and_dev():
-    from safeinfer_local.calibrate import dev_split
-    from safeinfer_local.demos import load_demos
-    from safeinfer_local.guidance import unsafe_demos
-    from safeinfer_local.models import VECTORS_DIR
+    from safeinfer_local.core.demos import load_demos
+    from safeinfer_local.core.models import VECTORS_DIR
+    from safeinfer_local.decode.guidance import unsafe_demos
+    from safeinfer_local.eval.calibrate import dev_split
 
     evals = set()
     for name in harm.DATASETS:
@@ -93,7 +93,7 @@ def test_results_resume_cuts_a_torn_tail_and_refuses_other_settings(tmp_path):
 
 
 def test_bench_folder_guards(tmp_path):
-    from safeinfer_local.evaluate import folder_records, read_config
+    from safeinfer_local.eval.evaluate import folder_records, read_config
 
     # a results.jsonl written by another tool is neither used nor cut
     foreign = tmp_path / "results.jsonl"
@@ -147,7 +147,7 @@ def test_harmeval_awkward_files(tmp_path):
 
 
 def test_calibrate_pick_never_exceeds_the_loss_cap():
-    from safeinfer_local.calibrate import pick
+    from safeinfer_local.eval.calibrate import pick
 
     rows = [{"margin_up": 1.0, "benign_loss": 0.9, "objective": 2.0},
             {"margin_up": 0.8, "benign_loss": 0.2, "objective": 0.5},
@@ -164,7 +164,7 @@ def test_calibrate_pick_never_exceeds_the_loss_cap():
 def test_records_match_generate_and_score(si, tmp_path):
     """A generation record holds exactly what `generate` gives for the framed prompt, a likelihood record the
     difference of two `score` calls, and the refusal verdict is the shared detector's."""
-    from safeinfer_local.judge import is_refusal
+    from safeinfer_local.core.judge import is_refusal
 
     sets = [harm.EvalSet("catqa", catqa(1)[:2], True), harm.EvalSet("xstest", harm.load_dataset("xstest")[:1], False)]
     cfg = HarmConfig(datasets=["catqa", "xstest"], variants=["base", "safeinfer"], prompt_types=["simple"],
@@ -196,7 +196,7 @@ def test_records_match_generate_and_score(si, tmp_path):
     broken = json.loads(lines[0]) | {"error": "prompt does not fit the context"}
     res.write_text("\n".join([json.dumps(broken)] + lines[1:]) + "\n")
     assert HarmBench(si, cfg, sets, tmp_path).run() == 1
-    from safeinfer_local.evaluate import folder_records
+    from safeinfer_local.eval.evaluate import folder_records
 
     (tmp_path / "config.json").write_text(json.dumps({"settings": {}}))
     recs = folder_records(tmp_path)
@@ -207,9 +207,9 @@ def test_records_match_generate_and_score(si, tmp_path):
 def test_judge_model_verdicts_and_agreement(si, tmp_path):
     """--judge-model's label lands in each generation record and the report gives the agreement with the
     detector (the base model stands in for a Llama-Guard GGUF, which is not available offline)."""
-    from safeinfer_local.judge_model import ModelJudge
-    from safeinfer_local.models import default_model_path
-    from safeinfer_local.report import summarize
+    from safeinfer_local.core.models import default_model_path
+    from safeinfer_local.eval.judge_model import ModelJudge
+    from safeinfer_local.eval.report import summarize
 
     judge = ModelJudge(default_model_path())
     sets = [harm.EvalSet("catqa", catqa(1)[:3], True)]
@@ -331,7 +331,7 @@ def test_bench_harm_bad_input(tmp_path):
 @pytest.mark.model
 def test_calibrate_writes_the_best_setting_and_its_figures_are_real(si, tmp_path):
     from safeinfer_local.api import SafeInfer
-    from safeinfer_local.vectors import SafetyVector
+    from safeinfer_local.core.vectors import SafetyVector
 
     out = tmp_path / "v.gguf"
     p = run_cli("calibrate", "--gammas", "0.5,1", "--lams", "0,0.5", "--n-harmful", "3", "--n-benign", "2",
@@ -362,8 +362,8 @@ def test_calibrate_writes_the_best_setting_and_its_figures_are_real(si, tmp_path
 @pytest.mark.model
 def test_calibrate_sweeps_blocks_of_a_multi_block_vector(tmp_path):
     """--sweep-layers tries each block on its own (the fv/mean-diff case of a vector with several blocks)."""
-    from safeinfer_local.models import default_vector_path
-    from safeinfer_local.vectors import SafetyVector
+    from safeinfer_local.core.models import default_vector_path
+    from safeinfer_local.core.vectors import SafetyVector
 
     v = SafetyVector.load(default_vector_path())
     two = tmp_path / "two.gguf"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from safeinfer_local.vectors import SafetyVector
+from safeinfer_local.core.vectors import SafetyVector
 
 from .conftest import ROOT, assert_one_line_error, run_cli
 

@@ -2,15 +2,15 @@ import json
 
 import pytest
 
-from safeinfer_local import datasets
-from safeinfer_local.demos import icl_prompts, load_demos, qa_prompt
+from safeinfer_local.core import datasets
+from safeinfer_local.core.demos import icl_prompts, load_demos, qa_prompt
 from safeinfer_local.errors import DemosError
 
 from .conftest import ROOT
 
 
 def test_qa_template_exact():
-    from safeinfer_local.demos import Demo
+    from safeinfer_local.core.demos import Demo
 
     assert qa_prompt("q?", [Demo("a", "b")]) == "Q: a\nA: b\n\nQ: q?\nA:"
 

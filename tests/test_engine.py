@@ -5,8 +5,8 @@ import ctypes
 import numpy as np
 import pytest
 
-from safeinfer_local.engine import ActivationHook, Detokenizer
-from safeinfer_local.vectors import SafetyVector
+from safeinfer_local.core.vectors import SafetyVector
+from safeinfer_local.llama.engine import ActivationHook, Detokenizer
 
 pytestmark = pytest.mark.model
 

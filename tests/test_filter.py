@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from safeinfer_local import filter as flt
 from safeinfer_local.errors import UsageError
+from safeinfer_local.workflows import filter as flt
 
 from .conftest import ROOT, assert_one_line_error, run_cli
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from safeinfer_local.demos import REFUSAL_PROBE, qa_prompt
+from safeinfer_local.core.demos import REFUSAL_PROBE, qa_prompt
 from safeinfer_local.errors import UsageError
 
 pytestmark = pytest.mark.model
@@ -87,7 +87,7 @@ def test_shipped_vector_raises_refusal_on_heldout_harmful_prompts(si):
     """Acceptance: with the shipped vector at its recommended settings, `score --variant sa` raises the
     refusal continuation's log-probability over base for >= 80% of harmful prompts never used in the
     demonstrations (CatQA, 2 per category = 22)."""
-    from safeinfer_local.datasets import catqa
+    from safeinfer_local.core.datasets import catqa
 
     prompts = [p.text for p in catqa(per_category=2)]
     raised = 0

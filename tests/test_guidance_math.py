@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from safeinfer_local.sampling import guided_logits, log_softmax
+from safeinfer_local.core.sampling import guided_logits, log_softmax
 
 
 def test_hand_computed_union():

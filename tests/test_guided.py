@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from safeinfer_local.api import SafeInfer
-from safeinfer_local.demos import REFUSAL_PROBE, qa_prompt
+from safeinfer_local.core.demos import REFUSAL_PROBE, qa_prompt
+from safeinfer_local.decode.guidance import GuidanceSpec, check_same_vocab
 from safeinfer_local.errors import UsageError
-from safeinfer_local.guidance import GuidanceSpec, check_same_vocab
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -111,7 +111,7 @@ def test_cli_bad_guidance_inputs(tmp_path):
 def test_shared_prompt_head_matches_decoding_it(model):
     """With negative guidance the unsteered prompt head is decoded once and its KV copied to the guidance side;
     the guidance logits must match decoding the head there (up to thread-count rounding)."""
-    from safeinfer_local.generate import position_buffers
+    from safeinfer_local.decode.generate import position_buffers
 
     si = SafeInfer(model=model, guidance="negative", lam=0.5)
     toks = model.tokenize(P)
@@ -119,7 +119,7 @@ def test_shared_prompt_head_matches_decoding_it(model):
     assert target.shares_head_with(guide, tbuf, gbuf)
     direct = guide.start(toks, gbuf)
     _, lu = si.runner._start(toks, target, tbuf, guide, gbuf)
-    from safeinfer_local.sampling import log_softmax
+    from safeinfer_local.core.sampling import log_softmax
 
     np.testing.assert_allclose(lu, log_softmax(direct), atol=2e-3)
     assert guide.ctx.pos[guide.seq] == len(toks)

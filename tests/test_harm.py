@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from safeinfer_local import harm
+from safeinfer_local.core import harm
 from safeinfer_local.errors import UsageError
 
 

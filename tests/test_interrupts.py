@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from safeinfer_local import interrupts
+from safeinfer_local.llama import interrupts
 
 
 def test_interrupt_inside_the_log_callback_is_deferred_to_the_next_decode():

@@ -1,6 +1,6 @@
 import pytest
 
-from safeinfer_local.judge import is_refusal
+from safeinfer_local.core.judge import is_refusal
 
 
 @pytest.mark.parametrize("text", [
@@ -42,7 +42,7 @@ def test_not_refusals(text):
 
 
 def test_model_judge_labels():
-    from safeinfer_local.judge_model import label_of
+    from safeinfer_local.eval.judge_model import label_of
 
     assert label_of("safe") == "safe"
     assert label_of(" unsafe\nS1") == "unsafe"

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from safeinfer_local import report
+from safeinfer_local.core.harm import wilson
 from safeinfer_local.errors import UsageError
-from safeinfer_local.harm import wilson
+from safeinfer_local.eval import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

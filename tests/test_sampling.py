@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from safeinfer_local.sampling import (
+from safeinfer_local.core.sampling import (
     StopMatcher,
     apply_top_k,
     apply_top_p,

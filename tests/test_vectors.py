@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from safeinfer_local.core.vectors import SafetyVector
 from safeinfer_local.errors import VectorError
-from safeinfer_local.vectors import SafetyVector
 
 
 def _vec(n=16, layers=(2, 5)):

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DemosError
+from ..errors import DemosError
 
 REFUSAL_PROBE = " I'm sorry, but I can't help with that."
 """The refusal continuation whose log-probability measures safety on a base model that never refuses."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .chat import render
-from .engine import Detokenizer, Model
-from .errors import UsageError
+from ..errors import UsageError
+from ..llama.chat import render
+from ..llama.engine import Detokenizer, Model
 
 LABELS = ("safe", "unsafe", "unknown")
 

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .api import SafeInfer
-from .errors import UsageError
-from .generate import VARIANTS, Steering, check_variant
-from .sampling import check_lambda
+from ..api import SafeInfer
+from ..core.sampling import check_lambda
+from ..decode.generate import VARIANTS, Steering, check_variant
+from ..errors import UsageError
 
 HELP = """commands:
   /help              this help

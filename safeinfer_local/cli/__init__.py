@@ -17,8 +17,8 @@ try:  # newer typer vendors click; older versions use the click package
 except ImportError:  # pragma: no cover
     from click import ClickException as _ClickError
 
-from . import interrupts
-from .errors import SafeInferError, UsageError
+from ..errors import SafeInferError, UsageError
+from ..llama import interrupts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SafeInfer decoding-time safety alignment for local GGUF models (llama.cpp).")
@@ -60,7 +60,7 @@ def _parse_floats(name: str, spec: str) -> tuple[float, ...]:
 
 def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance=None,
           lam=None):
-    from .api import SafeInfer
+    from ..api import SafeInfer
 
     _check_finite("--gamma", gamma)
     if lam is not None and not (math.isfinite(lam) and 0 <= lam < 1):
@@ -77,7 +77,7 @@ def _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers,
 
 def _check_generation(temperature: float, top_k: int, top_p: float, max_tokens: int) -> None:
     """Sampling and length options, checked before any model is loaded."""
-    from .sampling import validate_sampling
+    from ..core.sampling import validate_sampling
 
     try:
         validate_sampling(temperature, top_k, top_p)
@@ -135,7 +135,7 @@ def generate(
 ) -> None:
     """Generate a reply to PROMPT with a variant (base: plain; sa: safety amplification; sgds: safety-guided
     decoding; safeinfer: both)."""
-    from .generate import GenConfig
+    from ..decode.generate import GenConfig
 
     text = _read_prompt(prompt)
     _check_generation(temperature, top_k, top_p, max_tokens)
@@ -196,9 +196,9 @@ def demo(
     """A non-interactive tour on the default model. For each variant it shows the margin log p(refusal) −
     log p(compliant opening) after harmful prompts (a 270M base model never refuses by itself), and a short
     greedy reply."""
-    from .datasets import catqa
-    from .demos import REFUSAL_PROBE, qa_prompt
-    from .generate import VARIANTS
+    from ..core.datasets import catqa
+    from ..core.demos import REFUSAL_PROBE, qa_prompt
+    from ..decode.generate import VARIANTS
 
     if n < 1:
         raise UsageError(f"--prompts must be >= 1, not {n}")
@@ -252,7 +252,7 @@ def chat(
 ) -> None:
     """Chat in the terminal: streaming replies, multi-turn, slash commands (/help). With stdin not a terminal,
     each input line is a user turn and replies are printed as plain text."""
-    from .chatloop import ChatSession
+    from ..workflows.chatloop import ChatSession
 
     _check_generation(temperature, top_k, top_p, max_tokens)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
@@ -315,7 +315,7 @@ def filter_cmd(
     chat_format: str | None = ChatFmtOpt,
 ) -> None:
     """Generate a reply for every prompt in a file and judge it (refused / answered / error)."""
-    from . import filter as flt
+    from ..workflows import filter as flt
 
     _check_generation(temperature, top_k, top_p, max_tokens)
     if not 1 <= parallel <= 64:
@@ -330,7 +330,7 @@ def filter_cmd(
     si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
     judge = None
     if judge_model is not None:
-        from .judge_model import ModelJudge
+        from ..eval.judge_model import ModelJudge
 
         judge = ModelJudge(judge_model, n_threads=threads)
     v = variant or si.default_variant()
@@ -400,7 +400,7 @@ def merge_cmd(
     shards: list[Path] = typer.Argument(..., help="Shard outputs of `filter --shard`."),
 ) -> None:
     """Join shard outputs in input order; duplicates or gaps are refused."""
-    from .filter import merge
+    from ..workflows.filter import merge
 
     _check_writable(out)
     n = merge(out, shards)
@@ -427,7 +427,7 @@ def bench_speed(
     lam: float | None = LamOpt, threads: int | None = ThreadsOpt, as_json: bool = JsonOpt,
 ) -> None:
     """Tokens/s and time to first token: llama-cpp-python's Llama.create_completion vs our four variants."""
-    from .bench import speed
+    from ..eval.bench import speed
 
     if tokens < 2 or rounds < 1:
         raise UsageError("--tokens must be >= 2 and --rounds >= 1")
@@ -488,9 +488,9 @@ def bench_harm(
 ) -> None:
     """The HarmEval protocol: attack success rate per category, over-refusal, and refusal likelihood, per
     variant, with a report (tables and charts). Rerunning the same command resumes it."""
-    from .evaluate import RESULTS, HarmBench, HarmConfig, check_out, folder_records, read_config
-    from .harm import resolve_sets
-    from .report import write_report
+    from ..core.harm import resolve_sets
+    from ..eval.evaluate import RESULTS, HarmBench, HarmConfig, check_out, folder_records, read_config
+    from ..eval.report import write_report
 
     cfg = HarmConfig(datasets=_csv_list(dataset) or ["catqa", "advbench", "xstest"], variants=_csv_list([variants]),
                      prompt_types=_csv_list([prompt_types]), measures=_csv_list([measure]),
@@ -504,7 +504,7 @@ def bench_harm(
     si = _load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
     judge = None
     if judge_model is not None:
-        from .judge_model import ModelJudge
+        from ..eval.judge_model import ModelJudge
 
         judge = ModelJudge(judge_model, n_threads=threads)
     with (_progress() if not quiet else _NoProgress()) as prog:
@@ -527,8 +527,8 @@ def bench_harm(
 @bench_app.command("report")
 def bench_report(out: Path = typer.Argument(..., help="A bench harm output folder.")) -> None:
     """Rewrite report.md, report.json and the charts from a bench harm folder's results.jsonl."""
-    from .evaluate import folder_records, read_config
-    from .report import write_report
+    from ..eval.evaluate import folder_records, read_config
+    from ..eval.report import write_report
 
     if not out.is_dir():
         raise UsageError(f"{out} is not a folder (give a bench harm --out folder)")
@@ -564,8 +564,8 @@ def calibrate_cmd(
 ) -> None:
     """Sweep γ, λ (and the block) on a dev split; pick the best refusal-margin gain minus benign utility loss;
     record it in the vector's metadata."""
-    from .calibrate import calibrate, dev_split, pick, record
-    from .models import default_vector_path
+    from ..core.models import default_vector_path
+    from ..eval.calibrate import calibrate, dev_split, pick, record
 
     g, lm = _parse_floats("--gammas", gammas), _parse_floats("--lams", lams)
     bad = [x for x in lm if not 0 <= x < 1]
@@ -634,10 +634,10 @@ def vectors_build(
     threads: int | None = ThreadsOpt, n_gpu_layers: int = GpuOpt,
 ) -> None:
     """Build a safety vector from the model's activations on safe demonstrations."""
-    from .build import build_vector, parse_layers
-    from .demos import load_demos
-    from .engine import Model
-    from .models import resolve_model
+    from ..core.demos import load_demos
+    from ..core.models import resolve_model
+    from ..llama.engine import Model
+    from ..workflows.build import build_vector, parse_layers
 
     _check_finite("--gamma", gamma)
     if prompts < 1 or shots < 1 or aie_prompts < 1:
@@ -659,7 +659,7 @@ def vectors_build(
 @vectors_app.command("inspect")
 def vectors_inspect(file: Path = typer.Argument(..., help="Vector file."), as_json: bool = JsonOpt) -> None:
     """Show a vector's layers, norms and provenance."""
-    from .vectors import SafetyVector
+    from ..core.vectors import SafetyVector
 
     d = SafetyVector.load(file).describe()
     if as_json:
@@ -682,7 +682,7 @@ def vectors_convert(
     lam: float | None = typer.Option(None, "--lam", help="Recommended sGDS λ to record."),
 ) -> None:
     """Convert a vector to our GGUF (loads in llama.cpp as a control vector), optionally setting metadata."""
-    from .vectors import SafetyVector
+    from ..core.vectors import SafetyVector
 
     _check_finite("--gamma", gamma)
     _check_writable(out)
@@ -697,8 +697,8 @@ def vectors_convert(
     if positions is not None:
         v.positions = positions
     if guidance is not None or lam is not None:
-        from .guidance import GuidanceSpec
-        from .sampling import check_lambda
+        from ..core.sampling import check_lambda
+        from ..decode.guidance import GuidanceSpec
 
         rec = dict(v.meta.get("sgds") or {})
         if guidance is not None:
@@ -728,8 +728,8 @@ def vectors_sweep(
 ) -> None:
     """Sweep layer × γ × positions: how each raises the refusal continuation's log-probability over base on
     harmful dev prompts, and how much refusal pressure lands on benign ones."""
-    from .api import SafeInfer
-    from .sweep import dev_prompts, pick_best, sweep_sa
+    from ..api import SafeInfer
+    from ..eval.sweep import dev_prompts, pick_best, sweep_sa
 
     lay = _parse_layers(layers)
     gs = _parse_floats("--gammas", gammas)

@@ -16,8 +16,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Detokenizer, Model, default_threads
-from .errors import UsageError, VectorError
+from ..core.sampling import (
+    DEFAULT_LAMBDA,
+    StopMatcher,
+    check_lambda,
+    guided_logits,
+    log_softmax,
+    make_sampler,
+    token_logprobs,
+)
+from ..core.vectors import POSITIONS, SafetyVector, check_gamma
+from ..errors import UsageError, VectorError
+from ..llama.engine import Detokenizer, Model, default_threads
 from .guidance import (
     N_GUIDE_SHOTS,
     GuidanceSpec,
@@ -28,16 +38,6 @@ from .guidance import (
     safe_demos,
     unsafe_demos,
 )
-from .sampling import (
-    DEFAULT_LAMBDA,
-    StopMatcher,
-    check_lambda,
-    guided_logits,
-    log_softmax,
-    make_sampler,
-    token_logprobs,
-)
-from .vectors import POSITIONS, SafetyVector, check_gamma
 
 VARIANTS = ("base", "sa", "sgds", "safeinfer")
 """``base`` plain decoding; ``sa`` safety amplification; ``sgds`` safety-guided decoding; ``safeinfer`` both."""

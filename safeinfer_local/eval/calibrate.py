@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import datasets
-from .api import SafeInfer
-from .datasets import Prompt
-from .errors import UsageError
-from .generate import Steering
-from .harm import COMPLIANT, QA_STOP, REFUSAL, frame, frame_cont
-from .sampling import check_lambda, guided_logits, token_logprobs
+from ..api import SafeInfer
+from ..core import datasets
+from ..core.datasets import Prompt
+from ..core.harm import COMPLIANT, QA_STOP, REFUSAL, frame, frame_cont
+from ..core.sampling import check_lambda, guided_logits, token_logprobs
+from ..decode.generate import Steering
+from ..errors import UsageError
 
 SHARE_FLOOR = 0.9
 

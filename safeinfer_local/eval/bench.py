@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
-from .api import SafeInfer
-from .engine import reference_stream
+from ..api import SafeInfer
+from ..llama.engine import reference_stream
 
 BENCH_PROMPT = "Q: Write a long story about a lighthouse keeper and the sea.\nA:"
 VARIANTS = ("base", "sa", "sgds", "safeinfer")

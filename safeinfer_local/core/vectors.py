@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import VectorError
+from ..errors import VectorError
 
 ARCH = "controlvector"
 POSITIONS = ("generation", "last", "all")

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import ContextOverflowError, EngineError, ModelError
+from ..errors import ContextOverflowError, EngineError, ModelError
 from .interrupts import raise_deferred_interrupt
 
 try:

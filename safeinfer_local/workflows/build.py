@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .demos import N_PROMPTS, N_SHOTS, Demo, demos_hash, icl_prompts, qa_prompt
-from .engine import ActivationHook, Model
-from .errors import UsageError
-from .sampling import token_logprobs
-from .vectors import SafetyVector
+from ..core.demos import N_PROMPTS, N_SHOTS, Demo, demos_hash, icl_prompts, qa_prompt
+from ..core.sampling import token_logprobs
+from ..core.vectors import SafetyVector
+from ..errors import UsageError
+from ..llama.engine import ActivationHook, Model
 
 METHODS = ("fv", "mean-diff")
 DEFAULT_HEADS = 10

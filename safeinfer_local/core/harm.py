@@ -17,9 +17,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from .datasets import Prompt, advbench, catqa, xstest
 from .demos import qa_prompt
-from .errors import UsageError
 
 DATASETS = ("advbench", "catqa", "xstest", "xstest-unsafe")
 """``advbench``: the eval split (disjoint from every demonstration and dev set); ``catqa``: the 11 HarmEval

@@ -15,8 +15,8 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
-from .judge import is_refusal
+from ..core.judge import is_refusal
+from ..errors import UsageError
 
 FORMATS = ("jsonl", "csv", "txt")
 

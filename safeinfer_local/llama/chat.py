@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from llama_cpp import llama_chat_format as _fmt
 
+from ..errors import UsageError
 from .engine import Model
-from .errors import UsageError
 
 Message = dict[str, str]
 

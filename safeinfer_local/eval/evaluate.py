@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .api import SafeInfer
-from .errors import UsageError
-from .filter import Appender, load_appended
-from .generate import VARIANTS, check_variant
-from .harm import PROMPT_TYPES, QA_STOP, REFUSAL, EvalSet, compliant_opening, format_prompt, frame, frame_cont
-from .judge import is_refusal
+from ..api import SafeInfer
+from ..core.harm import PROMPT_TYPES, QA_STOP, REFUSAL, EvalSet, compliant_opening, format_prompt, frame, frame_cont
+from ..core.judge import is_refusal
+from ..decode.generate import VARIANTS, check_variant
+from ..errors import UsageError
+from ..workflows.filter import Appender, load_appended
 
 MEASURES = ("generation", "likelihood")
 RESULTS = "results.jsonl"

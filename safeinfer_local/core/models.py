@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 DEFAULT_VECTOR_NAME = "gemma-3-270m-safety.gguf"
-VECTORS_DIR = Path(__file__).resolve().parent.parent / "vectors"
+VECTORS_DIR = Path(__file__).resolve().parents[2] / "vectors"
 """The repository's ``vectors/`` folder (present in source and editable installs)."""
 
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DATA, advbench_rows, advbench_split
-from .demos import Demo
-from .engine import Context, Model
-from .errors import UsageError
+from ..core.datasets import DATA, advbench_rows, advbench_split
+from ..core.demos import Demo
+from ..errors import UsageError
+from ..llama.engine import Context, Model
 
 KINDS = ("prompt", "negative", "model", "lora", "none")
 DEFAULT_GUIDANCE = "prompt"
@@ -73,8 +73,8 @@ def unsafe_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
 
 def safe_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
     """Harmful request -> refusal: the shipped safe demonstrations (the vector's own split)."""
-    from .demos import load_demos
-    from .models import VECTORS_DIR
+    from ..core.demos import load_demos
+    from ..core.models import VECTORS_DIR
 
     return load_demos(VECTORS_DIR / "safe_demos.jsonl")[:n]
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .harm import rate_table, wilson
+from ..core.harm import rate_table, wilson
+from ..errors import UsageError
 
 VARIANTS = ("base", "sa", "sgds", "safeinfer")
 LABELS = {"base": "Base", "sa": "SA", "sgds": "sGDS", "safeinfer": "SafeInfer"}

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .api import SafeInfer
-from .datasets import dev_split
-from .demos import REFUSAL_PROBE, qa_prompt
-from .generate import Steering
+from ..api import SafeInfer
+from ..core.datasets import dev_split
+from ..core.demos import REFUSAL_PROBE, qa_prompt
+from ..decode.generate import Steering
 
 SWEEP_SHARE_FLOOR = 0.9
 """A setting qualifies when it raises the refusal continuation on at least this share of harmful dev prompts."""
