@@ -24,7 +24,7 @@ def test_generate_json_fields():
 
 
 def test_generate_reads_stdin_and_streams_text():
-    p = run_cli("generate", "--raw", "--variant", "base", "--temperature", "0", "-n", "4",
+    p = run_cli("generate", "--raw", "--variant", "base", "--temperature", "0", "-n", "8",
                 input="Q: What is the capital of France?\nA:")
     assert p.returncode == 0, p.stderr
     assert "Paris" in p.stdout
