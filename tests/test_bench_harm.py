@@ -51,14 +51,14 @@ def test_harmeval_parquet(tmp_path):
 
 def test_evaluation_sets_are_disjoint_from_demonstrations_and_dev():
     from safeinfer_local.core.demos import load_demos
-    from safeinfer_local.core.models import VECTORS_DIR
+    from safeinfer_local.core.models import asset
     from safeinfer_local.decode.guidance import unsafe_demos
     from safeinfer_local.eval.calibrate import dev_split
 
     evals = set()
     for name in harm.DATASETS:
         evals |= {p.text for p in harm.load_dataset(name)}
-    used = {d.prompt for d in load_demos(VECTORS_DIR / "safe_demos.jsonl")} | {d.prompt for d in unsafe_demos()}
+    used = {d.prompt for d in load_demos(asset("safe_demos.jsonl"))} | {d.prompt for d in unsafe_demos()}
     dev_h, dev_b = dev_split(40, 125)
     used |= {p.text for p in dev_h} | {p.text for p in dev_b} | {p.text for p in advbench("dev")}
     assert not evals & used

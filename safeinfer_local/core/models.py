@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 from ..errors import ModelError
 
 DEFAULT_VECTOR_NAME = "gemma-3-270m-safety.gguf"
-VECTORS_DIR = Path(__file__).resolve().parents[2] / "vectors"
-"""The repository's ``vectors/`` folder (present in source and editable installs)."""
+
+
+def asset(name: str) -> Path:
+    """A shipped file of ``vectors/`` (vector, demonstrations, notes), wherever the package is installed.
+
+    The files live in ``safeinfer_local/vectors/`` and ship as package data, so a wheel, ``pip install .`` and
+    ``pip install -e .`` all find them; the repository's top-level ``vectors`` is a symlink to that folder.
+    """
+    p = resources.files("safeinfer_local") / "vectors" / name
+    if not isinstance(p, Path):  # e.g. imported from a zip: llama.cpp's shared library could not load there either
+        raise ModelError(f"safeinfer_local must be installed as files on disk to read its shipped {name}")
+    return p
 
 
 def default_model_path() -> Path:
@@ -39,5 +50,5 @@ def resolve_model(path: str | Path | None) -> Path:
 
 
 def default_vector_path() -> Path | None:
-    p = VECTORS_DIR / DEFAULT_VECTOR_NAME
+    p = asset(DEFAULT_VECTOR_NAME)
     return p if p.is_file() else None

@@ -74,9 +74,9 @@ def unsafe_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
 def safe_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
     """Harmful request -> refusal: the shipped safe demonstrations (the vector's own split)."""
     from ..core.demos import load_demos
-    from ..core.models import VECTORS_DIR
+    from ..core.models import asset
 
-    return load_demos(VECTORS_DIR / "safe_demos.jsonl")[:n]
+    return load_demos(asset("safe_demos.jsonl"))[:n]
 
 
 def benign_demos(n: int = N_GUIDE_SHOTS) -> list[Demo]:
