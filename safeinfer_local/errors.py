@@ -31,5 +31,12 @@ class ContextOverflowError(UsageError):
     """The prompt (plus what must be generated after it) does not fit the context."""
 
 
+class OutputError(SafeInferError):
+    """An output file could not be written (disk full, quota, I/O error, read-only, permission); the message says
+    what was kept and how to resume. Exit code 1: the arguments were fine."""
+
+    exit_code = 1
+
+
 class EngineError(SafeInferError):
     """llama.cpp returned an error during decoding."""

@@ -384,3 +384,28 @@ def test_calibrate_bad_input(tmp_path):
     assert_one_line_error(run_cli("calibrate", "--gammas", "a,b", "--dry-run"), 2, "--gammas")
     assert_one_line_error(run_cli("calibrate", "--vector", "none", "--dry-run"), 2, "needs a safety vector")
     assert_one_line_error(run_cli("calibrate", "--lams", "0.5,1.5", "--dry-run"), 2, "--lams")
+
+
+@pytest.mark.model
+def test_bench_harm_full_disk_is_one_line_and_the_same_command_resumes(tmp_path):
+    from .test_jsonl import grow, tiny_disk
+
+    with tiny_disk(tmp_path / "disk", "8k") as disk:  # a page for config.json, one for about 9 records
+        out = disk / "o"
+        res = out / "results.jsonl"
+        args = ["bench", "harm", "-o", out, "-d", "catqa", "--limit-per-category", "1", "--prompt-types",
+                "simple,instruction", "--variants", "base", "--max-tokens", "4", "--raw", "-q"]
+        n_expected = 11 * 2
+        line = assert_one_line_error(run_cli(*args), 1, "no space left on device")
+        kept = res.read_text().splitlines(keepends=True)
+        assert all(x.endswith("\n") and json.loads(x)["variant"] == "base" for x in kept)  # no torn line
+        assert 0 < len(kept) < n_expected and f"keeps {len(kept)} whole records" in line
+        assert str(res) in line and "rerun the same command to resume" in line
+        grow(disk, "4m")
+        p = run_cli(*args)
+        assert p.returncode == 0, p.stderr
+        again = res.read_text().splitlines(keepends=True)
+        assert again[:len(kept)] == kept and len(again) == n_expected
+        assert len({tuple(json.loads(x)[k] for k in ("measure", "dataset", "id", "prompt_type", "variant"))
+                    for x in again}) == n_expected
+        assert (out / "report.md").is_file()

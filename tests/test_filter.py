@@ -201,3 +201,24 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
     assert "rerun the same command to resume" in err and "Traceback" not in err
     lines = out.read_text().splitlines()
     assert all(json.loads(x)["id"] for x in lines)  # every written line is whole
+
+
+@pytest.mark.model
+def test_full_disk_is_one_line_and_the_same_command_resumes(tmp_path):
+    from .test_jsonl import grow, tiny_disk
+
+    f = tmp_path / "in.txt"
+    f.write_text("".join(f"What is {i} plus {i}?\n" for i in range(30)))
+    with tiny_disk(tmp_path / "disk", "4k") as disk:  # room for about 20 records
+        out = disk / "out.jsonl"
+        args = ["filter", f, "-o", out, "--variant", "base", "--max-tokens", "4", "--temperature", "0", "-q"]
+        line = assert_one_line_error(run_cli(*args), 1, "no space left on device")
+        lines = out.read_text().splitlines(keepends=True)
+        assert all(x.endswith("\n") and json.loads(x)["id"] for x in lines)  # no torn line left behind
+        assert 0 < len(lines) < 30 and str(out) in line
+        assert f"keeps {len(lines)} whole records" in line and "free space and rerun the same command" in line
+        grow(disk, "1m")
+        p = run_cli(*args)
+        assert p.returncode == 0, p.stderr
+        ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+        assert ids == [str(n) for n in range(1, 31)]  # exactly one record per id, in input order

@@ -27,7 +27,7 @@ from ..core.harm import PROMPT_TYPES, QA_STOP, REFUSAL, EvalSet, compliant_openi
 from ..core.judge import is_refusal
 from ..decode.generate import VARIANTS, check_variant
 from ..errors import UsageError
-from ..workflows.filter import Appender, load_appended
+from ..jsonl import Appender, load, write_text
 
 MEASURES = ("generation", "likelihood")
 RESULTS = "results.jsonl"
@@ -151,7 +151,7 @@ def key_of(rec: dict) -> tuple:
 
 def load_results(path: Path) -> dict[tuple, dict]:
     """Records by key; a torn or unreadable tail (a kill mid-write) is cut off the file and redone."""
-    return load_appended(path, key_of)
+    return load(path, repair=True, key=key_of).by_key(key_of)
 
 
 @dataclass
@@ -216,9 +216,7 @@ class HarmBench:
                "prompt_types": union("prompt_types", self.cfg.prompt_types),
                "measures": union("measures", self.cfg.measures), "config": asdict(self.cfg),
                "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        tmp = self.out / (CONFIG + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
-        tmp.replace(self.out / CONFIG)
+        write_text(self.out / CONFIG, json.dumps(doc, indent=1, ensure_ascii=False))
 
     def run(self) -> int:
         """Run every pending record; returns how many were written. KeyboardInterrupt propagates after the

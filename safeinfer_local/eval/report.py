@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .. import jsonl
 from ..core.harm import rate_table, wilson
 from ..errors import UsageError
 
@@ -44,31 +45,12 @@ DPI = 110
 
 
 def load_records(path: Path) -> list[dict]:
-    """The records of a ``results.jsonl``. A torn last line (no trailing newline, or not valid JSON) is skipped;
-    a bad line before the end is an error naming it."""
+    """The records of a ``results.jsonl``, read-only. A torn last line (no trailing newline, or not valid JSON) is
+    skipped; a bad line before the end is an error naming it."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"results file not found: {p}") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.split("\n")  # the last item is "" when the file ends with a newline, else the torn tail
-    out: list[dict] = []
-    last = max((i for i, line in enumerate(lines[:-1]) if line.strip()), default=-1)
-    for i, line in enumerate(lines[:-1]):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == last and not lines[-1].strip():
-                break  # torn last line
-            raise UsageError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f"{p}:{i + 1}: not a JSON object")
-        out.append(rec)
-    return out
+    if not p.exists():
+        raise UsageError(f"results file not found: {p}")
+    return jsonl.load(p).records
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

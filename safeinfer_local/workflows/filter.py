@@ -9,14 +9,16 @@ import csv
 import hashlib
 import io
 import json
-import os
 import sys
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import jsonl
 from ..core.judge import is_refusal
 from ..errors import UsageError
+
+Appender = jsonl.Appender  # the CLI appends filter records through flt.Appender
 
 FORMATS = ("jsonl", "csv", "txt")
 
@@ -146,33 +148,13 @@ def in_shard(item_id: str, shard: tuple[int, int] | None) -> bool:
     return h % n == i - 1
 
 
+def _id(rec: dict) -> str:
+    return str(rec["id"])
+
+
 def load_done(out: Path) -> dict[str, dict]:
     """Records already in the output, by id. A torn last line (a kill mid-write) is cut off the file."""
-    return load_appended(out, lambda rec: str(rec["id"]))
-
-
-def load_appended(out: Path, key: Callable[[dict], Hashable]) -> dict:
-    """The records of an append-only JSON Lines file by ``key(record)``. Reading stops at the first torn or
-    foreign line (a kill mid-write), which is cut off the file with everything after it, to be redone."""
-    if not out.exists():
-        return {}
-    data = out.read_bytes()
-    done: dict = {}
-    good_end = 0
-    for raw in data.splitlines(keepends=True):
-        try:
-            rec = json.loads(raw) if raw.endswith(b"\n") else None
-            k = key(rec) if isinstance(rec, dict) else None
-        except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
-            k = None
-        if k is None:
-            break
-        done[k] = rec
-        good_end += len(raw)
-    if good_end < len(data):
-        with open(out, "r+b") as f:
-            f.truncate(good_end)
-    return done
+    return jsonl.load(out, repair=True, key=_id).by_key(_id)
 
 
 def record(item: Item, variant: str, response: str | None = None, n_tokens: int = 0, tokens_per_s: float = 0.0,
@@ -186,40 +168,14 @@ def record(item: Item, variant: str, response: str | None = None, n_tokens: int 
             "tokens_per_s": round(tokens_per_s, 2), "guided_tokens": guided_tokens}
 
 
-class Appender:
-    """Appends one JSON line per record and flushes it to disk before returning."""
-
-    def __init__(self, out: Path | None) -> None:
-        self.out = out
-        if out is None:
-            self.f = sys.stdout
-        else:
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                self.f = open(out, "a", encoding="utf-8")
-            except OSError as e:
-                raise UsageError(f"cannot write {out}: {e.strerror}") from None
-
-    def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
-        if self.out is not None:
-            os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        if self.out is not None:
-            self.f.close()
-
-
 def finalize(out: Path, items: list[Item], split_dir: Path | None) -> dict[str, int]:
     """Once every wanted item has a record: rewrite the output in input order (atomically) and write the
     split files. Returns the counts per verdict."""
-    done = load_done(out)
+    loaded = jsonl.load(out, repair=True, key=_id)
+    done = loaded.by_key(_id)
     order = {it.id: it.index for it in items}
     recs = sorted((r for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    os.replace(tmp, out)
+    jsonl.write_records(out, recs, header=loaded.header)
     if split_dir is not None:
         write_split(recs, split_dir)
     counts: dict[str, int] = {}
@@ -237,9 +193,7 @@ def write_split(recs: list[dict], split_dir: Path) -> None:
         return r["verdict"] == "refused" or r.get("judge") == "unsafe"
 
     for name, want in (("allowed.jsonl", False), ("blocked.jsonl", True)):
-        (split_dir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs
-                                              if r["verdict"] != "error" and blocked(r) == want),
-                                      encoding="utf-8")
+        jsonl.write_records(split_dir / name, (r for r in recs if r["verdict"] != "error" and blocked(r) == want))
 
 
 def merge(out: Path, shards: list[Path]) -> int:
@@ -248,17 +202,14 @@ def merge(out: Path, shards: list[Path]) -> int:
     for p in shards:
         if not p.is_file():
             raise UsageError(f"shard output not found: {p}")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                rid, idx = str(r["id"]), int(r["index"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise UsageError(f"{p}:{n}: not a filter record") from None
+        loaded = jsonl.load(p, key=lambda r: (str(r["id"]), int(r["index"])))
+        if loaded.torn:
+            raise UsageError(f"{p}: the last line is torn (the shard is unfinished: rerun its filter command)")
+        for r in loaded.records:
+            rid = str(r["id"])
             if rid in recs:
                 raise UsageError(f"id {rid!r} appears in more than one shard output (or twice in {p})")
-            recs[rid] = r | {"index": idx}
+            recs[rid] = r | {"index": int(r["index"])}
     if not recs:
         raise UsageError("no records in the shard outputs")
     ordered = sorted(recs.values(), key=lambda r: r["index"])
@@ -267,12 +218,7 @@ def merge(out: Path, shards: list[Path]) -> int:
     if missing:
         raise UsageError(f"the shards leave a gap: input positions {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          "have no record (a shard is missing or unfinished)")
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror}") from None
+    jsonl.write_records(out, ordered)
     return len(ordered)
 
 
