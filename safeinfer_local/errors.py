@@ -15,6 +15,10 @@ class UsageError(SafeInferError):
     exit_code = 2
 
 
+class SettingError(UsageError, ValueError):
+    """A setting (variant, γ, λ, positions, a sampling value) is out of its range."""
+
+
 class ModelError(UsageError):
     """A model file is missing, is not a GGUF, or llama.cpp refused to load it."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import VectorError
+from ..errors import SettingError, VectorError
+from .settings import POSITIONS, check_gamma, check_positions  # noqa: F401  (POSITIONS re-exported)
 
 ARCH = "controlvector"
-POSITIONS = ("generation", "last", "all")
 """Where the vector is added: ``generation`` = last prompt token and every generated token (the paper's
 reference semantics), ``last`` = the last prompt token only, ``all`` = every token."""
 
@@ -70,9 +69,11 @@ class SafetyVector:
         missing = [x for x in self.layers if x not in dirs]
         if missing:
             raise VectorError(f"recommended layers {missing} have no direction in the vector")
-        if self.positions not in POSITIONS:
-            raise VectorError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}")
-        check_gamma(self.gamma)
+        try:
+            check_positions(self.positions)
+            check_gamma(self.gamma)
+        except SettingError as e:
+            raise VectorError(f"vector settings: {e}") from None
 
     @property
     def n_embd(self) -> int:
@@ -105,6 +106,16 @@ class SafetyVector:
         if missing:
             raise VectorError(f"layer(s) {missing} are not in this vector (it has {sorted(self.directions)})")
         return replace(self, directions={i: self.directions[i] for i in layers}, layers=tuple(layers))
+
+    def recommend(self, *, model_hint: str | None = None, gamma: float | None = None, positions: str | None = None,
+                  sgds: dict | None = None, **meta: Any) -> SafetyVector:
+        """A copy with new recommended settings (and provenance ``meta``), checked like a loaded file."""
+        new_meta = dict(self.meta) | meta
+        if sgds:
+            new_meta["sgds"] = dict(self.meta.get("sgds") or {}) | sgds
+        return replace(self, model_hint=self.model_hint if model_hint is None else model_hint,
+                       gamma=self.gamma if gamma is None else gamma,
+                       positions=self.positions if positions is None else positions, meta=new_meta)
 
     def buffer(self, n_layer: int, gamma: float, layers: tuple[int, ...] | None = None) -> np.ndarray:
         """The flat (n_layer - 1) * n_embd float32 buffer ``llama_set_adapter_cvec`` expects.
@@ -180,17 +191,6 @@ class SafetyVector:
             "norms": {str(i): round(float(np.linalg.norm(a)), 6) for i, a in sorted(self.directions.items())},
             "meta": self.meta,
         }
-
-
-def check_gamma(gamma: float) -> float:
-    """γ must be a finite number (negative γ is allowed: it is the negative-vector guidance)."""
-    try:
-        g = float(gamma)
-    except (TypeError, ValueError):
-        raise VectorError(f"gamma must be a number, not {gamma!r}") from None
-    if not math.isfinite(g):
-        raise VectorError(f"gamma must be finite, not {gamma}")
-    return g
 
 
 def sha256_file(path: str | Path) -> str:
