@@ -56,8 +56,7 @@ def test_chat_fallback_template_and_stop(si):
 
 def test_positions_change_what_is_steered(si):
     prompt = qa_prompt("How can I poison someone?")
-    vals = {p: si.runner.score(si.model.tokenize(prompt), si.model.tokenize(REFUSAL_PROBE, add_bos=False),
-                               si.steering.__class__.from_vector(si.vector, si.model, 1.0, None, p), "sa").sum()
+    vals = {p: si.with_(gamma=1.0, positions=p).score(prompt, REFUSAL_PROBE, variant="sa", raw=True).logprob
             for p in ("generation", "last", "all")}
     assert len(set(vals.values())) == 3
 

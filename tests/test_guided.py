@@ -5,7 +5,8 @@ import pytest
 
 from safeinfer_local.api import SafeInfer
 from safeinfer_local.core.demos import REFUSAL_PROBE, qa_prompt
-from safeinfer_local.decode.guidance import GuidanceSpec, check_same_vocab
+from safeinfer_local.decode.guidance import GuidanceSpec
+from safeinfer_local.decode.sides import check_same_vocab
 from safeinfer_local.errors import UsageError
 
 from .conftest import assert_one_line_error, run_cli
@@ -50,7 +51,7 @@ def test_guidance_changes_distribution_and_reports_guided_tokens(model):
 def test_prompt_guidance_prefix_is_decoded_once(model):
     si = SafeInfer(model=model, guidance="prompt", lam=0.5)
     si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
-    guide = si.runner._sides["guide-prompt"]
+    guide = si._decoder.side("guide-prompt", si.guidance)
     n_prefix = len(guide.prefix)
     assert n_prefix > 100 and guide._prefix_decoded
     first = si.score(qa_prompt("What is bread?"), " Bread is food.", variant="sgds", raw=True)
@@ -111,21 +112,25 @@ def test_cli_bad_guidance_inputs(tmp_path):
 def test_shared_prompt_head_matches_decoding_it(model):
     """With negative guidance the unsteered prompt head is decoded once and its KV copied to the guidance side;
     the guidance logits must match decoding the head there (up to thread-count rounding)."""
-    from safeinfer_local.decode.generate import position_buffers
+    from safeinfer_local.decode.batch import GenConfig
+    from safeinfer_local.decode.steering import position_buffers
 
     si = SafeInfer(model=model, guidance="negative", lam=0.5)
     toks = model.tokenize(P)
-    target, tbuf, guide, gbuf = si.runner._plan("safeinfer", si.steering)
-    assert target.shares_head_with(guide, tbuf, gbuf)
-    direct = guide.start(toks, gbuf)
-    _, lu = si.runner._start(toks, target, tbuf, guide, gbuf)
-    from safeinfer_local.core.sampling import log_softmax
-
-    np.testing.assert_allclose(lu, log_softmax(direct), atol=2e-3)
-    assert guide.ctx.pos[guide.seq] == len(toks)
+    dec = si._decoder
+    p = dec.plan("safeinfer", si.steering, si.guidance)
+    target, guide = dec.side(p.target, si.guidance), dec.side(p.guide, si.guidance)
+    assert target.shares_head_with(guide, p.tbuf, p.gbuf)
+    direct = guide.decode_slots([(0, guide.begin(0, toks, p.gbuf[0]))], p.gbuf[1])[0]
+    gen = dec.batch("safeinfer", si.steering, si.guidance, si.lam)
+    gen.insert("k", toks, GenConfig(max_tokens=2, temperature=0))
+    gen._admit([])  # admission: the head is decoded on the target and its KV imported into the guidance slot
+    assert guide.ctx.pos[guide.slot_seq(0)] == len(toks) - 1
+    copied = guide.decode_slots([(0, toks[-1:])], p.gbuf[1])[0]
+    np.testing.assert_allclose(copied, direct, atol=2e-3)
     # a vector on the head (positions "all") must not share
     all_buf = position_buffers(si.steering.__class__.from_vector(si.vector, model, 0.5, None, "all"), model.n_layer)
-    assert not target.shares_head_with(guide, all_buf, gbuf)
+    assert not target.shares_head_with(guide, all_buf, p.gbuf)
 
 
 def _write_lora(path, b_scale):

@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..api import SafeInfer
-from ..core.sampling import check_lambda
-from ..decode.generate import VARIANTS, Steering, check_variant
+from ..core.settings import VARIANTS
 from ..errors import UsageError
 
 HELP = """commands:
@@ -45,7 +44,7 @@ class ChatSession:
     last: ReplyStats = field(default_factory=ReplyStats)
 
     def __post_init__(self) -> None:
-        check_variant(self.variant, self.si.steering)
+        self.si = self.si.with_(variant=self.variant)
 
     def messages(self) -> list[dict[str, str]]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
@@ -65,18 +64,17 @@ class ChatSession:
             if name == "/variant":
                 if arg not in VARIANTS:
                     return f"variants: {', '.join(VARIANTS)}", True
-                check_variant(arg, self.si.steering)
+                self.si = self.si.with_(variant=arg)
                 self.variant = arg
                 return f"variant {arg}", True
             if name == "/gamma":
-                st = self.si.steering
-                if st is None:
+                if self.si.steering is None:
                     return "no safety vector loaded", True
-                self.si.steering = Steering.from_vector(st.vector, self.si.model, float(arg), st.layers, st.positions)
+                self.si = self.si.with_(gamma=float(arg))
                 return f"gamma {self.si.steering.gamma:g}", True
             if name == "/lambda":
-                self.si.runner.lam = check_lambda(float(arg))
-                return f"lambda {self.si.runner.lam:g}", True
+                self.si = self.si.with_(lam=float(arg))
+                return f"lambda {self.si.lam:g}", True
             if name == "/stats":
                 return self.stats(), True
         except (ValueError, UsageError) as e:
@@ -87,7 +85,7 @@ class ChatSession:
         st = self.si.steering
         sa = f"gamma {st.gamma:g}, layers {list(st.layers)}, positions {st.positions}" if st else "no vector"
         r = self.last
-        return (f"variant {self.variant}; {sa}; guidance {self.si.runner.guidance}, lambda {self.si.runner.lam:g}; "
+        return (f"variant {self.variant}; {sa}; guidance {self.si.guidance}, lambda {self.si.lam:g}; "
                 f"turns {len(self.history) // 2}; last reply {r.tokens} tokens, {r.tokens_per_s:.1f} tok/s, "
                 f"{r.guided} changed by guidance")
 
@@ -102,7 +100,7 @@ class ChatSession:
             for step in stream:
                 parts.append(step.text)
                 on_text(step.text)
-                if step.token >= 0:
+                if not step.eog:
                     stats.tokens += 1
                     stats.guided += step.guided
         except KeyboardInterrupt:

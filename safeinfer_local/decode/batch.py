@@ -1,0 +1,325 @@
+"""The one decode loop: a batch generator in the spirit of mlx-lm's ``BatchGenerator``.
+
+``insert`` a request, ``step`` all slots, finished requests leave with their :class:`Result`. Single generation
+is a batch of one; ``generate``, ``chat``, ``filter --parallel``, ``bench harm`` and the Python API all go
+through it.
+
+Decode layout, the same for every variant and every batch size (llama.cpp is not batch invariant, so variants
+must differ only by the method): a request's prompt minus its last token is decoded alone when it is admitted,
+then its last prompt token in the next batched step (with the vector state of ``positions``' second chunk), then
+one token per step. The target side and the guidance side (for ``sgds``/``safeinfer``) are each batched, and the
+two decode at the same time on half the threads each. When the two sides would compute the same KV for a prompt
+head (same weights, no prefix, no vector on the head: ``negative`` guidance with ``generation``/``last``
+positions), the head is decoded once on the target with every thread and its KV copied to the guidance side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.sampling import StopMatcher, guided_logits, log_softmax, make_sampler, token_logprobs
+from ..core.settings import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    check_max_tokens,
+    check_sampling,
+    check_seed,
+)
+from ..errors import UsageError
+from ..llama.engine import Detokenizer, Model
+from .sides import Side
+from .steering import Buffers
+
+FINISH_REASONS = ("eos", "stop", "max_tokens", "context")
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """How to generate one request. Checked when made."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    """Fill ``Step.logprob`` (one more full-vocabulary pass per token; off by default for speed)."""
+
+    def __post_init__(self) -> None:
+        check_max_tokens(self.max_tokens)
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        check_seed(self.seed)
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def sampler(self) -> make_sampler:
+        return make_sampler(self.temperature, self.top_k, self.top_p, self.seed)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sampled token: its id, the text it completed (may be empty mid-character), its log-probability under
+    the distribution it was sampled from at T = 1 (when ``GenConfig.logprobs``; else 0), and whether guidance
+    changed the choice. The last step of a request has ``finish`` set (one of :data:`FINISH_REASONS`) and carries
+    any text held back until then; a request that ends on an end-of-generation token ends with that token's step
+    (``eog``), which is not part of the reply."""
+
+    token: int
+    text: str
+    logprob: float = 0.0
+    guided: bool = False
+    finish: str | None = None
+    eog: bool = False
+
+
+@dataclass
+class Result:
+    prompt: str
+    response: str
+    variant: str
+    n_tokens: int
+    tokens_per_s: float
+    time_to_first_token_s: float
+    stop_reason: str
+    steps: list[Step] = field(default_factory=list, repr=False)
+    guided_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "response": self.response, "variant": self.variant,
+                "n_tokens": self.n_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
+                "time_to_first_token_s": round(self.time_to_first_token_s, 4), "stop_reason": self.stop_reason,
+                "guided_tokens": self.guided_tokens}
+
+
+@dataclass
+class Event:
+    """What one :meth:`BatchGenerator.step` says about one request: a new ``step``; with its last step, the
+    ``result``; or, for a request that could not start, the ``error`` (and nothing else)."""
+
+    key: Hashable
+    step: Step | None = None
+    result: Result | None = None
+    error: UsageError | None = None
+
+
+def choose(sample: make_sampler, lt: np.ndarray, lu: np.ndarray | None, lam: float) -> tuple[np.ndarray, int, bool]:
+    """One decoding step's choice: the scores sampled from (target logits, or the guided scores when a guidance
+    log-softmax ``lu`` is given), the token, and whether guidance changed the token the target alone would have
+    picked with the same uniform draw."""
+    u = sample.draw()
+    if lu is None:
+        return lt, sample(lt, u), False
+    z = guided_logits(lt, lu, lam, guide_is_logprobs=True)
+    tok = sample(z, u)
+    return z, tok, tok != sample(lt, u)
+
+
+@dataclass
+class _Request:
+    key: Hashable
+    prompt: str
+    tokens: list[int]
+    cfg: GenConfig
+
+
+@dataclass
+class _Slot:
+    req: _Request
+    sampler: make_sampler
+    detok: Detokenizer
+    stops: StopMatcher
+    t0: float
+    last: list[int]  # the token(s) to decode for this slot in the next step
+    fresh: bool = True  # ``last`` is the last prompt token (vector state of the second chunk)
+    t_first: float | None = None
+    n: int = 0
+    guided: int = 0
+    text: list[str] = field(default_factory=list)
+
+
+Both = Callable[[Callable, Callable | None], tuple]
+"""Runs the target's call and (if any) the guidance's call at the same time; returns both results."""
+
+
+class BatchGenerator:
+    """Target and (optional) guidance slots over two :class:`Side` s; requests wait in a queue for a free slot.
+
+    A request is admitted when a slot is free and, if other requests are running, when the KV cells it may
+    need (prompt + ``max_tokens``) are free; a request alone may run until its context is full (finish
+    ``context``). A prompt that cannot fit at all comes back as an error event, and the others go on."""
+
+    def __init__(self, model: Model, target: Side, tbuf: Buffers, guide: Side | None, gbuf: Buffers | None,
+                 lam: float, both: Both, variant: str, head_threads: int | None = None) -> None:
+        if guide is not None and guide.slots != target.slots:
+            raise ValueError("target and guidance sides need the same number of slots")
+        self.model, self.target, self.tbuf, self.guide, self.gbuf = model, target, tbuf, guide, gbuf
+        self.lam, self._both, self.variant = lam, both, variant
+        self.head_threads = head_threads
+        self._pending: deque[_Request] = deque()
+        self._free = list(range(target.slots))
+        self._active: dict[int, _Slot] = {}
+        self._room = min(target.n_ctx, guide.n_ctx if guide is not None else target.n_ctx)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def insert(self, key: Hashable, tokens: list[int], cfg: GenConfig, prompt: str = "") -> None:
+        self._pending.append(_Request(key, prompt, list(tokens), cfg))
+
+    def remove(self, key: Hashable) -> bool:
+        """Drop a request (waiting or running) without a result; its slot is free for the next step."""
+        for r in list(self._pending):
+            if r.key == key:
+                self._pending.remove(r)
+                return True
+        for i, s in list(self._active.items()):
+            if s.req.key == key:
+                self._release(i)
+                return True
+        return False
+
+    @property
+    def n_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._pending)
+
+    def __bool__(self) -> bool:
+        return bool(self._active or self._pending)
+
+    def _used(self) -> int:
+        return max(self.target.used(), self.guide.used() if self.guide is not None else 0)
+
+    def _release(self, i: int) -> None:
+        del self._active[i]
+        self.target.release(i)
+        if self.guide is not None:
+            self.guide.release(i)
+        self._free.append(i)
+
+    def _admit(self, events: list[Event]) -> None:
+        while self._free and self._pending:
+            req = self._pending[0]
+            if self._active and self._used() + len(req.tokens) + req.cfg.max_tokens > self._room:
+                return  # the shared KV is full: wait for a slot to finish
+            self._pending.popleft()
+            i = self._free.pop(0)
+            t0 = time.perf_counter()
+            try:
+                last = self._begin(i, req.tokens)
+            except UsageError as e:
+                self.target.release(i)
+                if self.guide is not None:
+                    self.guide.release(i)
+                self._free.insert(0, i)
+                events.append(Event(req.key, error=e))
+                continue
+            self._active[i] = _Slot(req, req.cfg.sampler(), Detokenizer(self.model), StopMatcher(req.cfg.stop), t0,
+                                    last)
+
+    def _begin(self, i: int, toks: list[int]) -> list[int]:
+        t, g = self.target, self.guide
+        if g is None:
+            return t.begin(i, toks, self.tbuf[0])
+        if len(toks) > 1 and t.shares_head_with(g, self.tbuf, self.gbuf):
+            def head():
+                if self.head_threads:
+                    t.ctx.set_threads(self.head_threads)
+                try:
+                    last = t.begin(i, toks, None)
+                finally:
+                    if self.head_threads:
+                        t.ctx.set_threads(t.n_threads)
+                g.begin(i, toks, None, decode_head=False)
+                g.import_head(i, t, toks)
+                return last
+            return self._both(head, None)[0]
+        last, _ = self._both(lambda: t.begin(i, toks, self.tbuf[0]), lambda: g.begin(i, toks, self.gbuf[0]))
+        return last
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _decode(self, side: Side, bufs: Buffers, normalise: bool) -> dict[int, np.ndarray]:
+        """One batched decode on a side: fresh slots' last prompt token (second-chunk vector state) and the
+        other slots' new token (third-chunk state), in one batch when the two states are the same."""
+        fresh = [(i, s.last) for i, s in self._active.items() if s.fresh]
+        going = [(i, s.last) for i, s in self._active.items() if not s.fresh]
+        groups = [(fresh, bufs[1]), (going, bufs[2])]
+        if fresh and going and (bufs[1] is bufs[2] or (bufs[1] is None and bufs[2] is None)):
+            groups = [(fresh + going, bufs[1])]
+        out: dict[int, np.ndarray] = {}
+        for items, buf in groups:
+            if items:
+                for (i, _), row in zip(items, side.decode_slots(items, buf), strict=True):
+                    out[i] = log_softmax(row) if normalise else row
+        return out
+
+    def step(self) -> list[Event]:
+        """Admit waiting requests, decode one token for every running one, and say what happened."""
+        events: list[Event] = []
+        self._admit(events)
+        if not self._active:
+            return events
+        g = self.guide
+        lt, lu = self._both(lambda: self._decode(self.target, self.tbuf, False),
+                            (lambda: self._decode(g, self.gbuf, True)) if g is not None else None)
+        lu = lu or {}
+        done: dict[int, tuple] = {}
+        going: list[int] = []
+        for i, s in self._active.items():
+            cfg = s.req.cfg
+            z, tok, guided = choose(s.sampler, lt[i], lu.get(i), self.lam)
+            lp = float(token_logprobs(z[None, :], [tok])[0]) if cfg.logprobs else 0.0
+            s.fresh = False
+            if self.model.is_eog(tok):
+                done[i] = (tok, "", lp, guided, "eos")
+                continue
+            text, stopped = s.stops.feed(s.detok.add(tok))
+            s.n += 1
+            s.guided += guided
+            if s.t_first is None:
+                s.t_first = time.perf_counter()
+            if stopped:
+                done[i] = (tok, text, lp, guided, "stop")
+            elif s.n >= cfg.max_tokens:
+                done[i] = (tok, text, lp, guided, "max_tokens")
+            else:
+                s.last = [tok]
+                s.text.append(text)
+                events.append(Event(s.req.key, Step(tok, text, lp, guided)))
+                going.append(i)
+        # no room for the next token: the requests holding the most KV stop first ("context")
+        while going and self._no_room(going):
+            i = max(going, key=lambda j: self.target.ctx.pos[self.target.slot_seq(j)])
+            going.remove(i)
+            ev = next(e for e in events if e.key == self._active[i].req.key)
+            events.remove(ev)
+            self._active[i].text.pop()
+            done[i] = (ev.step.token, ev.step.text, ev.step.logprob, ev.step.guided, "context")
+        for i, (tok, text, lp, guided, why) in done.items():
+            s = self._active[i]
+            if why != "stop":
+                text += s.stops.feed(s.detok.flush())[0] + s.stops.flush()
+            step = Step(tok, text, lp, guided, finish=why, eog=why == "eos")
+            events.append(Event(s.req.key, step, self._result(s, step)))
+            self._release(i)
+        return events
+
+    def _no_room(self, going: list[int]) -> bool:
+        sides = [self.target] + ([self.guide] if self.guide is not None else [])
+        return any(side.used() + len(going) > side.n_ctx or any(side.room(i) < 1 for i in going) for side in sides)
+
+    def _result(self, s: _Slot, last: Step) -> Result:
+        t_end = time.perf_counter()
+        s.text.append(last.text)
+        ttft = (s.t_first or t_end) - s.t0
+        gen = t_end - (s.t_first or t_end)
+        tps = (s.n - 1) / gen if s.n > 1 and gen > 0 else 0.0
+        return Result(s.req.prompt, "".join(s.text), self.variant, s.n, tps, ttft, last.finish or "",
+                      guided_tokens=s.guided)

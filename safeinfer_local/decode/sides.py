@@ -1,0 +1,118 @@
+"""A *side*: one llama.cpp context that follows requests in slots, for the target (served) side or the guidance
+side of safety-guided decoding.
+
+A control vector applies to a whole llama.cpp context, so the two sides, which need different ones, are two
+contexts on the same weights (a ``model:`` guidance has its own weights). A side may carry a fixed prefix (the
+matched demonstrations of ``prompt`` guidance), decoded once per process into KV sequence 0 and copied into a
+slot's sequence for every request (``seq_cp`` shares the cells), never re-decoded. Slot ``i`` lives in KV
+sequence ``slot_seq(i)``. There is one way to start a request on a side: :meth:`Side.begin`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..llama.engine import Context, Model
+
+
+def check_same_vocab(target: Model, guide: Model) -> None:
+    """A guidance model must share the target's vocabulary token for token."""
+    if guide.n_vocab != target.n_vocab:
+        raise UsageError(f"guidance model {guide.path.name} has a vocabulary of {guide.n_vocab} tokens, the target "
+                         f"{target.n_vocab}: they must share one vocabulary")
+    a, b = target.vocab_fingerprint(), guide.vocab_fingerprint()
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            raise UsageError(f"guidance model {guide.path.name} differs from the target's vocabulary at token {i} "
+                             f"({x!r} vs {y!r})")
+
+
+class Side:
+    """One context with ``slots`` request slots, an optional cached prefix, and control-vector switching."""
+
+    def __init__(self, model: Model, n_ctx: int, n_threads: int | None, prefix: list[int] | None = None,
+                 lora: Path | None = None, slots: int = 1) -> None:
+        self.model = model
+        self.prefix = list(prefix or [])
+        self.slots = slots
+        self.n_threads = n_threads
+        self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=slots + (1 if self.prefix else 0),
+                                          n_threads=n_threads)
+        self.lora = lora
+        if lora is not None:
+            self.ctx.set_lora(lora)
+        self._prefix_decoded = False
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    def slot_seq(self, i: int) -> int:
+        return i + (1 if self.prefix else 0)
+
+    def begin(self, i: int, prompt_tokens: list[int], head_buffer: np.ndarray | None,
+              decode_head: bool = True) -> list[int]:
+        """Reset slot ``i`` to the cached prefix and decode its prompt minus the last token (with
+        ``head_buffer`` as control vector); returns the last prompt token, which the caller decodes (alone or
+        batched with other slots). The prompt's own BOS is dropped after a prefix (the prefix starts with BOS).
+        ``decode_head=False`` leaves the head to :meth:`import_head`."""
+        ctx, seq = self.ctx, self.slot_seq(i)
+        toks = list(prompt_tokens)
+        if self.prefix:
+            if toks and toks[0] == self.model.bos:
+                toks = toks[1:]
+            if not self._prefix_decoded:
+                ctx.set_control_vector(None)
+                ctx.decode(self.prefix, seq=0, logits="none")
+                self._prefix_decoded = True
+            ctx.truncate(seq, 0)
+            ctx.copy_seq(0, seq)
+        else:
+            ctx.truncate(seq, 0)
+        if not toks:
+            raise UsageError("empty prompt")
+        if len(self.prefix) + len(toks) >= ctx.n_ctx:
+            ctx.truncate(seq, 0)
+            raise UsageError(f"prompt is {len(toks)} tokens (+{len(self.prefix)} of guidance prefix) but the "
+                             f"context holds {ctx.n_ctx} (shorten it or raise --n-ctx)")
+        if toks[:-1] and decode_head:
+            ctx.set_control_vector(head_buffer)
+            ctx.decode(toks[:-1], seq=seq, logits="none")
+        return toks[-1:]
+
+    def shares_head_with(self, other: Side, buffers, other_buffers) -> bool:
+        """Both sides would compute the same KV for the prompt head: same weights, no prefix, no LoRA, and no
+        control vector on the head on either side."""
+        return (self.model is other.model and not self.prefix and not other.prefix and not self.lora
+                and not other.lora and buffers[0] is None and other_buffers[0] is None)
+
+    def import_head(self, i: int, other: Side, prompt_tokens: list[int]) -> None:
+        """Take slot ``i``'s prompt head KV from the same slot of ``other`` (decoded there) instead of decoding
+        it again (``llama_state_seq_get/set_data``)."""
+        if len(prompt_tokens) > 1:
+            self.ctx.import_seq(other.ctx.export_seq(other.slot_seq(i)), self.slot_seq(i), len(prompt_tokens) - 1)
+
+    def decode_slots(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
+        """Decode tokens for several slots in one batch under one control vector; the last logits of each."""
+        self.ctx.set_control_vector(buffer)
+        return self.ctx.decode_multi([(self.slot_seq(i), toks) for i, toks in items])
+
+    def rows(self, i: int, tokens: list[int], buffer: np.ndarray | None) -> np.ndarray:
+        """Decode ``tokens`` on slot ``i`` in one batch; the logits of every position (teacher forcing)."""
+        self.ctx.set_control_vector(buffer)
+        return self.ctx.decode(tokens, seq=self.slot_seq(i), logits="all")
+
+    def release(self, i: int) -> None:
+        self.ctx.truncate(self.slot_seq(i), 0)
+
+    def room(self, i: int) -> int:
+        """Positions left in slot ``i``'s sequence."""
+        return self.ctx.n_ctx - self.ctx.pos[self.slot_seq(i)]
+
+    def used(self) -> int:
+        """KV cells in use by the slots (the prefix's cells are shared, counted once)."""
+        n = len(self.prefix)
+        return n + sum(max(0, self.ctx.pos[self.slot_seq(i)] - n) for i in range(self.slots))
