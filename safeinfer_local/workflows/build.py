@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..core.demos import N_PROMPTS, N_SHOTS, Demo, demos_hash, icl_prompts, qa_prompt
 from ..core.sampling import token_logprobs
+from ..core.settings import check_gamma, check_positions
 from ..core.vectors import SafetyVector
 from ..errors import UsageError
 from ..llama.engine import ActivationHook, Model
@@ -218,3 +220,27 @@ def build_vector(model: Model, demos: list[Demo], method: str = "mean-diff", lay
     return SafetyVector(directions=directions, model_hint=model.name, method=method, gamma=1.0,
                         layers=tuple(layers), positions="generation", source_model=model.path.name,
                         demos_sha256=demos_hash(demos), meta=meta)
+
+
+def build_file(demos_path: str | Path, out: str | Path, model: str | Path | None = None, method: str = "mean-diff",
+               layer: str | None = None, heads: int = 10, n_prompts: int = N_PROMPTS, n_shots: int = N_SHOTS,
+               aie_prompts: int = DEFAULT_AIE_PROMPTS, gamma: float = 1.0, positions: str = "generation",
+               seed: int = 0, n_threads: int | None = None, n_gpu_layers: int = 0, command: str | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> SafetyVector:
+    """``safeinfer vectors build``: load the model and the demonstrations, build, record the recommended γ and
+    positions (and the command), and save the vector file."""
+    from ..core.demos import load_demos
+    from ..core.models import resolve_model
+
+    if n_prompts < 1 or n_shots < 1 or aie_prompts < 1:
+        raise UsageError("--prompts, --shots and --aie-prompts must be >= 1")
+    check_gamma(gamma)
+    check_positions(positions)
+    demos = load_demos(demos_path)
+    m = Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
+    v = build_vector(m, demos, method=method, layers=parse_layers(layer, m, method), heads=heads,
+                     n_prompts=n_prompts, n_shots=n_shots, seed=seed, aie_prompts=aie_prompts, progress=progress,
+                     n_threads=n_threads)
+    v = v.recommend(gamma=gamma, positions=positions, **({"build_command": command} if command else {}))
+    v.save(out)
+    return v

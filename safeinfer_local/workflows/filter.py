@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,3 +226,92 @@ def pending(items: list[Item], done: dict[str, dict], shard: tuple[int, int] | N
     for it in items:
         if in_shard(it.id, shard) and it.id not in done:
             yield it
+
+
+@dataclass
+class Summary:
+    """What a filter run did: the wanted items (this shard), how many were already done, the records written
+    now, and the counts per verdict over the whole output."""
+
+    wanted: int
+    done_before: int
+    written: list[dict]
+    counts: dict[str, int]
+
+    @property
+    def mean_tokens_per_s(self) -> float:
+        speeds = [r["tokens_per_s"] for r in self.written if r["verdict"] != "error" and r["tokens_per_s"]]
+        return sum(speeds) / len(speeds) if speeds else 0.0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: every finished record is kept; ``message`` says how far it got and how to resume."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def run(si, items: list[Item], out: Path | None = None, split: Path | None = None,
+        shard: tuple[int, int] | None = None, parallel: int = 1, frame: str | None = None, judge=None,
+        progress: Callable[[str, int, int], None] | None = None,
+        on_resume: Callable[[int, int], None] | None = None, **gen) -> Summary:
+    """``safeinfer filter``: generate a reply for every wanted item with ``si``'s settings and judge it, one
+    record per item appended to ``out`` (flushed as each finishes; a rerun resumes) or written to stdout in input
+    order. ``gen``: the fields of a generation (max_tokens, temperature, ..., stop)."""
+    variant = si.default_variant()
+    done = load_done(out) if out is not None else {}
+    todo = list(pending(items, done, shard))
+    wanted = [it for it in items if in_shard(it.id, shard)]
+    if done and on_resume:
+        on_resume(len(wanted) - len(todo), len(wanted))
+    app = jsonl.Appender(out)
+    written: list[dict] = []
+    held: dict[int, dict] = {}  # stdout: records waiting for an earlier one, so the output keeps input order
+    order = [it.index for it in todo]
+    nxt = 0
+
+    def emit(rec: dict) -> None:
+        nonlocal nxt
+        written.append(rec)
+        if out is not None:
+            app.write(rec)
+        else:
+            held[rec["index"]] = rec
+            while nxt < len(order) and order[nxt] in held:
+                app.write(held.pop(order[nxt]))
+                nxt += 1
+        if progress:
+            progress("filter", len(written), len(todo))
+
+    try:
+        runs = [it for it in todo if it.error is None]
+        for it in todo:
+            if it.error is not None:
+                emit(record(it, variant))
+        by_id = {it.id: it for it in runs}
+        for key, r in si.generate_many(((it.id, it.prompt) for it in runs), frame=frame, n_parallel=parallel,
+                                       **gen):
+            it = by_id[key]
+            if isinstance(r, Exception):
+                rec = record(it, variant, error=str(r))
+            else:
+                rec = record(it, variant, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
+                if judge is not None:
+                    rec["judge"] = judge.classify(it.prompt, r.response)
+            emit(rec)
+    except KeyboardInterrupt:
+        app.close()
+        n_done = len(wanted) - len(todo) + (len(written) if out is not None else nxt)
+        where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
+        raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts done; {where}") from None
+    app.close()
+    if out is not None:
+        counts = finalize(out, wanted, split)
+    else:
+        if split is not None:
+            write_split(sorted(written, key=lambda r: r["index"]), split)
+        counts = {}
+        for r in written:
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    return Summary(len(wanted), len(wanted) - len(todo), written, counts)

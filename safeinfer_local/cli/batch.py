@@ -1,0 +1,95 @@
+"""``filter`` and ``merge``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from . import options as o
+from .app import app
+
+
+@app.command("filter")
+def filter_cmd(
+    input: str = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning "
+                                    "the same command resumes it."),
+    fmt: str | None = typer.Option(None, "--format", help="jsonl | csv | txt (default: from the extension)."),
+    field: str | None = typer.Option(None, "--field", help="JSONL field / CSV column holding the prompt "
+                                     "(default: prompt)."),
+    split: Path | None = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl."),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
+    quiet: bool = o.QuietOpt, parallel: int = o.ParallelOpt,
+    judge_model: Path | None = typer.Option(None, "--judge-model", help="A GGUF classifier (e.g. Llama-Guard "
+                                            "style) that labels each reply safe/unsafe; 'unsafe' replies are "
+                                            "blocked in --split."),
+    model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
+    layers: str | None = o.LayersOpt, positions: str | None = o.PositionsOpt, variant: str | None = o.VariantOpt,
+    guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, raw: bool = o.RawOpt,
+    frame: str | None = o.FrameOpt, stop: list[str] | None = o.StopOpt,
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default here)."),
+    top_k: int = o.TopKOpt, top_p: float = o.TopPOpt, seed: int | None = o.SeedOpt,
+    n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    chat_format: str | None = o.ChatFmtOpt,
+) -> None:
+    """Generate a reply for every prompt in a file and judge it (refused / answered / error)."""
+    from ..workflows import filter as flt
+
+    gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
+    fr = o.frame_of(raw, frame)
+    o.check_parallel(parallel)
+    sh = flt.parse_shard(shard)
+    if out is not None:
+        o.check_writable(out)
+    items = flt.read_items(input, fmt, field)
+    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
+                variant)
+    judge = None
+    if judge_model is not None:
+        from ..eval.judge_model import ModelJudge
+
+        judge = ModelJudge(judge_model, n_threads=threads)
+
+    def resuming(done: int, wanted: int) -> None:
+        if not quiet:
+            print(f"resuming: {done} of {wanted} already in {out}", file=sys.stderr)
+
+    try:
+        with o.progress(quiet) as prog:
+            res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming, **gen)
+    except flt.Interrupted as e:
+        print(e.message, file=sys.stderr)
+        raise typer.Exit(130) from None
+    if quiet:
+        return
+    counts, mean = res.counts, res.mean_tokens_per_s
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"filter: {res.wanted} prompts ({len(res.written)} new), variant {si.default_variant()}")
+        for c in ("verdict", "count"):
+            t.add_column(c, justify="right")
+        for k in ("answered", "refused", "error"):
+            t.add_row(k, str(counts.get(k, 0)))
+        t.add_row("mean tok/s", f"{mean:.1f}")
+        Console(stderr=True).print(t)
+    else:
+        summary = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("answered", "refused", "error"))
+        print(f"done: {summary}; mean {mean:.1f} tok/s over {len(res.written)} new", file=sys.stderr)
+
+
+@app.command("merge")
+def merge_cmd(
+    out: Path = typer.Argument(..., help="Merged output (JSON Lines)."),
+    shards: list[Path] = typer.Argument(..., help="Shard outputs of `filter --shard`."),
+) -> None:
+    """Join shard outputs in input order; duplicates or gaps are refused."""
+    from ..workflows.filter import merge
+
+    o.check_writable(out)
+    n = merge(out, shards)
+    print(f"wrote {out} ({n} records)", file=sys.stderr)

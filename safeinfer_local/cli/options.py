@@ -1,0 +1,238 @@
+"""What every command shares, defined once: the options, their parsing, model loading, progress and output."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from ..core.frames import FRAMES, resolve_frame
+from ..core.settings import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_N_CTX,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    VARIANTS,
+    check_gamma,
+    check_lambda,
+    check_max_tokens,
+    check_sampling,
+    check_seed,
+)
+from ..errors import SettingError, UsageError
+
+ModelOpt = typer.Option(None, "--model", "-m", help="GGUF model path (default: the embedded Gemma 3 270M).")
+VectorOpt = typer.Option(None, "--vector", help="Safety vector GGUF/.npz/.npy ('none' for no vector). Default: "
+                         "the shipped vector when the default model is used.")
+GammaOpt = typer.Option(None, "--gamma", help="Vector strength γ (default: the vector's recommended γ).")
+LayersOpt = typer.Option(None, "--layers", help="Blocks to steer, e.g. 8 or 6,8 (default: the vector's).")
+PositionsOpt = typer.Option(None, "--positions", help="generation | last | all (default: the vector's).")
+VariantOpt = typer.Option(None, "--variant", help=f"{' | '.join(VARIANTS)} (SA + sGDS). Default: "
+                          "safeinfer when a vector is loaded, else sgds.")
+GuidanceOpt = typer.Option(None, "--guidance", help="sGDS guidance: prompt | negative | none | "
+                           "model:PATH | lora:PATH (default: the vector's recommendation, else prompt).")
+LamOpt = typer.Option(None, "--lam", help="sGDS λ in [0, 1) (default: the vector's "
+                      "recommendation, else 0.99, the paper's).")
+RawOpt = typer.Option(False, "--raw", help="No chat template: BOS + the prompt's tokens (= --frame none).")
+FrameOpt = typer.Option(None, "--frame", help=f"{' | '.join(FRAMES)}: the chat template (default), the prompt's "
+                        "own tokens, or a plain 'Q: ...\\nA:' frame that stops at the next 'Q:' (for base models).")
+StopOpt = typer.Option(None, "--stop", help="Stop when the reply contains this text (repeatable).")
+NCtxOpt = typer.Option(DEFAULT_N_CTX, "--n-ctx", help="Context length in tokens.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cores).")
+GpuOpt = typer.Option(0, "--n-gpu-layers", help="Layers to offload on Metal/CUDA builds (-1 = all).")
+ChatFmtOpt = typer.Option(None, "--chat-format", help="Chat format when the GGUF has no template (default: "
+                          "gemma for Gemma models, else chatml).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or summary.")
+ParallelOpt = typer.Option(1, "--parallel", "-p", help="Prompts decoded in the same batch.")
+MaxTokensOpt = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per reply.")
+TemperatureOpt = typer.Option(DEFAULT_TEMPERATURE, "--temperature", "-t", help="0 = greedy.")
+TopKOpt = typer.Option(DEFAULT_TOP_K, "--top-k", help="0 disables.")
+TopPOpt = typer.Option(DEFAULT_TOP_P, "--top-p", help="1 disables.")
+SeedOpt = typer.Option(None, "--seed", help="Sampling seed (default: random).")
+
+MAX_PARALLEL = 64
+MAX_THREADS = 512
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def parse_layers(spec: str | None) -> tuple[int, ...] | None:
+    if spec is None:
+        return None
+    try:
+        return tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise UsageError(f"--layers must be block numbers separated by commas, not {spec!r}") from None
+
+
+def parse_floats(name: str, spec: str, check=None) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers, each passed through ``check`` (a settings check) if given."""
+    try:
+        vals = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{name} must be numbers separated by commas, not {spec!r}") from None
+    if not vals:
+        raise UsageError(f"{name}: give at least one number, e.g. 0.25,0.5")
+    for x in vals:
+        check_finite(name, x)
+        if check is not None:
+            try:
+                check(x)
+            except SettingError as e:
+                raise SettingError(f"{name}: {e}") from None
+    return vals
+
+
+def check_finite(name: str, x: float | None) -> None:
+    import math
+
+    if x is not None and not math.isfinite(x):
+        raise UsageError(f"{name} must be a finite number, not {x}")
+
+
+def csv_list(values: list[str] | None) -> list[str]:
+    return [x.strip() for v in values or () for x in v.split(",") if x.strip()]
+
+
+def frame_of(raw: bool, frame: str | None) -> str:
+    return resolve_frame(raw, frame)
+
+
+def check_parallel(parallel: int) -> int:
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise UsageError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
+    return parallel
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be in 1..{MAX_THREADS}, not {threads}")
+
+
+def gen_options(max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
+                stop: list[str] | None = None) -> dict:
+    """Sampling and length options, checked before any model is loaded; the keyword arguments of a generation."""
+    check_sampling(temperature, top_k, top_p)
+    check_max_tokens(max_tokens)
+    check_seed(seed)
+    if stop and not all(stop):
+        raise SettingError("--stop takes a non-empty text")
+    return dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                stop=tuple(stop or ()))
+
+
+def load(model=None, vector=None, gamma=None, layers=None, positions=None, n_ctx: int = DEFAULT_N_CTX,
+         threads: int | None = None, n_gpu_layers: int = 0, chat_format=None, guidance=None, lam=None,
+         variant: str | None = None):
+    """A SafeInfer from the common options; every value is checked before the model is loaded."""
+    from ..api import SafeInfer
+
+    if gamma is not None:
+        check_gamma(gamma)
+    if lam is not None:
+        check_lambda(lam)
+    if n_ctx < 16:
+        raise UsageError(f"--n-ctx must be >= 16, not {n_ctx}")
+    check_threads(threads)
+    vec = vector if vector is not None else "default"
+    if vector in ("none", ""):
+        vec = None
+    return SafeInfer(model=model, vector=vec, gamma=gamma, layers=parse_layers(layers), positions=positions,
+                     n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
+                     guidance=guidance, lam=lam, variant=variant, warn=warn)
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise UsageError("no prompt: pass it as an argument or on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("empty prompt")
+    return prompt
+
+
+_ARGV: list[str] = []
+"""The arguments of this run (recorded in outputs so that they say how to reproduce them)."""
+
+
+def command_line() -> str:
+    """This run's command line as a user would type it (recorded in vectors and reports)."""
+    return "safeinfer " + " ".join(shlex.quote(a) for a in _ARGV)
+
+
+def console():
+    """stdout for tables: its own width on a terminal; wide enough for whole tables in a file or a pipe."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a directory")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the output folder {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent}: permission denied")
+
+
+class NoProgress:
+    def __enter__(self):
+        return lambda *a: None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Progress:
+    """A rich progress bar on stderr when it is a terminal; plain lines otherwise."""
+
+    def __enter__(self):
+        self.tty = sys.stderr.isatty()
+        self.tasks: dict[str, int] = {}
+        self.last: dict[str, int] = {}
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.p = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                  console=Console(stderr=True), transient=False)
+            self.t0 = time.perf_counter()
+            self.p.__enter__()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.tty:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.p.add_task(stage, total=total, rate="")
+            per_min = done / max(1e-9, time.perf_counter() - self.t0) * 60
+            self.p.update(self.tasks[stage], completed=done, total=total, rate=f"{per_min:.1f}/min")
+        else:
+            step = max(1, total // 10)
+            if done == total or done - self.last.get(stage, 0) >= step:
+                self.last[stage] = done
+                print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.tty:
+            self.p.__exit__(*exc)
+        return False
+
+
+def progress(quiet: bool = False):
+    return NoProgress() if quiet else Progress()

@@ -1,0 +1,133 @@
+"""``vectors build``, ``inspect``, ``convert`` and ``sweep``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from ..errors import UsageError
+from . import options as o
+from .app import vectors_app
+
+
+@vectors_app.command("build")
+def vectors_build(
+    demos: Path = typer.Option(..., "--demos", help="JSONL of {prompt, response} safe demonstrations."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output control-vector GGUF."),
+    model: str | None = o.ModelOpt,
+    method: str = typer.Option("mean-diff", "--method", help="fv (function vector) | mean-diff."),
+    layer: str | None = typer.Option(None, "--layer", help="Block to write (default ≈ n_layer/3); mean-diff "
+                                        "also takes a comma list or 'all'."),
+    heads: int = typer.Option(10, "--heads", help="fv: top-K heads by average indirect effect."),
+    prompts: int = typer.Option(100, "--prompts", help="In-context prompts averaged (the paper: 100)."),
+    shots: int = typer.Option(10, "--shots", help="Demonstrations per prompt (the paper: 10)."),
+    aie_prompts: int = typer.Option(16, "--aie-prompts", help="fv: corrupted prompts per head in the AIE ranking."),
+    gamma: float = typer.Option(1.0, "--gamma", help="Recommended γ to record in the file."),
+    positions: str = typer.Option("generation", "--positions", help="Recommended positions to record."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+) -> None:
+    """Build a safety vector from the model's activations on safe demonstrations."""
+    from ..workflows.build import build_file
+
+    o.check_threads(threads)
+    o.check_writable(out)
+    with o.Progress() as prog:
+        v = build_file(demos, out, model, method, layer, heads, prompts, shots, aie_prompts, gamma, positions, seed,
+                       threads, n_gpu_layers, command=o.command_line(), progress=prog)
+    print(f"wrote {out} ({method}, layers {list(v.layers)}, n_embd {v.n_embd})", file=sys.stderr)
+
+
+@vectors_app.command("inspect")
+def vectors_inspect(file: Path = typer.Argument(..., help="Vector file."), as_json: bool = o.JsonOpt) -> None:
+    """Show a vector's layers, norms and provenance."""
+    from ..core.vectors import SafetyVector
+
+    d = SafetyVector.load(file).describe()
+    if as_json:
+        print(json.dumps(d, ensure_ascii=False))
+        return
+    for k, v in d.items():
+        print(f"{k:20} {v}")
+
+
+@vectors_app.command("convert")
+def vectors_convert(
+    src: Path = typer.Argument(..., help=".npy (n_layer x n_embd), .npz (one array per layer) or a GGUF "
+                               "control vector (e.g. from repeng)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output control-vector GGUF."),
+    model_hint: str | None = typer.Option(None, "--model-hint", help="Model name to record."),
+    layers: str | None = typer.Option(None, "--layers", help="Keep only these blocks; also the recommended ones."),
+    gamma: float | None = typer.Option(None, "--gamma", help="Recommended γ to record."),
+    positions: str | None = typer.Option(None, "--positions", help="Recommended positions to record."),
+    guidance: str | None = typer.Option(None, "--guidance", help="Recommended sGDS guidance to record."),
+    lam: float | None = typer.Option(None, "--lam", help="Recommended sGDS λ to record."),
+) -> None:
+    """Convert a vector to our GGUF (loads in llama.cpp as a control vector), optionally setting metadata."""
+    from ..core.settings import check_lambda
+    from ..core.vectors import SafetyVector
+    from ..decode.guidance import GuidanceSpec
+
+    o.check_writable(out)
+    sgds = {}
+    if guidance is not None:
+        sgds["guidance"] = str(GuidanceSpec.parse(guidance))
+    if lam is not None:
+        sgds["lam"] = check_lambda(lam)
+    v = SafetyVector.load(src)
+    lay = o.parse_layers(layers)
+    if lay:
+        v = v.select(lay)
+    v = v.recommend(model_hint=model_hint, gamma=gamma, positions=positions, sgds=sgds)
+    v.save(out)
+    print(f"wrote {out} (layers {sorted(v.directions)}, n_embd {v.n_embd})", file=sys.stderr)
+
+
+@vectors_app.command("sweep")
+def vectors_sweep(
+    vector: Path = typer.Argument(..., help="Vector file holding every layer to try."),
+    layers: str = typer.Option(..., "--layers", help="Blocks to try, e.g. 4,6,8,10."),
+    gammas: str = typer.Option("0.25,0.5,1,2", "--gammas", help="γ values to try."),
+    positions: str = typer.Option("generation,last", "--positions", help="Position modes to try."),
+    n_harmful: int = typer.Option(40, "--harmful", help="Harmful dev prompts (AdvBench dev split)."),
+    n_benign: int = typer.Option(40, "--benign", help="Benign dev prompts (XSTest safe, every other one)."),
+    model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt,
+    out: Path | None = typer.Option(None, "--out", help="Also write the rows as JSON Lines."),
+    as_json: bool = o.JsonOpt,
+) -> None:
+    """Sweep layer × γ × positions: how each raises the refusal continuation's log-probability over base on
+    harmful dev prompts, and how much refusal pressure lands on benign ones."""
+    from ..core.settings import check_gamma, check_positions
+    from ..eval.sweep import dev_prompts, pick_best, sweep_sa
+
+    lay = o.parse_layers(layers)
+    gs = o.parse_floats("--gammas", gammas, check_gamma)
+    pos = tuple(check_positions(p) for p in positions.split(","))
+    if out:
+        o.check_writable(out)
+    if n_harmful < 1 or n_benign < 1:
+        raise UsageError("--harmful and --benign must be >= 1")
+    si = o.load(model, vector, threads=threads)
+    harmful, benign = dev_prompts(n_harmful, n_benign)
+    with o.Progress() as prog:
+        rows = sweep_sa(si, lay, gs, pos, harmful, benign, progress=prog)
+    if out:
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = pick_best(rows)
+    if as_json:
+        print(json.dumps({"rows": rows, "best": best}))
+        return
+    from rich.table import Table
+
+    t = Table(title="SA sweep: refusal continuation, per-token log-prob change vs base")
+    for c in ("layer", "gamma", "positions", "harmful up", "harmful Δ", "benign up", "benign Δ", "score"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["layer"]), f"{r['gamma']:g}", r["positions"], f"{r['harmful_up']:.2f}",
+                  f"{r['harmful_delta']:+.3f}", f"{r['benign_up']:.2f}", f"{r['benign_delta']:+.3f}",
+                  f"{r['score']:+.3f}")
+    o.console().print(t)
+    print(f"best: layer {best['layer']}, gamma {best['gamma']:g}, positions {best['positions']}")
