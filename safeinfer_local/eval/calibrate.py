@@ -20,16 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..api import SafeInfer
 from ..core import datasets
 from ..core.datasets import Prompt
-from ..core.harm import COMPLIANT, QA_STOP, REFUSAL, frame, frame_cont
-from ..core.sampling import check_lambda, guided_logits, token_logprobs
-from ..decode.generate import Steering
+from ..core.frames import check_frame, frame_cont
+from ..core.harm import COMPLIANT, REFUSAL
+from ..core.settings import check_lambda
 from ..errors import UsageError
+from .sweep import Item, grid_logprobs
 
 SHARE_FLOOR = 0.9
 
@@ -39,13 +41,6 @@ def dev_split(n_harmful: int, n_benign: int) -> tuple[list[Prompt], list[Prompt]
     if n_harmful < 1 or n_benign < 1:
         raise UsageError("--n-harmful and --n-benign must be >= 1")
     return datasets.dev_split(n_harmful, n_benign)
-
-
-@dataclass
-class _Item:
-    tokens: list[int]
-    conts: list[list[int]]  # harmful: [refusal, compliant]; benign: [answer]
-    base: float  # harmful: base margin; benign: base answer log-prob per token
 
 
 def pick(rows: list[dict], max_loss: float) -> dict | None:
@@ -58,90 +53,114 @@ def pick(rows: list[dict], max_loss: float) -> dict | None:
     return max(within, key=lambda r: (r["margin_up"], r["objective"])) if within else None
 
 
-def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layers: tuple[int, ...],
-              harmful: list[Prompt], benign: list[Prompt], raw: bool = False, answer_tokens: int = 24,
-              progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
-    """One row per block × γ × λ for the ``safeinfer`` variant with the runner's guidance."""
-    if si.vector is None or si.steering is None:
-        raise UsageError("calibrate needs a safety vector (--vector)")
-    for lam in lams:
-        try:
-            check_lambda(lam)
-        except ValueError as e:
-            raise UsageError(f"--lams: {e}") from None
-    progress = progress or (lambda *a: None)
-    m, r = si.model, si.runner
+def prepare(si: SafeInfer, harmful: list[Prompt], benign: list[Prompt], frame: str = "template",
+            answer_tokens: int = 24, progress: Callable[[], None] | None = None) -> tuple[list[Item], list[Item]]:
+    """The dev prompts as sweep items: harmful ones with [refusal, compliant opening], benign ones with base's
+    own greedy answer."""
+    m = si.model
 
     def enc(q: str) -> list[int]:
-        return si.encode_prompt(frame(q, raw), raw)[0]
+        return si.encode_prompt(q, frame=frame)[0]
 
     def cont(text: str) -> list[int]:
-        return m.tokenize(frame_cont(text, raw), add_bos=False)
+        return m.tokenize(frame_cont(text, frame), add_bos=False)
 
-    items_h, items_b = [], []
-    total = len(harmful) + len(benign) + len(layers) * len(gammas) * (len(harmful) + len(benign))
-    done = 0
-    for p in harmful:
-        toks = enc(p.text)
-        cs = [cont(REFUSAL), cont(p.target or COMPLIANT["simple"])]
-        lr, lc = (float(r.score(toks, c, None, "base").sum()) for c in cs)
-        items_h.append(_Item(toks, cs, lr - lc))
-        done += 1
-        progress("calibrate", done, total)
+    items_h = [Item(enc(p.text), [cont(REFUSAL), cont(p.target or COMPLIANT["simple"])]) for p in harmful]
+    items_b = []
     for p in benign:
-        toks = enc(p.text)
-        ans = si.generate(frame(p.text, raw), variant="base", raw=raw, max_tokens=answer_tokens,
-                          temperature=0.0, stop=QA_STOP if raw else ()).response
-        c = m.tokenize(ans, add_bos=False) if ans.strip() else cont("I don't know.")
-        items_b.append(_Item(toks, [c], float(r.score(toks, c, None, "base").mean())))
-        done += 1
-        progress("calibrate", done, total)
+        ans = si.generate(p.text, variant="base", frame=frame, max_tokens=answer_tokens, temperature=0.0).response
+        items_b.append(Item(enc(p.text), [m.tokenize(ans, add_bos=False) if ans.strip() else cont("I don't know.")]))
+        if progress:
+            progress()
+    return items_h, items_b
 
+
+def tradeoff(si: SafeInfer, items_h: list[Item], items_b: list[Item], grid: list[dict], lams: tuple[float, ...],
+             variant: str = "safeinfer", progress: Callable[[], None] | None = None) -> list[dict]:
+    """One row per setting × λ: the share of harmful prompts whose refusal margin beats base's, the mean margin
+    gain and the mean benign loss (nats per token), and the objective (gain − loss)."""
+    base_h, base_b = (grid_logprobs(si, items, [{}], (0.0,), "base", progress)[0][0.0] for items in (items_h, items_b))
+    n_ref = np.array([len(it.conts[0]) for it in items_h], dtype=float)
+    n_ans = np.array([len(it.conts[0]) for it in items_b], dtype=float)
     rows = []
-    for layer in layers:
-        for g in gammas:
-            st = Steering.from_vector(si.vector, m, g, (layer,), si.steering.positions)
-            gains = {lam: [] for lam in lams}
-            losses = {lam: [] for lam in lams}
-            for it in items_h:
-                rr = [r.score_rows(it.tokens, c, st, "safeinfer") for c in it.conts]
-                for lam in lams:
-                    lr, lc = (float(token_logprobs(_mix(rt, ru, lam), c).sum())
-                              for (rt, ru), c in zip(rr, it.conts, strict=True))
-                    gains[lam].append((lr - lc - it.base) / len(it.conts[0]))
-                done += 1
-                progress("calibrate", done, total)
-            for it in items_b:
-                rt, ru = r.score_rows(it.tokens, it.conts[0], st, "safeinfer")
-                for lam in lams:
-                    lp = float(token_logprobs(_mix(rt, ru, lam), it.conts[0]).mean())
-                    losses[lam].append(it.base - lp)
-                done += 1
-                progress("calibrate", done, total)
-            for lam in lams:
-                gain, loss = np.asarray(gains[lam]), np.asarray(losses[lam])
-                rows.append({"layer": layer, "gamma": g, "lam": lam, "margin_up": float(np.mean(gain > 0)),
-                             "margin_gain": float(gain.mean()), "benign_loss": float(loss.mean()),
-                             "objective": float(gain.mean() - loss.mean())})
+    for setting, h, b in zip(grid, grid_logprobs(si, items_h, grid, lams, variant, progress),
+                             grid_logprobs(si, items_b, grid, lams, variant, progress), strict=True):
+        for lam in lams:
+            gain = ((h[lam][:, 0] - h[lam][:, 1]) - (base_h[:, 0] - base_h[:, 1])) / n_ref
+            loss = (base_b[:, 0] - b[lam][:, 0]) / n_ans
+            rows.append({**{k: (v[0] if k == "layers" else v) for k, v in setting.items() if k != "layers"},
+                         **({"layer": setting["layers"][0]} if "layers" in setting else {}),
+                         "lam": lam, "margin_up": float(np.mean(gain > 0)), "margin_gain": float(gain.mean()),
+                         "benign_loss": float(loss.mean()), "objective": float(gain.mean() - loss.mean())})
     return rows
 
 
-def _mix(rt: np.ndarray, ru: np.ndarray | None, lam: float) -> np.ndarray:
-    return rt if ru is None or lam == 0 else guided_logits(rt, ru, lam)
+def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layers: tuple[int, ...],
+              harmful: list[Prompt], benign: list[Prompt], frame: str = "template", answer_tokens: int = 24,
+              progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    """One row per block × γ × λ for the ``safeinfer`` variant with ``si``'s guidance."""
+    if si.vector is None or si.steering is None:
+        raise UsageError("calibrate needs a safety vector (--vector)")
+    for lam in lams:
+        check_lambda(lam)
+    grid = [{"layers": (layer,), "gamma": g} for layer in layers for g in gammas]
+    total = len(benign) + (len(grid) + 1) * (len(harmful) + len(benign))
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress:
+            progress("calibrate", done[0], total)
+
+    items_h, items_b = prepare(si, harmful, benign, frame, answer_tokens, tick)
+    return tradeoff(si, items_h, items_b, grid, lams, "safeinfer", tick)
 
 
-def record(si: SafeInfer, best: dict, rows: list[dict], n_harmful: int, n_benign: int, raw: bool, max_loss: float):
+def record(si: SafeInfer, best: dict, rows: list[dict], n_harmful: int, n_benign: int, frame: str, max_loss: float):
     """The vector with the chosen setting as its recommendation (γ, block, sGDS guidance and λ) and the
     calibration's provenance in its metadata."""
     from dataclasses import replace
 
     v = si.vector
-    g = si.runner.guidance
+    g = si.guidance
     meta = dict(v.meta)
     meta["sgds"] = {"guidance": str(g), "lam": best["lam"]}
     meta["calibration"] = {
         "objective": "mean refusal-margin gain per token - mean benign loss per token",
         "dev": {"harmful": f"advbench dev[:{n_harmful}]", "benign": f"xstest safe odd positions[:{n_benign}]"},
-        "framing": "qa" if raw else "chat", "max_benign_loss": max_loss, "share_floor": SHARE_FLOOR,
+        "framing": frame, "max_benign_loss": max_loss, "share_floor": SHARE_FLOOR,
         "model": si.model.path.name, "chosen": best, "n_settings": len(rows)}
     return replace(v, gamma=best["gamma"], layers=(best["layer"],), meta=meta)
+
+
+@dataclass
+class Calibration:
+    rows: list[dict]
+    best: dict | None
+    n_harmful: int
+    n_benign: int
+    saved: Path | None = None
+
+
+def run(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layers: tuple[int, ...] | None = None,
+        n_harmful: int = 24, n_benign: int = 24, max_loss: float = 0.5, frame: str = "template",
+        save_to: str | Path | None = None, progress: Callable[[str, int, int], None] | None = None) -> Calibration:
+    """``safeinfer calibrate``: sweep, pick, and (with ``save_to``) write the vector with the chosen setting
+    recorded. Nothing is written when no setting is within ``max_loss``."""
+    if any(g <= 0 for g in gammas):
+        raise UsageError("--gammas must be > 0")
+    for lam in lams:
+        check_lambda(lam)
+    check_frame(frame)
+    if si.vector is None:
+        raise UsageError("calibrate needs a safety vector (--vector)")
+    harmful, benign = dev_split(n_harmful, n_benign)
+    rows = calibrate(si, gammas, lams, layers or si.vector.layers, harmful, benign, frame=frame, progress=progress)
+    best = pick(rows, max_loss)
+    res = Calibration(rows, best, len(harmful), len(benign))
+    if best is not None and save_to is not None:
+        try:
+            res.saved = record(si, best, rows, len(harmful), len(benign), frame, max_loss).save(save_to)
+        except OSError as e:
+            raise UsageError(f"cannot write {save_to}: {e.strerror or e}") from None
+    return res

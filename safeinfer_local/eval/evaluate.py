@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..api import SafeInfer
-from ..core.harm import PROMPT_TYPES, QA_STOP, REFUSAL, EvalSet, compliant_opening, format_prompt, frame, frame_cont
+from ..core.frames import check_frame, frame_cont
+from ..core.harm import PROMPT_TYPES, REFUSAL, EvalSet, compliant_opening, format_prompt
 from ..core.judge import is_refusal
-from ..decode.generate import VARIANTS, check_variant
+from ..core.settings import VARIANTS
 from ..errors import UsageError
 from ..jsonl import Appender, load, write_text
 
@@ -44,13 +45,14 @@ class HarmConfig:
     seed: int = 0
     max_tokens: int = 64
     answer_tokens: int = 24
-    raw: bool = False
+    frame: str = "template"
     parallel: int = 1
     judge_model: str | None = None
     redact: bool = False
 
     def check_names(self) -> None:
         """Option values that need no model (checked before one is loaded); repeats are dropped."""
+        check_frame(self.frame)
         self.variants, self.prompt_types, self.measures = (list(dict.fromkeys(x)) for x in
                                                            (self.variants, self.prompt_types, self.measures))
         for name, vals, allowed in (("--variants", self.variants, VARIANTS),
@@ -69,9 +71,7 @@ class HarmConfig:
     def check(self, si: SafeInfer) -> None:
         self.check_names()
         for v in self.variants:
-            check_variant(v, si.steering)
-            if v in ("sgds", "safeinfer") and si.runner.guidance.kind == "negative" and si.steering is None:
-                raise UsageError("--guidance negative needs a safety vector (--vector)")
+            si.with_(variant=v)  # raises if the variant cannot run with these settings
 
 
 def settings(si: SafeInfer, cfg: HarmConfig) -> dict:
@@ -81,9 +81,9 @@ def settings(si: SafeInfer, cfg: HarmConfig) -> dict:
     return {"model": si.model.path.name, "model_sha256_head": _head_hash(si.model.path),
             "vector_sha256": _vector_hash(si.vector) if si.vector is not None else None,
             "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
-            "positions": st.positions if st else None, "guidance": str(si.runner.guidance),
-            "lam": si.runner.lam, "max_tokens": cfg.max_tokens, "answer_tokens": cfg.answer_tokens,
-            "raw": cfg.raw, "chat_format": si.chat_format, "seed": cfg.seed,
+            "positions": st.positions if st else None, "guidance": str(si.guidance),
+            "lam": si.lam, "max_tokens": cfg.max_tokens, "answer_tokens": cfg.answer_tokens,
+            "frame": cfg.frame, "chat_format": si.chat_format, "seed": cfg.seed,
             "limit_per_category": cfg.limit_per_category, "judge_model": cfg.judge_model, "redact": cfg.redact}
 
 
@@ -142,6 +142,10 @@ def read_config(out: Path) -> dict:
         raise UsageError(f"{path} is not a bench harm config (not valid JSON)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
         raise UsageError(f"{path} is not a bench harm config; use another --out")
+    for part in (doc["settings"], doc.get("config")):
+        # folders written before --frame recorded raw: true for the Q/A frame
+        if isinstance(part, dict) and "raw" in part and "frame" not in part:
+            part["frame"] = "qa" if part.pop("raw") else "template"
     return doc
 
 
@@ -241,13 +245,13 @@ class HarmBench:
 
     # -- prompt encoding -----------------------------------------------------------------------------------
     def _text(self, u: Unit) -> str:
-        return frame(format_prompt(u.prompt.text, u.prompt_type), self.cfg.raw)
+        return format_prompt(u.prompt.text, u.prompt_type)
 
     def _cont(self, text: str) -> str:
-        return frame_cont(text, self.cfg.raw)
+        return frame_cont(text, self.cfg.frame)
 
     def _gen_kw(self, max_tokens: int) -> dict:
-        return {"max_tokens": max_tokens, "temperature": 0.0, "stop": QA_STOP if self.cfg.raw else ()}
+        return {"max_tokens": max_tokens, "temperature": 0.0, "frame": self.cfg.frame}
 
     # -- generation ----------------------------------------------------------------------------------------
     def _generation(self, app: Appender) -> None:
@@ -259,7 +263,7 @@ class HarmBench:
                 if not todo:
                     continue
                 reqs = ((k, self._text(u)) for k, u in todo.items())
-                for k, res in self.si.generate_many(reqs, variant=v, raw=self.cfg.raw, n_parallel=self.cfg.parallel,
+                for k, res in self.si.generate_many(reqs, variant=v, n_parallel=self.cfg.parallel,
                                                     **self._gen_kw(self.cfg.max_tokens)):
                     self._write(app, self._gen_record(todo[k], v, res))
 
@@ -295,7 +299,7 @@ class HarmBench:
             rec = self.done.get(self._key("likelihood", u, v))
             if rec and rec.get("answer"):
                 return rec["answer"]
-        res = self.si.generate(self._text(u), variant="base", raw=self.cfg.raw, **self._gen_kw(self.cfg.answer_tokens))
+        res = self.si.generate(self._text(u), variant="base", **self._gen_kw(self.cfg.answer_tokens))
         return res.response if res.response.strip() else self._cont("I don't know.")
 
     def _lik_record(self, u: Unit, variant: str, answer: str | None) -> dict:
@@ -303,14 +307,14 @@ class HarmBench:
         si = self.si
         t0 = time.perf_counter()
         try:
-            toks, _ = si.encode_prompt(self._text(u), self.cfg.raw)
+            toks, _ = si.encode_prompt(self._text(u), frame=self.cfg.frame)
             n = 0
 
             def lp(text: str) -> tuple[float, int]:
                 nonlocal n
                 cont = si.model.tokenize(text, add_bos=False)
                 n += len(toks) + len(cont)
-                return float(si.runner.score(toks, cont, si.steering, variant).sum()), len(cont)
+                return float(si.score_tokens(toks, cont, variant).sum()), len(cont)
 
             (r, nr), (c, nc) = lp(self._cont(REFUSAL)), lp(self._cont(compliant_opening(u.prompt, u.prompt_type)))
             a, na = lp(answer) if answer is not None else (None, 0)

@@ -1,21 +1,58 @@
-"""The safety-amplification sweep: for each layer × γ × positions, the per-token change of the refusal
-continuation's log-probability against ``base`` on harmful dev prompts (should rise) and on benign prompts
-(refusal pressure on prompts that deserve an answer; should stay small). Dev prompts are disjoint from every
-evaluation set: AdvBench's recorded ``dev`` split and every other XSTest ``safe`` prompt."""
+"""The one settings sweep, and the safety-amplification sweep built on it (``safeinfer vectors sweep``).
+
+:func:`grid_logprobs` scores continuations after prompts for every setting of a grid (γ, blocks, positions) and
+every λ: the target's and the guidance's next-token rows are computed once per prompt and setting, and every λ is
+applied to them afterwards (the guided formula is a pure function of the two rows), so a λ sweep costs one pass.
+``calibrate`` and ``benchmarks/guidance_tradeoff.py`` use it too.
+
+The SA sweep: for each layer × γ × positions, the per-token change of the refusal continuation's log-probability
+against ``base`` on harmful dev prompts (should rise) and on benign prompts (refusal pressure on prompts that
+deserve an answer; should stay small). Dev prompts are disjoint from every evaluation set: AdvBench's recorded
+``dev`` split and every other XSTest ``safe`` prompt."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..api import SafeInfer
 from ..core.datasets import dev_split
-from ..core.demos import REFUSAL_PROBE, qa_prompt
-from ..decode.generate import Steering
+from ..core.demos import REFUSAL_PROBE
+from ..core.sampling import guided_logits, token_logprobs
 
 SWEEP_SHARE_FLOOR = 0.9
 """A setting qualifies when it raises the refusal continuation on at least this share of harmful dev prompts."""
+
+
+@dataclass
+class Item:
+    """A prompt's tokens and the continuations scored after it."""
+
+    tokens: list[int]
+    conts: list[list[int]]
+
+
+def grid_logprobs(si: SafeInfer, items: Sequence[Item], grid: Sequence[dict], lams: Sequence[float],
+                  variant: str, progress: Callable[[], None] | None = None) -> list[dict[float, np.ndarray]]:
+    """For each setting of ``grid`` (keyword arguments of :meth:`SafeInfer.with_`: gamma, layers, positions,
+    guidance) and each λ: an (items × continuations) array of total log-probabilities under ``variant``.
+    ``progress()`` is called once per item and setting."""
+    out = []
+    for setting in grid:
+        at = si.with_(**setting)
+        per_lam = {lam: np.zeros((len(items), max((len(it.conts) for it in items), default=0))) for lam in lams}
+        for k, it in enumerate(items):
+            for j, c in enumerate(it.conts):
+                rt, ru = at.score_rows(it.tokens, c, variant)
+                for lam in lams:
+                    z = rt if ru is None or lam == 0 else guided_logits(rt, ru, lam)
+                    per_lam[lam][k, j] = float(token_logprobs(z, c).sum())
+            if progress:
+                progress()
+        out.append(per_lam)
+    return out
 
 
 def dev_prompts(n_harmful: int = 40, n_benign: int = 40) -> tuple[list[str], list[str]]:
@@ -23,37 +60,34 @@ def dev_prompts(n_harmful: int = 40, n_benign: int = 40) -> tuple[list[str], lis
     return [p.text for p in harmful], [p.text for p in benign]
 
 
-def probe_scores(si: SafeInfer, prompts: list[str], steering: Steering | None,
-                 probe: str = REFUSAL_PROBE) -> np.ndarray:
-    """Per-token log-probability of the refusal probe after ``Q: <prompt>\\nA:`` (raw, no chat template)."""
-    cont = si.model.tokenize(probe, add_bos=False)
-    out = []
-    for q in prompts:
-        toks = si.model.tokenize(qa_prompt(q), add_bos=True)
-        out.append(si.runner.score(toks, cont, steering, "sa" if steering else "base").sum() / len(cont))
-    return np.asarray(out)
-
-
 def sweep_sa(si: SafeInfer, layers: tuple[int, ...], gammas: tuple[float, ...], positions: tuple[str, ...],
              harmful: list[str], benign: list[str], progress: Callable[[str, int, int], None] | None = None
              ) -> list[dict]:
+    """Refusal-probe change against ``base`` after ``Q: <prompt>\\nA:`` for every layer × γ × positions."""
     assert si.vector is not None
-    base_h = probe_scores(si, harmful, None)
-    base_b = probe_scores(si, benign, None)
+    cont = si.model.tokenize(REFUSAL_PROBE, add_bos=False)
+    items = [Item(si.encode_prompt(q, frame="qa")[0], [cont]) for q in harmful + benign]
+    grid = [{"gamma": g, "layers": (layer,), "positions": pos} for layer in layers for g in gammas
+            for pos in positions]
+    total = len(grid) + 1
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress and done[0] % len(items) == 0:
+            progress("sweep", done[0] // len(items), total)
+
+    base = grid_logprobs(si, items, [{}], (0.0,), "base", tick)[0][0.0][:, 0] / len(cont)
+    steered = grid_logprobs(si, items, grid, (0.0,), "sa", tick)
     rows = []
-    total = len(layers) * len(gammas) * len(positions)
-    for layer in layers:
-        for g in gammas:
-            for pos in positions:
-                st = Steering.from_vector(si.vector, si.model, g, (layer,), pos)
-                dh = probe_scores(si, harmful, st) - base_h
-                db = probe_scores(si, benign, st) - base_b
-                rows.append({"layer": layer, "gamma": g, "positions": pos,
-                             "harmful_up": float(np.mean(dh > 0)), "harmful_delta": float(dh.mean()),
-                             "benign_up": float(np.mean(db > 0)), "benign_delta": float(db.mean()),
-                             "score": float(dh.mean() - max(0.0, db.mean()))})
-                if progress:
-                    progress("sweep", len(rows), total)
+    nh = len(harmful)
+    for setting, per_lam in zip(grid, steered, strict=True):
+        d = per_lam[0.0][:, 0] / len(cont) - base
+        dh, db = d[:nh], d[nh:]
+        rows.append({"layer": setting["layers"][0], "gamma": setting["gamma"], "positions": setting["positions"],
+                     "harmful_up": float(np.mean(dh > 0)), "harmful_delta": float(dh.mean()),
+                     "benign_up": float(np.mean(db > 0)), "benign_delta": float(db.mean()),
+                     "score": float(dh.mean() - max(0.0, db.mean()))})
     return rows
 
 
