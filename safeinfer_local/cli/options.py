@@ -21,6 +21,7 @@ from ..core.settings import (
     check_gamma,
     check_lambda,
     check_max_tokens,
+    check_parallel,  # noqa: F401  (re-exported for the commands)
     check_sampling,
     check_seed,
 )
@@ -56,7 +57,6 @@ TopKOpt = typer.Option(DEFAULT_TOP_K, "--top-k", help="0 disables.")
 TopPOpt = typer.Option(DEFAULT_TOP_P, "--top-p", help="1 disables.")
 SeedOpt = typer.Option(None, "--seed", help="Sampling seed (default: random).")
 
-MAX_PARALLEL = 64
 MAX_THREADS = 512
 
 
@@ -104,12 +104,6 @@ def csv_list(values: list[str] | None) -> list[str]:
 
 def frame_of(raw: bool, frame: str | None) -> str:
     return resolve_frame(raw, frame)
-
-
-def check_parallel(parallel: int) -> int:
-    if not 1 <= parallel <= MAX_PARALLEL:
-        raise UsageError(f"--parallel must be in 1..{MAX_PARALLEL}, not {parallel}")
-    return parallel
 
 
 def check_threads(threads: int | None) -> None:

@@ -96,3 +96,13 @@ def check_seed(seed: int | None) -> int | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise SettingError(f"seed must be an integer in [0, 2^63), not {seed}")
     return seed
+
+
+MAX_PARALLEL = 64
+
+
+def check_parallel(n: int) -> int:
+    """Requests decoded in the same batch (``--parallel``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PARALLEL:
+        raise SettingError(f"--parallel must be in 1..{MAX_PARALLEL}, not {n}")
+    return n

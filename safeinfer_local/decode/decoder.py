@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.sampling import guided_logits, token_logprobs
-from ..core.settings import DEFAULT_N_CTX, GUIDED_VARIANTS, SA_VARIANTS
+from ..core.settings import DEFAULT_N_CTX, GUIDED_VARIANTS, SA_VARIANTS, check_parallel
 from ..errors import UsageError
 from ..llama.engine import Model, default_threads
 from .batch import BatchGenerator, GenConfig, Result, Step
@@ -125,8 +125,7 @@ class Decoder:
     def batch(self, variant: str, steering: Steering | None, guidance: GuidanceSpec, lam: float,
               slots: int = 1) -> BatchGenerator:
         """A batch generator with ``slots`` request slots for one variant and its settings."""
-        if slots < 1:
-            raise UsageError(f"--parallel must be >= 1, not {slots}")
+        check_parallel(slots)
         p = self.plan(variant, steering, guidance)
         target = self.side(p.target, guidance, slots)
         guide = self.side(p.guide, guidance, slots) if p.guide else None

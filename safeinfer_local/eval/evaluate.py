@@ -24,13 +24,12 @@ from pathlib import Path
 
 from ..api import SafeInfer
 from ..core.frames import check_frame, frame_cont
-from ..core.harm import PROMPT_TYPES, REFUSAL, EvalSet, compliant_opening, format_prompt
+from ..core.harm import MEASURES, PROMPT_TYPES, REFUSAL, EvalSet, compliant_opening, format_prompt
 from ..core.judge import is_refusal
-from ..core.settings import VARIANTS
+from ..core.settings import VARIANTS, check_parallel
 from ..errors import UsageError
 from ..jsonl import Appender, load, write_text
 
-MEASURES = ("generation", "likelihood")
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
 
@@ -65,8 +64,7 @@ class HarmConfig:
                 raise UsageError(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
         if self.max_tokens < 1 or self.answer_tokens < 1:
             raise UsageError("--max-tokens must be >= 1")
-        if not 1 <= self.parallel <= 64:
-            raise UsageError(f"--parallel must be in 1..64, not {self.parallel}")
+        check_parallel(self.parallel)
 
     def check(self, si: SafeInfer) -> None:
         self.check_names()

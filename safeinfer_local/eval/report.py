@@ -29,13 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import jsonl
-from ..core.harm import rate_table, wilson
+from ..core.harm import MEASURES, PROMPT_TYPES, rate_table, wilson
+from ..core.settings import VARIANTS
 from ..errors import UsageError
 
-VARIANTS = ("base", "sa", "sgds", "safeinfer")
 LABELS = {"base": "Base", "sa": "SA", "sgds": "sGDS", "safeinfer": "SafeInfer"}
-PROMPT_TYPES = ("simple", "instruction")
-MEASURES = ("generation", "likelihood")
 CHARTS = ("asr_per_category.png", "margin_per_category.png", "refusal_vs_overrefusal.png",
           "refusal_vs_overrefusal_likelihood.png")
 DPI = 110
