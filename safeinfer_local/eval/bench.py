@@ -1,7 +1,11 @@
 """``safeinfer bench speed``: tokens/s and time to first token, side by side in one process, for llama-cpp-python's
 high-level ``Llama.create_completion`` (the plain reference) and our ``base``, ``sa``, ``sgds``, ``safeinfer``,
 with ratios and the per-step split between llama.cpp decoding and Python work. A figure, never an assertion:
-this machine is noisy, so every variant runs in the same process, interleaved, ``rounds`` times (best kept)."""
+this machine is noisy, so every variant runs in the same process, interleaved, ``rounds`` times (best kept).
+
+Each variant runs greedy (key ``base``, ...) and sampled (key ``base (sampled)``, ...: T 0.8, top-k 40, top-p 0.95,
+a fixed seed) in the same rounds. A sampled row's ``vs_base`` / ``ttft_vs_base`` compare with ``base (sampled)``,
+and its ``vs_greedy`` is its tokens/s over the greedy row of the same variant (sampling's own cost)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ from ..llama.engine import reference_stream
 
 BENCH_PROMPT = "Q: Write a long story about a lighthouse keeper and the sea.\nA:"
 VARIANTS = ("base", "sa", "sgds", "safeinfer")
+GREEDY = {"temperature": 0}
+SAMPLED = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 0}
+SAMPLED_SUFFIX = " (sampled)"
+MODES = (("", GREEDY), (SAMPLED_SUFFIX, SAMPLED))
 
 
 def _time_stream(chunks) -> tuple[int, float, float]:
@@ -35,7 +43,7 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
     for v in VARIANTS:
         for _ in si.stream(prompt, variant=v, raw=True, max_tokens=2, temperature=0):
             pass
-    total = rounds * (len(VARIANTS) + 1)
+    total = rounds * (len(MODES) * len(VARIANTS) + 1)
     done = 0
     for _ in range(rounds):
         n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.runner.n_ctx,
@@ -45,31 +53,35 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
         if progress:
             progress("bench", done, total)
         for v in VARIANTS:
-            steps = list(_steps(si, prompt, v, tokens))
-            n = len(steps)
-            ttft = steps[0][1] if steps else 0.0
-            # between the first and the last token: n - 1 steps of (paired) decoding plus Python work
-            gen_wall = steps[-1][1] - steps[0][1] if n > 1 else 0.0
-            decode = steps[-1][2] - steps[0][2] if n > 1 else 0.0
-            _keep(res, v, {"tokens": n, "ttft_s": ttft, "tokens_per_s": _tps(steps),
-                           "decode_share": decode / gen_wall if gen_wall > 0 else 0.0,
-                           "python_ms_per_step": max(0.0, gen_wall - decode) / max(1, n - 1) * 1000})
-            done += 1
-            if progress:
-                progress("bench", done, total)
+            for suffix, gen in MODES:  # greedy then sampled, back to back, so both see the same machine load
+                steps = list(_steps(si, prompt, v, tokens, gen))
+                n = len(steps)
+                ttft = steps[0][1] if steps else 0.0
+                # between the first and the last token: n - 1 steps of (paired) decoding plus Python work
+                gen_wall = steps[-1][1] - steps[0][1] if n > 1 else 0.0
+                decode = steps[-1][2] - steps[0][2] if n > 1 else 0.0
+                _keep(res, v + suffix, {"tokens": n, "ttft_s": ttft, "tokens_per_s": _tps(steps),
+                                        "decode_share": decode / gen_wall if gen_wall > 0 else 0.0,
+                                        "python_ms_per_step": max(0.0, gen_wall - decode) / max(1, n - 1) * 1000})
+                done += 1
+                if progress:
+                    progress("bench", done, total)
     ref = res["reference"]["tokens_per_s"] or float("nan")
-    base = res["base"]["tokens_per_s"] or float("nan")
-    for r in res.values():
+    for key, r in res.items():
+        sampled = key.endswith(SAMPLED_SUFFIX)
+        b = res["base" + SAMPLED_SUFFIX] if sampled else res["base"]
         r["vs_reference"] = r["tokens_per_s"] / ref
-        r["vs_base"] = r["tokens_per_s"] / base
-        r["ttft_vs_base"] = r["ttft_s"] / res["base"]["ttft_s"] if res["base"]["ttft_s"] else float("nan")
+        r["vs_base"] = r["tokens_per_s"] / (b["tokens_per_s"] or float("nan"))
+        r["ttft_vs_base"] = r["ttft_s"] / b["ttft_s"] if b["ttft_s"] else float("nan")
+        if sampled:
+            r["vs_greedy"] = r["tokens_per_s"] / (res[key[: -len(SAMPLED_SUFFIX)]]["tokens_per_s"] or float("nan"))
     return res
 
 
-def _steps(si: SafeInfer, prompt: str, variant: str, tokens: int):
+def _steps(si: SafeInfer, prompt: str, variant: str, tokens: int, gen: dict = GREEDY):
     """(token, seconds since start, the runner's decode seconds so far) per generated token."""
     t0 = time.perf_counter()
-    for st in si.stream(prompt, variant=variant, raw=True, max_tokens=tokens, temperature=0):
+    for st in si.stream(prompt, variant=variant, raw=True, max_tokens=tokens, **gen):
         if st.token >= 0:
             yield st.token, time.perf_counter() - t0, si.runner.decode_s
 
