@@ -5,10 +5,11 @@ Nothing here touches a model, so every function is unit-tested on small arrays.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
+
+from .settings import DEFAULT_LAMBDA, check_lambda, check_sampling
 
 Sampler = Callable[[np.ndarray], int]
 """Takes one row of logits (or log-probabilities) and returns a token id."""
@@ -42,13 +43,8 @@ def token_logprobs(logits: np.ndarray, tokens: np.ndarray | list[int]) -> np.nda
 
 
 def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Check sampling options at the edge, with a precise message."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"`temperature` must be a finite number >= 0, but is {temperature}")
-    if top_k < 0:
-        raise ValueError(f"`top_k` must be >= 0 (0 disables it), but is {top_k}")
-    if not (0.0 < top_p <= 1.0) or not math.isfinite(top_p):
-        raise ValueError(f"`top_p` must be in (0, 1], but is {top_p}")
+    """Check sampling options (``core.settings.check_sampling``; raises SettingError, a ValueError)."""
+    check_sampling(temperature, top_k, top_p)
 
 
 def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
@@ -319,19 +315,9 @@ class StopMatcher:
         return out
 
 
-DEFAULT_LAMBDA = 0.99
-"""The paper's λ ("Union" from language-model arithmetic), chosen for 7B chat models; calibrate per model."""
-
-
-def check_lambda(lam: float) -> float:
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0.0 <= lam < 1.0):
-        raise ValueError(f"`lambda` must be in [0, 1), but is {lam}")
-    return float(lam)
-
-
 def guided_logits(target_logits: np.ndarray, guide_logits: np.ndarray, lam: float = DEFAULT_LAMBDA,
                   guide_is_logprobs: bool = False) -> np.ndarray:
-    """Safety-guided scores z = ℓ_t − (λ / (1 − λ)) · max(0, ℓ_u − ℓ_t), with ℓ = log-softmax (DESIGN §1.2).
+    """Safety-guided scores z = ℓ_t − (λ / (1 − λ)) · max(0, ℓ_u − ℓ_t), with ℓ = log-softmax (the paper's sGDS).
 
     ``target_logits`` and ``guide_logits`` are raw logits over the same vocabulary (1-D or 2-D rows). The result
     is unnormalised: softmax(z / T) is the guided distribution. Tokens the guidance prefers more than the target

@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 
 from ..api import SafeInfer
+from ..core.settings import VARIANTS
 from ..llama.engine import reference_stream
 
 BENCH_PROMPT = "Q: Write a long story about a lighthouse keeper and the sea.\nA:"
-VARIANTS = ("base", "sa", "sgds", "safeinfer")
 GREEDY = {"temperature": 0}
 SAMPLED = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 0}
 SAMPLED_SUFFIX = " (sampled)"
@@ -46,8 +46,8 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
     total = rounds * (len(MODES) * len(VARIANTS) + 1)
     done = 0
     for _ in range(rounds):
-        n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.runner.n_ctx,
-                                                     n_threads=si.runner.n_threads))
+        n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.n_ctx,
+                                                     n_threads=si.n_threads))
         _keep(res, "reference", {"tokens": n, "ttft_s": ttft, "tokens_per_s": tps})
         done += 1
         if progress:
@@ -79,11 +79,11 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
 
 
 def _steps(si: SafeInfer, prompt: str, variant: str, tokens: int, gen: dict = GREEDY):
-    """(token, seconds since start, the runner's decode seconds so far) per generated token."""
+    """(token, seconds since start, the decoder's decode seconds so far) per generated token."""
     t0 = time.perf_counter()
     for st in si.stream(prompt, variant=variant, raw=True, max_tokens=tokens, **gen):
-        if st.token >= 0:
-            yield st.token, time.perf_counter() - t0, si.runner.decode_s
+        if not st.eog:
+            yield st.token, time.perf_counter() - t0, si.decode_seconds
 
 
 def _tps(steps: list[tuple[int, float]]) -> float:
