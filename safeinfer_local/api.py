@@ -12,6 +12,7 @@ of them changed that shares the model and its decoder (no reload, no re-decoded 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,19 @@ class Settings:
         if v in ("sgds", "safeinfer"):
             out.update(guidance=str(self.guidance), lam=self.lam)
         return out
+
+
+def _vector_hash(vec: SafetyVector) -> str:
+    h = hashlib.sha256()
+    for layer in sorted(vec.directions):
+        h.update(str(layer).encode())
+        h.update(vec.directions[layer].tobytes())
+    return h.hexdigest()[:16]
+
+
+def _head_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
 
 
 class SafeInfer:
@@ -147,6 +161,16 @@ class SafeInfer:
     def decode_seconds(self) -> float:
         """Wall time spent in llama.cpp decoding by this model's decoder so far."""
         return self._decoder.decode_s
+
+    def fingerprint(self) -> dict:
+        """What decides this object's outputs, for files that must not mix runs: the model (name and a hash of
+        its first MiB), the vector (a hash of its directions), γ, blocks, positions, guidance, λ, chat format."""
+        st = self.steering
+        return {"model": self.model.path.name, "model_sha256_head": _head_hash(self.model.path),
+                "vector_sha256": _vector_hash(self.vector) if self.vector is not None else None,
+                "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
+                "positions": st.positions if st else None, "guidance": str(self.guidance), "lam": self.lam,
+                "chat_format": self.chat_format}
 
     def default_variant(self) -> str:
         """``safeinfer`` when a vector is loaded, else ``sgds`` (guidance without amplification), unless the

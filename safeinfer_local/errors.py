@@ -37,9 +37,10 @@ class ContextOverflowError(UsageError):
 
 class OutputError(SafeInferError):
     """An output file could not be written (disk full, quota, I/O error, read-only, permission); the message says
-    what was kept and how to resume. Exit code 1: the arguments were fine."""
+    what was kept and how to resume. Exit code 2, an unusable output file, like every other bad file; not a
+    UsageError, so that code catching those (one bad prompt among many) never swallows it."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class EngineError(SafeInferError):

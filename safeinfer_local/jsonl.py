@@ -11,9 +11,12 @@ back: ``bench report``, ``merge``). Pure I/O: no model.
   is an error naming it, in both modes: whole records after it are never thrown away.
 - :func:`write_records` / :func:`write_text` replace a whole file atomically (a temporary file, fsync, rename).
 
-Header: a first line ``{"_header": {...}}`` (input hash, settings) is kept apart from the records by :func:`load`
-(``Loaded.header``) and written first into a new file by ``Appender(..., header=...)``; nothing writes one yet
-(a later check will compare it to refuse resuming into a file of another input or other settings).
+Header: a first line ``{"_header": {...}}`` (what wrote the file: input hash, settings) is kept apart from the
+records by :func:`load` (``Loaded.header``) and written first into a new file by ``Appender(..., header=...)``.
+:func:`claim` compares it before a run appends: a file of another input or other settings, or one that is not
+ours at all, is refused untouched (``force`` starts it over).
+
+Files are written through symbolic links (to their target), never replacing the link.
 """
 
 from __future__ import annotations
@@ -126,6 +129,68 @@ def load(path: Path | str, *, repair: bool = False, key: Callable[[dict], Hashab
             raise OutputError(f"cannot cut the torn last line off {p}: {_reason(e)}; {_hint(e)} and rerun the "
                               "same command to resume") from None
     return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def header_mismatch(old: dict, new: dict) -> str | None:
+    """The first setting where two headers differ, as ``key: old, now new``; None when they agree."""
+    a, b = _flat(old), _flat(new)
+    for k in list(b) + [k for k in a if k not in b]:
+        if a.get(k) != b.get(k):
+            return f"{k}: {a.get(k)!r}, now {b.get(k)!r}"
+    return None
+
+
+def first_header(path: Path) -> tuple[bool, dict | None]:
+    """(whether ``path`` has any content, its header record or None) from the first line alone."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()
+    except FileNotFoundError:
+        return False, None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {_reason(e)}") from None
+    if not line.strip():
+        return bool(line) and Path(path).stat().st_size > len(line), None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return True, None
+    return True, rec[HEADER] if isinstance(rec, dict) and isinstance(rec.get(HEADER), dict) else None
+
+
+def claim(path: Path, header: dict, *, what: str, force: bool = False,
+          key: Callable[[dict], Hashable] | None = None) -> Loaded:
+    """Make ``path`` this run's output before anything is written to it. A missing or empty file is new; a file
+    whose header equals ``header`` is resumed (its records returned, a torn tail cut); any other file (another
+    input, other settings, or not ``what`` at all) is refused with one line and left untouched, unless ``force``,
+    which empties it. The header is written by the :class:`Appender` that follows."""
+    path = Path(os.path.realpath(path))
+    has, old = first_header(path)
+    if not has:
+        if path.exists() and path.stat().st_size:
+            write_text(path, "")  # blank lines only
+        return Loaded()
+    if old is None or old.get("kind") != header.get("kind"):
+        if not force:
+            raise UsageError(f"{path} exists and is not a {what}; use another output, or --force to overwrite it")
+    elif (diff := header_mismatch(old, header)) is not None:
+        if not force:
+            raise UsageError(f"{path} holds a {what} of another input or other settings ({diff}); use another "
+                             "output, or --force to start over")
+    else:
+        return load(path, repair=True, key=key)
+    write_text(path, "")
+    return Loaded()
 
 
 # ---------------------------------------------------------------------------------------------------- appending
@@ -245,6 +310,7 @@ def write_records(path: Path, records: Iterable[dict], header: dict | None = Non
 def write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (a temporary file next to it, fsync, rename): a failed write
     leaves the old file as it was and raises :class:`OutputError`."""
+    path = Path(os.path.realpath(path))  # through a symbolic link to its target; the link stays
     tmp = path.with_name(path.name + ".tmp")
     data = memoryview(_encode(text))
     try:

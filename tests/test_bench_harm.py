@@ -397,7 +397,7 @@ def test_bench_harm_full_disk_is_one_line_and_the_same_command_resumes(tmp_path)
         args = ["bench", "harm", "-o", out, "-d", "catqa", "--limit-per-category", "1", "--prompt-types",
                 "simple,instruction", "--variants", "base", "--max-tokens", "4", "--frame", "qa", "-q"]
         n_expected = 11 * 2
-        line = assert_one_line_error(run_cli(*args), 1, "no space left on device")
+        line = assert_one_line_error(run_cli(*args), 2, "no space left on device")
         kept = res.read_text().splitlines(keepends=True)
         assert all(x.endswith("\n") and json.loads(x)["variant"] == "base" for x in kept)  # no torn line
         assert 0 < len(kept) < n_expected and f"keeps {len(kept)} whole records" in line

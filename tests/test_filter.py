@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from safeinfer_local import jsonl
 from safeinfer_local.errors import UsageError
 from safeinfer_local.workflows import filter as flt
 
@@ -66,17 +67,29 @@ def test_shards_partition_and_merge(tmp_path):
     files = []
     for k, part in enumerate(parts):
         f = tmp_path / f"s{k}.jsonl"
-        f.write_text("".join(json.dumps({"id": x, "index": int(x), "verdict": "answered"}) + "\n" for x in part))
+        head = json.dumps({"_header": {"kind": flt.KIND, "input_sha256": "x", "shard": f"{k + 1}/3"}}) + "\n"
+        f.write_text(head + "".join(json.dumps({"id": x, "index": int(x), "verdict": "answered"}) + "\n"
+                                    for x in part))
         files.append(f)
     out = tmp_path / "m.jsonl"
     assert flt.merge(out, files) == 200
-    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ids
+    assert [r["id"] for r in _records(out)] == ids
+    assert _header(out)["shard"] is None and _header(out)["input_sha256"] == "x"
     with pytest.raises(UsageError, match="more than one shard"):
         flt.merge(out, files + [files[0]])
     with pytest.raises(UsageError, match="gap"):
         flt.merge(out, files[1:])
     with pytest.raises(UsageError, match="I/N"):
         flt.parse_shard("1-3")
+
+
+def _records(path):
+    """The records of a filter output (its first line is the header)."""
+    return jsonl.load(path).records
+
+
+def _header(path):
+    return jsonl.load(path).header
 
 
 def _prompts(tmp_path, n):
@@ -93,7 +106,7 @@ def test_filter_records_split_and_errors(tmp_path):
     out = tmp_path / "out.jsonl"
     p = run_cli("filter", f, "-o", out, "--raw", "-n", "4", "--variant", "base", "--split", tmp_path / "sp")
     assert p.returncode == 0, p.stderr
-    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    recs = _records(out)
     assert [r["id"] for r in recs] == ["p0", "p1", "3", "p2"]
     bad = recs[2]
     assert bad["verdict"] == "error" and "line 3" in bad["error"]
@@ -115,20 +128,20 @@ def test_kill_9_then_resume_gives_one_record_per_id(tmp_path):
     try:
         end = time.time() + 180
         while time.time() < end:
-            if out.exists() and len(out.read_bytes().splitlines()) >= 3:
+            if out.exists() and len(out.read_bytes().splitlines()) >= 4:
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    n_before = len(out.read_text().splitlines())
+    n_before = len(_records(out))
     assert 3 <= n_before < 11
     with open(out, "a") as fh:  # as if the kill had torn a line mid-write
         fh.write('{"id": "p9", "respo')
     p = run_cli("filter", f, "-o", out, "--raw", "-n", "24")
     assert p.returncode == 0, p.stderr
     assert "resuming" in p.stderr
-    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    ids = [r["id"] for r in _records(out)]
     assert ids == ["p0", "p1", "3"] + [f"p{i}" for i in range(2, 10)]
 
 
@@ -159,8 +172,8 @@ def test_parallel_slots_refill_and_keep_input_order(tmp_path):
     pa = run_cli("filter", f, "-o", a, "--raw", "-n", "6", "--variant", "base", "-p", "3", "-q")
     pb = run_cli("filter", f, "-o", b, "--raw", "-n", "6", "--variant", "base", "-p", "1", "-q")
     assert pa.returncode == pb.returncode == 0, (pa.stderr, pb.stderr)
-    ra = [json.loads(x) for x in a.read_text().splitlines()]
-    rb = [json.loads(x) for x in b.read_text().splitlines()]
+    ra = _records(a)
+    rb = _records(b)
     assert [r["id"] for r in ra] == [r["id"] for r in rb] == ["p0", "p1", "3", "p2", "p3", "p4", "p5"]
     ok = [r for r in ra if r["verdict"] != "error"]
     assert len(ok) == 6 and all(r["n_tokens"] >= 1 for r in ok)
@@ -177,7 +190,7 @@ def test_judge_model_labels_every_reply(tmp_path, model):
     p = run_cli("filter", f, "-o", out, "--raw", "-n", "4", "--variant", "base", "--judge-model", model.path,
                 "--split", tmp_path / "sp", "-q")
     assert p.returncode == 0, p.stderr
-    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    recs = _records(out)
     assert all(r["judge"] in ("safe", "unsafe", "unknown") for r in recs if r["verdict"] != "error")
     assert_one_line_error(run_cli("filter", f, "--judge-model", tmp_path / "nope.gguf"), contains="not found")
     flt.write_split([{"verdict": "answered", "judge": "unsafe", "id": "a"},
@@ -193,14 +206,15 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
     cmd = [sys.executable, str(ROOT / "cli.py"), "filter", str(f), "-o", str(out), "--raw", "-n", "24", "-q"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.time() + 180
-    while time.time() < end and not (out.exists() and len(out.read_bytes().splitlines()) >= 3):
+    while time.time() < end and not (out.exists() and len(out.read_bytes().splitlines()) >= 4):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "rerun the same command to resume" in err and "Traceback" not in err
     lines = out.read_text().splitlines()
-    assert all(json.loads(x)["id"] for x in lines)  # every written line is whole
+    assert json.loads(lines[0])["_header"]["kind"] == flt.KIND
+    assert all(json.loads(x)["id"] for x in lines[1:])  # every written line is whole
 
 
 @pytest.mark.model
@@ -212,13 +226,13 @@ def test_full_disk_is_one_line_and_the_same_command_resumes(tmp_path):
     with tiny_disk(tmp_path / "disk", "4k") as disk:  # room for about 20 records
         out = disk / "out.jsonl"
         args = ["filter", f, "-o", out, "--variant", "base", "--max-tokens", "4", "--temperature", "0", "-q"]
-        line = assert_one_line_error(run_cli(*args), 1, "no space left on device")
-        lines = out.read_text().splitlines(keepends=True)
+        line = assert_one_line_error(run_cli(*args), 2, "no space left on device")
+        lines = out.read_text().splitlines(keepends=True)[1:]  # after the header
         assert all(x.endswith("\n") and json.loads(x)["id"] for x in lines)  # no torn line left behind
         assert 0 < len(lines) < 30 and str(out) in line
         assert f"keeps {len(lines)} whole records" in line and "free space and rerun the same command" in line
         grow(disk, "1m")
         p = run_cli(*args)
         assert p.returncode == 0, p.stderr
-        ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+        ids = [r["id"] for r in _records(out)]
         assert ids == [str(n) for n in range(1, 31)]  # exactly one record per id, in input order

@@ -124,7 +124,7 @@ def test_a_failed_write_is_one_typed_error_and_leaves_only_whole_records(tmp_pat
     msg = str(ei.value)
     assert "\n" not in msg and str(p) in msg and "No space left on device" in msg
     assert "keeps 2 whole records" in msg and "free space and rerun the same command to resume" in msg
-    assert OutputError.exit_code == 1 and not isinstance(ei.value, UsageError)
+    assert OutputError.exit_code == 2 and not isinstance(ei.value, UsageError)
     assert p.read_text() == '{"id": "1"}\n{"id": "2"}\n'  # the half line was cut off
     with pytest.raises(OutputError):  # closed after the error
         app.write({"id": "4"})

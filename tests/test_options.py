@@ -81,7 +81,7 @@ def test_stop_and_frame_on_generate_and_filter(tmp_path):
     out = tmp_path / "out.jsonl"
     p = run_cli("filter", f, "-o", out, "--frame", "qa", "--variant", "base", "-n", "24", "--stop", "Paris", "-q")
     assert p.returncode == 0, p.stderr
-    rec = json.loads(out.read_text().splitlines()[0])
+    rec = json.loads(out.read_text().splitlines()[1])  # after the header
     assert "Paris" not in rec["response"] and rec["verdict"] in ("answered", "refused")
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import typer
 
+from ..errors import UsageError
 from . import options as o
 from .app import app
 
@@ -21,7 +23,7 @@ def filter_cmd(
                                      "(default: prompt)."),
     split: Path | None = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl."),
     shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
-    quiet: bool = o.QuietOpt, parallel: int = o.ParallelOpt,
+    quiet: bool = o.QuietOpt, parallel: int = o.ParallelOpt, force: bool = o.ForceOpt,
     judge_model: Path | None = typer.Option(None, "--judge-model", help="A GGUF classifier (e.g. Llama-Guard "
                                             "style) that labels each reply safe/unsafe; 'unsafe' replies are "
                                             "blocked in --split."),
@@ -44,6 +46,9 @@ def filter_cmd(
     sh = flt.parse_shard(shard)
     if out is not None:
         o.check_writable(out)
+    if out is not None and input != "-" and Path(input).exists() and (out.exists() or out.is_symlink()):
+        if os.path.realpath(out) == os.path.realpath(input):
+            raise UsageError(f"-o {out} is the input file; write the output elsewhere")
     items = flt.read_items(input, fmt, field)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
                 variant)
@@ -59,7 +64,8 @@ def filter_cmd(
 
     try:
         with o.progress(quiet) as prog:
-            res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming, **gen)
+            res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming,
+                          force=force, **gen)
     except flt.Interrupted as e:
         print(e.message, file=sys.stderr)
         raise typer.Exit(130) from None
@@ -86,10 +92,11 @@ def filter_cmd(
 def merge_cmd(
     out: Path = typer.Argument(..., help="Merged output (JSON Lines)."),
     shards: list[Path] = typer.Argument(..., help="Shard outputs of `filter --shard`."),
+    force: bool = o.ForceOpt,
 ) -> None:
     """Join shard outputs in input order; duplicates or gaps are refused."""
     from ..workflows.filter import merge
 
     o.check_writable(out)
-    n = merge(out, shards)
+    n = merge(out, shards, force=force)
     print(f"wrote {out} ({n} records)", file=sys.stderr)

@@ -134,6 +134,8 @@ def chat(
             line = input("you> " if tty else "")
         except EOFError:
             break
+        except UnicodeDecodeError as e:
+            raise o.UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /quit to leave)")
             continue

@@ -49,6 +49,8 @@ GpuOpt = typer.Option(0, "--n-gpu-layers", help="Layers to offload on Metal/CUDA
 ChatFmtOpt = typer.Option(None, "--chat-format", help="Chat format when the GGUF has no template (default: "
                           "gemma for Gemma models, else chatml).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
+ForceOpt = typer.Option(False, "--force", help="Overwrite an output that is not this run's (another input, other "
+                        "settings, or not a filter output at all) instead of refusing it.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or summary.")
 ParallelOpt = typer.Option(1, "--parallel", "-p", help="Prompts decoded in the same batch.")
 MaxTokensOpt = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per reply.")
@@ -148,7 +150,13 @@ def read_prompt(prompt: str | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise UsageError("no prompt: pass it as an argument or on stdin")
-        prompt = sys.stdin.read()
+        from ..workflows.filter import read_stdin
+
+        prompt = read_stdin()
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"the prompt is not valid UTF-8 (an undecodable byte at character {e.start})") from None
     if not prompt.strip():
         raise UsageError("empty prompt")
     return prompt

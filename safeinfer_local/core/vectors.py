@@ -257,6 +257,8 @@ def _load_npz(path: Path) -> SafetyVector:
         if not m:
             raise VectorError(f"{path}: array {name!r} does not end in a layer number")
         dirs[int(m.group(1))] = npz[name]
+    if not dirs:
+        raise VectorError(f"{path}: the archive holds no arrays")
     return SafetyVector(directions=dirs, method="imported")
 
 
@@ -268,6 +270,10 @@ def _load_npy(path: Path) -> SafetyVector:
         raise VectorError(f"{path} is not a readable .npy file ({e})") from None
     if arr.ndim != 2:
         raise VectorError(f"{path}: expected a 2-D array (n_layer, n_embd), got shape {arr.shape}")
+    if arr.size == 0:
+        raise VectorError(f"{path}: the array is empty (shape {arr.shape})")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise VectorError(f"{path}: expected numbers, got dtype {arr.dtype}")
     if np.any(arr[0] != 0):
         raise VectorError(f"{path}: row 0 (block 0) is non-zero, but block 0 cannot be steered")
     dirs = {i: arr[i] for i in range(1, arr.shape[0]) if np.any(arr[i] != 0)}

@@ -75,27 +75,9 @@ class HarmConfig:
 def settings(si: SafeInfer, cfg: HarmConfig) -> dict:
     """What shapes each record's value: a resumed run must match these (datasets, variants, prompt types and
     measures may be added to a run; they only add records)."""
-    st = si.steering
-    return {"model": si.model.path.name, "model_sha256_head": _head_hash(si.model.path),
-            "vector_sha256": _vector_hash(si.vector) if si.vector is not None else None,
-            "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
-            "positions": st.positions if st else None, "guidance": str(si.guidance),
-            "lam": si.lam, "max_tokens": cfg.max_tokens, "answer_tokens": cfg.answer_tokens,
-            "frame": cfg.frame, "chat_format": si.chat_format, "seed": cfg.seed,
-            "limit_per_category": cfg.limit_per_category, "judge_model": cfg.judge_model, "redact": cfg.redact}
-
-
-def _vector_hash(vec) -> str:
-    h = hashlib.sha256()
-    for layer in sorted(vec.directions):
-        h.update(str(layer).encode())
-        h.update(vec.directions[layer].tobytes())
-    return h.hexdigest()[:16]
-
-
-def _head_hash(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return si.fingerprint() | {
+        "max_tokens": cfg.max_tokens, "answer_tokens": cfg.answer_tokens, "frame": cfg.frame, "seed": cfg.seed,
+        "limit_per_category": cfg.limit_per_category, "judge_model": cfg.judge_model, "redact": cfg.redact}
 
 
 def check_out(out: Path) -> None:

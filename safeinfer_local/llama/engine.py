@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..errors import ContextOverflowError, EngineError, ModelError
+from ..errors import ContextOverflowError, EngineError, ModelError, UsageError
 from .interrupts import raise_deferred_interrupt
 
 try:
@@ -162,7 +162,11 @@ class Model:
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Text -> token ids. ``add_bos`` adds BOS only when the model wants one; ``special`` parses
         special-token text such as ``<start_of_turn>``."""
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that were not UTF-8, kept as surrogates (argv, a lenient stdin)
+            raise UsageError(f"the text is not valid UTF-8 (an undecodable byte at character {e.start}); "
+                             "pass UTF-8 text") from None
         n_max = len(data) + 8
         arr = (_L.llama_token * n_max)()
         n = _L.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_bos, special)

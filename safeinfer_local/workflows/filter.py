@@ -17,8 +17,7 @@ from pathlib import Path
 from .. import jsonl
 from ..core.judge import is_refusal
 from ..errors import UsageError
-
-Appender = jsonl.Appender  # the CLI appends filter records through flt.Appender
+from ..jsonl import claim
 
 FORMATS = ("jsonl", "csv", "txt")
 
@@ -52,7 +51,7 @@ def read_items(path: str, fmt: str | None = None, field: str | None = None) -> l
     """All input items, in order. Malformed lines become error items that name the line."""
     fmt = detect_format(path, fmt)
     if path == "-":
-        text = sys.stdin.read()
+        text = read_stdin()
     else:
         p = Path(path)
         if not p.is_file():
@@ -83,8 +82,8 @@ def _read_jsonl(text: str, field: str, path: str) -> list[Item]:
     items: list[Item] = []
     seen_field = False
     for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+        if not line.strip() or (n == 1 and line.startswith('{"' + jsonl.HEADER + '"')):
+            continue  # blank, or the header of a filter output used as input
         idx = len(items)
         try:
             obj = json.loads(line)
@@ -109,14 +108,39 @@ def _read_jsonl(text: str, field: str, path: str) -> list[Item]:
     return items
 
 
+def read_stdin() -> str:
+    """Standard input as UTF-8 text (one line and exit 2 when it is not)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _read_csv(text: str, column: str, path: str) -> list[Item]:
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None:
+    reader = csv.DictReader(io.StringIO(text), strict=True)
+    try:
+        names = reader.fieldnames
+    except csv.Error as e:
+        raise UsageError(f"{path}: not valid CSV in the header line ({e})") from None
+    if names is None:
         return []
-    if column not in reader.fieldnames:
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise UsageError(f"{path}: the header names column {dup[0]!r} more than once")
+    if column not in names:
         raise UsageError(f"{path}: no column {column!r} (columns: {', '.join(reader.fieldnames)}; use --field)")
     items = []
-    for n, row in enumerate(reader, start=2):
+    rows = iter(reader)
+    n = 1  # a record's id without an id column: its number + 1, its line in a file without multi-line fields
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. an unterminated quote, which would swallow the rest of the file
+            raise UsageError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+        n += 1
         idx = len(items)
         rid = row.get("id") or str(n)
         val = row.get(column)
@@ -196,13 +220,25 @@ def write_split(recs: list[dict], split_dir: Path) -> None:
         jsonl.write_records(split_dir / name, (r for r in recs if r["verdict"] != "error" and blocked(r) == want))
 
 
-def merge(out: Path, shards: list[Path]) -> int:
-    """Join shard outputs in input order; refuse duplicate ids or gaps in the input positions."""
+def merge(out: Path, shards: list[Path], force: bool = False) -> int:
+    """Join shard outputs in input order. The shards must be filter outputs of one input with the same settings
+    (their headers differ by the shard only); duplicate ids or gaps in the input positions are refused. ``out``
+    gets the shared header; an existing ``out`` that is not a filter output of that input and those settings is
+    refused untouched (``force`` overwrites it)."""
     recs: dict[str, dict] = {}
+    head: dict | None = None
     for p in shards:
         if not p.is_file():
             raise UsageError(f"shard output not found: {p}")
         loaded = jsonl.load(p, key=lambda r: (str(r["id"]), int(r["index"])))
+        if loaded.header is None or loaded.header.get("kind") != KIND:
+            raise UsageError(f"{p} is not a filter output (it has no filter header)")
+        h = loaded.header | {"shard": None}
+        if head is None:
+            head = h
+        elif (diff := jsonl.header_mismatch(head, h)) is not None:
+            raise UsageError(f"{p} was written for another input or with other settings than {shards[0]} ({diff}); "
+                             "merge only the shards of one filter run")
         if loaded.torn:
             raise UsageError(f"{p}: the last line is torn (the shard is unfinished: rerun its filter command)")
         for r in loaded.records:
@@ -210,7 +246,7 @@ def merge(out: Path, shards: list[Path]) -> int:
             if rid in recs:
                 raise UsageError(f"id {rid!r} appears in more than one shard output (or twice in {p})")
             recs[rid] = r | {"index": int(r["index"])}
-    if not recs:
+    if not recs or head is None:
         raise UsageError("no records in the shard outputs")
     ordered = sorted(recs.values(), key=lambda r: r["index"])
     have = {r["index"] for r in ordered}
@@ -218,7 +254,10 @@ def merge(out: Path, shards: list[Path]) -> int:
     if missing:
         raise UsageError(f"the shards leave a gap: input positions {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          "have no record (a shard is missing or unfinished)")
-    jsonl.write_records(out, ordered)
+    if any(out.resolve() == p.resolve() for p in shards):
+        raise UsageError(f"{out} is one of the shards; merge into another file")
+    claim(out, head, what="filter output", force=force)
+    jsonl.write_records(out, ordered, header=head)
     return len(ordered)
 
 
@@ -252,20 +291,47 @@ class Interrupted(KeyboardInterrupt):
         self.message = message
 
 
+KIND = "safeinfer filter"
+
+
+def items_hash(items: list[Item]) -> str:
+    """What identifies an input: its prompts with their ids and positions (not the file's name or bytes)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.index, it.id, it.prompt, it.error], ensure_ascii=False).encode("utf-8", "replace"))
+    return h.hexdigest()[:16]
+
+
+def header(si, items: list[Item], shard: tuple[int, int] | None, frame: str | None, judge, gen: dict) -> dict:
+    """The first line of a filter output: the input and every setting that shapes a record. A rerun must match
+    it to resume; merge checks that its shards agree on everything but the shard."""
+    return {"kind": KIND, "input_sha256": items_hash(items), "n_items": len(items),
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "settings": si.fingerprint() | {"variant": si.default_variant(), "frame": frame or "template",
+                                            "judge_model": judge.model.path.name if judge is not None else None}
+                        | {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(gen.items())}}
+
+
 def run(si, items: list[Item], out: Path | None = None, split: Path | None = None,
         shard: tuple[int, int] | None = None, parallel: int = 1, frame: str | None = None, judge=None,
         progress: Callable[[str, int, int], None] | None = None,
-        on_resume: Callable[[int, int], None] | None = None, **gen) -> Summary:
+        on_resume: Callable[[int, int], None] | None = None, force: bool = False, **gen) -> Summary:
     """``safeinfer filter``: generate a reply for every wanted item with ``si``'s settings and judge it, one
     record per item appended to ``out`` (flushed as each finishes; a rerun resumes) or written to stdout in input
-    order. ``gen``: the fields of a generation (max_tokens, temperature, ..., stop)."""
+    order. ``gen``: the fields of a generation (max_tokens, temperature, ..., stop).
+
+    ``out`` starts with a header naming the input and the settings: a rerun into it resumes only with the same
+    ones, and a file that is not a filter output is never written; ``force`` starts either over."""
     variant = si.default_variant()
-    done = load_done(out) if out is not None else {}
+    head = header(si, items, shard, frame, judge, gen)
+    done: dict[str, dict] = {}
+    if out is not None:
+        done = claim(out, head, what="filter output", force=force, key=_id).by_key(_id)
     todo = list(pending(items, done, shard))
     wanted = [it for it in items if in_shard(it.id, shard)]
     if done and on_resume:
         on_resume(len(wanted) - len(todo), len(wanted))
-    app = jsonl.Appender(out)
+    app = jsonl.Appender(out, header=head if out is not None else None)
     written: list[dict] = []
     held: dict[int, dict] = {}  # stdout: records waiting for an earlier one, so the output keeps input order
     order = [it.index for it in todo]
