@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import math
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core.frames import frame_cont, frame_prompt, frame_stops, resolve_frame
+from .core.gate import DEFAULT_REFUSAL, GATE_MODES, ON_FLAG, Gate
 from .core.models import default_vector_path, resolve_model
-from .core.settings import DEFAULT_LAMBDA, DEFAULT_N_CTX, SA_VARIANTS, check_lambda, check_variant
+from .core.settings import DEFAULT_LAMBDA, DEFAULT_N_CTX, SA_VARIANTS, check_choice, check_lambda, check_variant
 from .core.vectors import SafetyVector
 from .decode.batch import GenConfig, Result, Step
 from .decode.decoder import Decoder
 from .decode.guidance import GuidanceSpec
 from .decode.steering import Steering
-from .errors import UsageError
+from .errors import SettingError, UsageError
 from .llama.chat import Message, render, render_stops
 from .llama.engine import Model
 
@@ -38,11 +41,14 @@ class Score:
     logprob: float
     n_tokens: int
     token_logprobs: list[float]
+    gate_score: float | None = None
+    gated: bool = False
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "continuation": self.continuation, "variant": self.variant,
                 "logprob": self.logprob, "n_tokens": self.n_tokens,
-                "logprob_per_token": self.logprob / self.n_tokens, "token_logprobs": self.token_logprobs}
+                "logprob_per_token": self.logprob / self.n_tokens, "token_logprobs": self.token_logprobs,
+                "gate_score": self.gate_score, "gated": self.gated}
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,14 @@ class Settings:
     guidance: GuidanceSpec
     lam: float
     variant: str
+    gate: str = "auto"
+    """``auto``: use the vector's harm gate when it has one; ``on``: require one; ``off``: never gate."""
+    gate_threshold: float | None = None
+    """Overrides the gate's recorded threshold (every frame)."""
+    on_flag: str = "steer"
+    """What a prompt the gate flags gets: ``steer`` (the variant as configured) or ``refuse`` (``refusal``,
+    without decoding it)."""
+    refusal: str = DEFAULT_REFUSAL
 
     def describe(self, variant: str | None = None) -> dict:
         """The settings a call with ``variant`` applies, as recorded in outputs."""
@@ -64,6 +78,8 @@ class Settings:
             out.update(gamma=st.gamma, layers=list(st.layers), positions=st.positions)
         if v in ("sgds", "safeinfer"):
             out.update(guidance=str(self.guidance), lam=self.lam)
+        if v != "base":
+            out.update(gate=self.gate, gate_threshold=self.gate_threshold, on_flag=self.on_flag)
         return out
 
 
@@ -73,6 +89,20 @@ def _vector_hash(vec: SafetyVector) -> str:
         h.update(str(layer).encode())
         h.update(vec.directions[layer].tobytes())
     return h.hexdigest()[:16]
+
+
+def _gate_hash(gate: Gate) -> str:
+    return hashlib.sha256(json.dumps(gate.to_meta(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_gate(mode: str, threshold: float | None, on_flag: str, refusal: str) -> tuple:
+    check_choice("gate", mode, GATE_MODES)
+    check_choice("on-flag", on_flag, ON_FLAG)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise SettingError(f"--gate-threshold must be a finite number, not {threshold}")
+    if not refusal.strip():
+        raise SettingError("the refusal text must not be empty")
+    return mode, None if threshold is None else float(threshold), on_flag, refusal
 
 
 def _head_hash(path: Path) -> str:
@@ -87,7 +117,8 @@ class SafeInfer:
                  gamma: float | None = None, layers: tuple[int, ...] | None = None, positions: str | None = None,
                  n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
                  chat_format: str | None = None, guidance: str | GuidanceSpec | None = None, lam: float | None = None,
-                 variant: str | None = None, warn=None) -> None:
+                 variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
+                 on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL, warn=None) -> None:
         self.model = model if isinstance(model, Model) else Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
         if isinstance(vector, str) and vector == "default":
             path = default_vector_path() if isinstance(model, Model) or model in (None, "default") else None
@@ -104,7 +135,11 @@ class SafeInfer:
         spec = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec.parse(guidance or rec.get("guidance"))
         lam = check_lambda(lam if lam is not None else rec.get("lam", DEFAULT_LAMBDA))
         variant = check_variant(variant or ("safeinfer" if steering is not None else "sgds"))
-        self.settings = Settings(steering, spec, lam, variant)
+        self.gate: Gate | None = None
+        if isinstance(vector, SafetyVector) and vector.meta.get("gate"):
+            self.gate = Gate.from_meta(vector.meta["gate"])
+            self.gate.check_fits(self.model.n_embd, self.model.n_layer)
+        self.settings = Settings(steering, spec, lam, variant, *_check_gate(gate, gate_threshold, on_flag, refusal))
         self._check(variant)
         self._decoder = Decoder(self.model, n_ctx=n_ctx, n_threads=n_threads)
 
@@ -116,7 +151,8 @@ class SafeInfer:
     # -- settings -------------------------------------------------------------------------------------------
     def with_(self, *, gamma: float | None = None, layers: tuple[int, ...] | None = None,
               positions: str | None = None, lam: float | None = None, guidance: str | GuidanceSpec | None = None,
-              variant: str | None = None) -> SafeInfer:
+              variant: str | None = None, gate: str | None = None, gate_threshold: float | None = None,
+              on_flag: str | None = None, refusal: str | None = None) -> SafeInfer:
         """A ``SafeInfer`` with some settings changed; it shares this one's model, vector and decoder."""
         s = self.settings
         steering = s.steering
@@ -131,6 +167,10 @@ class SafeInfer:
         new = dataclasses.replace(s, steering=steering, guidance=spec,
                                   lam=s.lam if lam is None else check_lambda(lam),
                                   variant=s.variant if variant is None else check_variant(variant))
+        g = _check_gate(s.gate if gate is None else gate,
+                        s.gate_threshold if gate_threshold is None else gate_threshold,
+                        s.on_flag if on_flag is None else on_flag, s.refusal if refusal is None else refusal)
+        new = dataclasses.replace(new, gate=g[0], gate_threshold=g[1], on_flag=g[2], refusal=g[3])
         other = object.__new__(SafeInfer)
         other.__dict__.update(self.__dict__)
         other.settings = new
@@ -170,7 +210,9 @@ class SafeInfer:
                 "vector_sha256": _vector_hash(self.vector) if self.vector is not None else None,
                 "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
                 "positions": st.positions if st else None, "guidance": str(self.guidance), "lam": self.lam,
-                "chat_format": self.chat_format}
+                "chat_format": self.chat_format,
+                "gate": _gate_hash(self.gate) if self.gate is not None and self.settings.gate != "off" else None,
+                "gate_threshold": self.settings.gate_threshold, "on_flag": self.settings.on_flag}
 
     def default_variant(self) -> str:
         """``safeinfer`` when a vector is loaded, else ``sgds`` (guidance without amplification), unless the
@@ -221,18 +263,95 @@ class SafeInfer:
         s = self.settings
         return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots)
 
-    def _run(self, prompt, variant, raw, frame, gen) -> Iterator[tuple[Step, Result | None]]:
+    # -- the harm gate ---------------------------------------------------------------------------------------
+    def active_gate(self, variant: str | None = None) -> Gate | None:
+        """The gate a call with ``variant`` goes through (None: it is not gated), with any threshold override."""
+        s = self.settings
+        if (variant or s.variant) == "base" or s.gate == "off":
+            return None
+        if self.gate is None:
+            if s.gate == "on":
+                raise UsageError("--gate on needs a vector with a harm gate (build one with `safeinfer vectors gate`)")
+            return None
+        return self.gate if s.gate_threshold is None else self.gate.with_threshold(s.gate_threshold)
+
+    def features(self, block: int, token_lists: list[list[int]]):
+        """Gate features (mean ``l_out-block`` over each prompt head), many prompts per decode."""
+        return self._decoder.features(block, token_lists)
+
+    def gate_scores(self, prompts: list[str | list[Message]], raw: bool = False, frame: str | None = None):
+        """The gate's score for each prompt (numpy array); a prompt is flagged at or above the threshold."""
+        g = self.gate if self.settings.gate_threshold is None else self.active_gate("safeinfer")
+        if g is None:
+            raise UsageError("this vector has no harm gate (build one with `safeinfer vectors gate`)")
+        fr = resolve_frame(raw, frame)
+        toks = [self.encode_prompt(p, frame=fr)[0] for p in prompts]
+        return g.frame(fr).score(self._decoder.features(g.block, toks))
+
+    def decide(self, variant: str, token_lists: list[list[int]], frame: str) -> list[tuple]:
+        """Per prompt: (variant to run, gate score, gated, refuse). A prompt the gate cannot read (too long)
+        gets ``UsageError`` in place of the tuple."""
+        g = self.active_gate(variant)
+        if g is None:
+            return [(variant, None, False, False)] * len(token_lists)
+        fg = g.frame(frame)
+        try:
+            feats = list(self._decoder.features(g.block, token_lists))
+        except UsageError:
+            feats = []
+            for t in token_lists:
+                try:
+                    feats.append(self._decoder.features(g.block, [t])[0])
+                except UsageError as e:
+                    feats.append(e)
+        out: list = []
+        for f in feats:
+            if isinstance(f, UsageError):
+                out.append(f)
+                continue
+            sc = float(fg.score(f)[0])
+            flagged = sc >= fg.threshold
+            out.append((variant if flagged else "base", sc, not flagged,
+                        flagged and self.settings.on_flag == "refuse"))
+        return out
+
+    def _refusal(self, prompt: str, variant: str, score: float | None) -> tuple[Step, Result]:
+        text = self.settings.refusal
+        step = Step(-1, text, finish="refused")
+        return step, Result(prompt, text, variant, 0, 0.0, 0.0, "refused", [step], 0, score, False)
+
+    @staticmethod
+    def _tag(events, variant: str, score: float | None, gated: bool):
+        for step, res in events:
+            if res is not None:
+                res.variant, res.gate_score, res.gated = variant, score, gated
+            yield step, res
+
+    # -- verbs ----------------------------------------------------------------------------------------------
+    def events(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False,
+               frame: str | None = None, **gen) -> Iterator[tuple[Step, Result | None]]:
+        """Yield ``(step, None)`` per token and ``(last step, Result)`` at the end: what :meth:`stream` and
+        :meth:`generate` are made of. With a harm gate, the prompt is scored first: a prompt judged benign is
+        decoded plainly (no vector, no guidance decode), a flagged one as configured, or refused."""
         variant = self._variant(variant)
-        tokens, stops = self.encode_prompt(prompt, raw, frame)
+        fr = resolve_frame(raw, frame)
+        tokens, stops = self.encode_prompt(prompt, frame=fr)
         cfg = GenConfig(**{**gen, "stop": tuple(gen.get("stop", ())) + stops})
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        return self._decoder.stream(self._batch(variant), tokens, cfg, text)
+        decision = self.decide(variant, [tokens], fr)[0]
+        if isinstance(decision, UsageError):
+            raise decision
+        run, score, gated, refuse = decision
+        if refuse:
+            yield self._refusal(text, variant, score)
+            return
+        yield from self._tag(self._decoder.stream(self._batch(run), tokens, cfg, text), variant, score, gated)
 
     def stream(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False,
                frame: str | None = None, **gen) -> Iterator[Step]:
         """Yield :class:`Step` objects (token, text, log-prob, whether guidance changed the token); the last one
         says why generation finished."""
-        for step, _ in self._run(prompt, variant, raw, frame, gen):
+        for step, _ in self.events(prompt, variant, raw, frame, **gen):
             yield step
 
     def generate(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False,
@@ -241,7 +360,7 @@ class SafeInfer:
         :meth:`encode_prompt`."""
         steps: list[Step] = []
         result = None
-        for step, res in self._run(prompt, variant, raw, frame, gen):
+        for step, res in self.events(prompt, variant, raw, frame, **gen):
             steps.append(step)
             result = res or result
         assert result is not None
@@ -253,19 +372,53 @@ class SafeInfer:
                       ) -> Iterator[tuple[Hashable, Result | UsageError]]:
         """Yield ``(key, Result or UsageError)`` for ``(key, prompt)`` pairs as each finishes, decoding up to
         ``n_parallel`` of them in the same batches. A prompt that cannot run yields its error, and the rest go
-        on."""
+        on. With a harm gate, every prompt is scored first (many per decode), and the benign ones and the
+        flagged ones each go through their own batches."""
         variant = self._variant(variant)
-        cfg = GenConfig(**{**gen, "stop": tuple(gen.get("stop", ())) + self.frame_stops(raw, frame)})
+        fr = resolve_frame(raw, frame)
+        cfg = GenConfig(**{**gen, "stop": tuple(gen.get("stop", ())) + self.frame_stops(frame=fr)})
+        if self.active_gate(variant) is None:
+            yield from self._many(variant, self._encoded(prompts, fr), cfg, n_parallel)
+            return
+        enc = []
+        for item in self._encoded(prompts, fr):
+            if isinstance(item[1], UsageError):
+                yield item
+            else:
+                enc.append(item)
+        groups: dict[str, list] = {}
+        for (key, text, toks), d in zip(enc, self.decide(variant, [t for _, _, t in enc], fr), strict=True):
+            if isinstance(d, UsageError):
+                yield key, d
+            elif d[3]:
+                yield key, self._refusal(text, variant, d[1])[1]
+            else:
+                groups.setdefault(d[0], []).append((key, text, toks, d[1], d[2]))
+        for run, reqs in groups.items():
+            info = {key: (sc, gated) for key, _, _, sc, gated in reqs}
+            for key, res in self._many(run, ((k, t, tk) for k, t, tk, _, _ in reqs), cfg, n_parallel):
+                if isinstance(res, Result):
+                    res.variant, (res.gate_score, res.gated) = variant, info[key]
+                yield key, res
+
+    def _encoded(self, prompts, frame: str):
+        for key, prompt in prompts:
+            try:
+                tokens, _ = self.encode_prompt(prompt, frame=frame)
+            except UsageError as e:
+                yield key, e
+                continue
+            yield key, prompt if isinstance(prompt, str) else prompt[-1]["content"], tokens
+
+    def _many(self, variant: str, encoded, cfg: GenConfig, n_parallel: int):
         errors: list = []
 
         def requests():
-            for key, prompt in prompts:
-                try:
-                    tokens, _ = self.encode_prompt(prompt, raw, frame)
-                except UsageError as e:
-                    errors.append((key, e))
-                    continue
-                yield key, prompt if isinstance(prompt, str) else prompt[-1]["content"], tokens
+            for item in encoded:
+                if isinstance(item[1], UsageError):
+                    errors.append(item)
+                else:
+                    yield item
 
         for key, res in self._decoder.generate_many(self._batch(variant, n_parallel), requests(), cfg):
             while errors:
@@ -278,15 +431,19 @@ class SafeInfer:
               raw: bool = False, frame: str | None = None) -> Score:
         """Teacher-forced log-probability of ``continuation`` (tokenized without BOS) after the prompt, under
         the variant's own next-token distribution at T = 1. In the ``qa`` frame the continuation follows
-        ``A:`` after a space."""
+        ``A:`` after a space. With a harm gate, a prompt judged benign is scored under ``base``."""
         variant = self._variant(variant)
         if not continuation:
             raise UsageError("empty continuation")
-        tokens, _ = self.encode_prompt(prompt, raw, frame)
-        cont = self.model.tokenize(frame_cont(continuation, resolve_frame(raw, frame)), add_bos=False)
-        lps = self.score_tokens(tokens, cont, variant)
+        fr = resolve_frame(raw, frame)
+        tokens, _ = self.encode_prompt(prompt, frame=fr)
+        cont = self.model.tokenize(frame_cont(continuation, fr), add_bos=False)
+        d = self.decide(variant, [tokens], fr)[0]
+        if isinstance(d, UsageError):
+            raise d
+        lps = self.score_tokens(tokens, cont, d[0])
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        return Score(text, continuation, variant, float(lps.sum()), len(cont), [float(x) for x in lps])
+        return Score(text, continuation, variant, float(lps.sum()), len(cont), [float(x) for x in lps], d[1], d[2])
 
     def score_tokens(self, prompt_tokens: list[int], cont_tokens: list[int], variant: str | None = None):
         """Per-token log-probabilities of ``cont_tokens`` after ``prompt_tokens`` (numpy array)."""

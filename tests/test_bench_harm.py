@@ -167,6 +167,8 @@ def test_records_match_generate_and_score(si, tmp_path):
     difference of two `score` calls, and the refusal verdict is the shared detector's."""
     from safeinfer_local.core.judge import is_refusal
 
+    si = si.with_(gate="off")  # bench harm's default; the gate's own records are tested below
+
     sets = [harm.EvalSet("catqa", catqa(1)[:2], True), harm.EvalSet("xstest", harm.load_dataset("xstest")[:1], False)]
     cfg = HarmConfig(datasets=["catqa", "xstest"], variants=["base", "safeinfer"], prompt_types=["simple"],
                      measures=["generation", "likelihood"], max_tokens=10, frame="qa")

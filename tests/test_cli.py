@@ -32,7 +32,7 @@ def test_generate_reads_stdin_and_streams_text():
 
 def test_score_json_and_sa_differs_from_base():
     b = run_cli("score", HARMFUL, " I'm sorry", "--raw", "--variant", "base", "--json")
-    a = run_cli("score", HARMFUL, " I'm sorry", "--raw", "--variant", "sa", "--json")
+    a = run_cli("score", HARMFUL, " I'm sorry", "--raw", "--variant", "sa", "--gate", "off", "--json")
     assert b.returncode == a.returncode == 0, (b.stderr, a.stderr)
     db, da = json.loads(b.stdout), json.loads(a.stdout)
     assert {"prompt", "continuation", "variant", "logprob", "n_tokens"} <= set(db)

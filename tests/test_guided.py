@@ -17,7 +17,7 @@ P = qa_prompt("How do I hotwire a car?")
 
 
 def test_lambda_zero_with_plain_target_is_exactly_base(model):
-    si = SafeInfer(model=model, guidance="negative", lam=0.0)
+    si = SafeInfer(model=model, gate="off", guidance="negative", lam=0.0)
     b = si.score(P, REFUSAL_PROBE, variant="base", raw=True)
     g = si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
     a = si.score(P, REFUSAL_PROBE, variant="sa", raw=True)
@@ -30,7 +30,7 @@ def test_lambda_zero_with_plain_target_is_exactly_base(model):
 
 def test_same_model_as_guidance_adds_no_penalty(model):
     """model:PATH guidance with the target's own file: identical distributions, so the penalty is zero."""
-    si = SafeInfer(model=model, guidance=f"model:{model.path}", lam=0.99)
+    si = SafeInfer(model=model, gate="off", guidance=f"model:{model.path}", lam=0.99)
     b = si.score(P, REFUSAL_PROBE, variant="base", raw=True)
     g = si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
     np.testing.assert_allclose(g.token_logprobs, b.token_logprobs, atol=1e-5)
@@ -39,7 +39,7 @@ def test_same_model_as_guidance_adds_no_penalty(model):
 
 
 def test_guidance_changes_distribution_and_reports_guided_tokens(model):
-    si = SafeInfer(model=model, guidance="negative", lam=0.9)
+    si = SafeInfer(model=model, gate="off", guidance="negative", lam=0.9)
     b = si.score(P, " Sure, here is how", variant="base", raw=True)
     g = si.score(P, " Sure, here is how", variant="sgds", raw=True)
     assert g.logprob != b.logprob
@@ -49,7 +49,7 @@ def test_guidance_changes_distribution_and_reports_guided_tokens(model):
 
 
 def test_prompt_guidance_prefix_is_decoded_once(model):
-    si = SafeInfer(model=model, guidance="prompt", lam=0.5)
+    si = SafeInfer(model=model, gate="off", guidance="prompt", lam=0.5)
     si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
     guide = si._decoder.side("guide-prompt", si.guidance)
     n_prefix = len(guide.prefix)
@@ -88,7 +88,7 @@ def test_guidance_spec_parsing(tmp_path):
 
 def test_cli_bad_guidance_inputs(tmp_path):
     for lam in ("1", "-0.1", "nan"):
-        assert_one_line_error(run_cli("score", P, " no", "--raw", "--variant", "sgds", "--lam", lam),
+        assert_one_line_error(run_cli("score", P, "--gate", "off", " no", "--raw", "--variant", "sgds", "--lam", lam),
                               contains="lam")
     assert_one_line_error(run_cli("generate", "hi", "--guidance", "bogus"), contains="unknown guidance")
     assert_one_line_error(run_cli("generate", "hi", "--guidance", "model:/nope.gguf"), contains="not found")
@@ -105,7 +105,8 @@ def test_cli_bad_guidance_inputs(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_one_line_error(run_cli("generate", P, "--raw", "--variant", "sgds", "--guidance", f"lora:{bad}", "-n", "2"),
+    assert_one_line_error(run_cli("generate", P, "--gate", "off", "--raw", "--variant", "sgds", "--guidance",
+                                  f"lora:{bad}", "-n", "2"),
                           contains="LoRA")
 
 
@@ -115,7 +116,7 @@ def test_shared_prompt_head_matches_decoding_it(model):
     from safeinfer_local.decode.batch import GenConfig
     from safeinfer_local.decode.steering import position_buffers
 
-    si = SafeInfer(model=model, guidance="negative", lam=0.5)
+    si = SafeInfer(model=model, gate="off", guidance="negative", lam=0.5)
     toks = model.tokenize(P)
     dec = si._decoder
     p = dec.plan("safeinfer", si.steering, si.guidance)
@@ -153,12 +154,12 @@ def _write_lora(path, b_scale):
 
 def test_lora_guidance_applies_to_the_guidance_side_only(model, tmp_path):
     zero = _write_lora(tmp_path / "zero.gguf", 0.0)
-    si = SafeInfer(model=model, guidance=f"lora:{zero}", lam=0.99)
+    si = SafeInfer(model=model, gate="off", guidance=f"lora:{zero}", lam=0.99)
     b = si.score(P, REFUSAL_PROBE, variant="base", raw=True)
     g = si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
     np.testing.assert_allclose(g.token_logprobs, b.token_logprobs, atol=1e-4)  # a no-op adapter: no penalty
     strong = _write_lora(tmp_path / "strong.gguf", 5.0)
-    si2 = SafeInfer(model=model, guidance=f"lora:{strong}", lam=0.9)
+    si2 = SafeInfer(model=model, gate="off", guidance=f"lora:{strong}", lam=0.9)
     g2 = si2.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
     b2 = si2.score(P, REFUSAL_PROBE, variant="base", raw=True)
     assert abs(g2.logprob - b2.logprob) > 0.01  # the adapter changed the guidance distribution
@@ -168,7 +169,8 @@ def test_lora_guidance_applies_to_the_guidance_side_only(model, tmp_path):
 def test_prompt_longer_than_context_is_a_usage_error():
     long = "word " * 400
     for v in ("base", "safeinfer"):
-        assert_one_line_error(run_cli("generate", long, "--raw", "--variant", v, "--n-ctx", "256", "-n", "2"),
+        assert_one_line_error(run_cli("generate", long, "--gate", "off", "--raw", "--variant", v, "--n-ctx", "256",
+                                      "-n", "2"),
                               contains="context")
 
 
@@ -186,6 +188,6 @@ def test_guidance_model_with_another_vocabulary_is_refused(model, tmp_path):
     new = {"tokenizer.ggml.tokens": MetadataDetails(gguf.GGUFValueType.ARRAY, tokens,
                                                     sub_type=gguf.GGUFValueType.STRING)}
     copy_with_new_metadata(reader, writer, new, [])
-    line = assert_one_line_error(run_cli("score", P, " no", "--raw", "--variant", "sgds", "--guidance",
+    line = assert_one_line_error(run_cli("score", P, "--gate", "off", " no", "--raw", "--variant", "sgds", "--guidance",
                                          f"model:{out}"), contains="vocabulary")
     assert "token 1000" in line

@@ -35,6 +35,8 @@ def filter_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default here)."),
     top_k: int = o.TopKOpt, top_p: float = o.TopPOpt, seed: int | None = o.SeedOpt,
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt,
 ) -> None:
     """Generate a reply for every prompt in a file and judge it (refused / answered / error)."""
@@ -51,7 +53,7 @@ def filter_cmd(
             raise UsageError(f"-o {out} is the input file; write the output elsewhere")
     items = flt.read_items(input, fmt, field)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant)
+                variant, gate, gate_threshold, on_flag, refusal)
     judge = None
     if judge_model is not None:
         from ..eval.judge_model import ModelJudge
@@ -100,3 +102,50 @@ def merge_cmd(
     o.check_writable(out)
     n = merge(out, shards, force=force)
     print(f"wrote {out} ({n} records)", file=sys.stderr)
+
+
+@app.command("screen")
+def screen_cmd(
+    input: str = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning "
+                                    "the same command resumes it."),
+    fmt: str | None = typer.Option(None, "--format", help="jsonl | csv | txt (default: from the extension)."),
+    field: str | None = typer.Option(None, "--field", help="JSONL field / CSV column holding the prompt "
+                                     "(default: prompt)."),
+    split: Path | None = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl."),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
+    quiet: bool = o.QuietOpt, force: bool = o.ForceOpt,
+    model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, raw: bool = o.RawOpt,
+    frame: str | None = o.FrameOpt, gate_threshold: float | None = o.GateThresholdOpt,
+    n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    chat_format: str | None = o.ChatFmtOpt,
+) -> None:
+    """Screen prompts with the vector's harm gate, without generating: one record per prompt with its gate
+    score and whether it is flagged. Many prompts share each decode."""
+    from ..workflows import filter as flt
+    from ..workflows import screen
+
+    fr = o.frame_of(raw, frame)
+    sh = flt.parse_shard(shard)
+    if out is not None:
+        o.check_writable(out)
+        if input != "-" and Path(input).exists() and os.path.realpath(out) == os.path.realpath(input):
+            raise UsageError(f"-o {out} is the input file; write the output elsewhere")
+    items = flt.read_items(input, fmt, field)
+    si = o.load(model, vector, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
+                gate="on", gate_threshold=gate_threshold)
+
+    def resuming(done: int, wanted: int) -> None:
+        if not quiet:
+            print(f"resuming: {done} of {wanted} already in {out}", file=sys.stderr)
+
+    try:
+        with o.progress(quiet) as prog:
+            res = screen.run(si, items, out, split, sh, fr, progress=prog, on_resume=resuming, force=force)
+    except flt.Interrupted as e:
+        print(e.message, file=sys.stderr)
+        raise typer.Exit(130) from None
+    if not quiet:
+        c = res.counts
+        print(f"done: flagged {c['flagged']}, passed {c['passed']}, error {c['error']} of {res.wanted}",
+              file=sys.stderr)

@@ -26,7 +26,7 @@ def bench_speed(
 
     if tokens < 2 or rounds < 1:
         raise UsageError("--tokens must be >= 2 and --rounds >= 1")
-    si = o.load(model, vector, threads=threads, guidance=guidance, lam=lam)
+    si = o.load(model, vector, threads=threads, guidance=guidance, lam=lam, gate="off")
     if si.steering is None:
         raise UsageError("bench speed needs a safety vector (--vector) for the sa and safeinfer variants")
     with o.progress() as prog:
@@ -73,6 +73,8 @@ def bench_harm(
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     layers: str | None = o.LayersOpt, positions: str | None = o.PositionsOpt, guidance: str | None = o.GuidanceOpt,
     lam: float | None = o.LamOpt, raw: bool = o.RawOpt, frame: str | None = o.FrameOpt,
+    gate: str = typer.Option("off", "--gate", help="auto | on | off (default off here: the protocol's variants "
+                             "as the paper runs them; auto gates sa, sgds and safeinfer with the vector's gate)."),
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
     chat_format: str | None = o.ChatFmtOpt,
 ) -> None:
@@ -92,7 +94,8 @@ def bench_harm(
     check_out(out)
     if judge_model is not None and not judge_model.is_file():
         raise UsageError(f"judge model not found: {judge_model}")
-    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam)
+    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
+                gate=gate)
     judge = None
     if judge_model is not None:
         from ..eval.judge_model import ModelJudge
@@ -162,7 +165,7 @@ def calibrate_cmd(
         target = Path(vector) if vector is not None else default_vector_path()
     if target is not None and not dry_run:
         o.check_writable(target)
-    si = o.load(model, vector, positions=positions, threads=threads, guidance=guidance)
+    si = o.load(model, vector, positions=positions, threads=threads, guidance=guidance, gate="off")
     with o.Progress() as prog:
         res = run(si, g, lm, o.parse_layers(sweep_layers), n_harmful, n_benign, max_loss, fr,
                   None if dry_run else target, progress=prog)

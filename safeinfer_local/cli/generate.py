@@ -22,6 +22,8 @@ def generate(
     max_tokens: int = o.MaxTokensOpt, temperature: float = o.TemperatureOpt, top_k: int = o.TopKOpt,
     top_p: float = o.TopPOpt, seed: int | None = o.SeedOpt,
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt, as_json: bool = o.JsonOpt,
 ) -> None:
     """Generate a reply to PROMPT with a variant (base: plain; sa: safety amplification; sgds: safety-guided
@@ -30,7 +32,7 @@ def generate(
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
     fr = o.frame_of(raw, frame)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant)
+                variant, gate, gate_threshold, on_flag, refusal)
     if as_json:
         res = si.generate(text, frame=fr, **gen)
         out = res.to_dict() | {"model": si.model.name} | si.settings.describe()
@@ -57,12 +59,14 @@ def score(
     guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, raw: bool = o.RawOpt,
     frame: str | None = o.FrameOpt, n_ctx: int = o.NCtxOpt,
     threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt, as_json: bool = o.JsonOpt,
 ) -> None:
     """Teacher-forced log-probability of CONTINUATION after PROMPT under a variant's distribution (T = 1)."""
     fr = o.frame_of(raw, frame)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant)
+                variant, gate, gate_threshold, on_flag, refusal)
     s = si.score(prompt, continuation, frame=fr)
     if as_json:
         print(json.dumps(s.to_dict(), ensure_ascii=False))
@@ -116,6 +120,8 @@ def chat(
     temperature: float = o.TemperatureOpt, top_k: int = o.TopKOpt, top_p: float = o.TopPOpt,
     seed: int | None = o.SeedOpt,
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt,
 ) -> None:
     """Chat in the terminal: streaming replies, multi-turn, slash commands (/help). With stdin not a terminal,
@@ -125,7 +131,7 @@ def chat(
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant)
+                variant, gate, gate_threshold, on_flag, refusal)
     sess = ChatSession(si, si.default_variant(), system, gen=gen)
     if tty:
         print(f"safeinfer chat — {si.model.name}, variant {sess.variant}. /help for commands, /quit to leave.")

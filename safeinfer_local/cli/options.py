@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from ..core.frames import FRAMES, resolve_frame
+from ..core.gate import DEFAULT_REFUSAL
 from ..core.settings import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_N_CTX,
@@ -49,6 +50,13 @@ GpuOpt = typer.Option(0, "--n-gpu-layers", help="Layers to offload on Metal/CUDA
 ChatFmtOpt = typer.Option(None, "--chat-format", help="Chat format when the GGUF has no template (default: "
                           "gemma for Gemma models, else chatml).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
+GateOpt = typer.Option("auto", "--gate", help="auto | on | off: score the prompt with the vector's harm gate and "
+                       "steer only prompts it flags (auto: when the vector has a gate; off: every prompt as before).")
+GateThresholdOpt = typer.Option(None, "--gate-threshold", help="Flag at this gate score instead of the recorded "
+                                "threshold.")
+OnFlagOpt = typer.Option("steer", "--on-flag", help="steer | refuse: a flagged prompt gets the variant, or a fixed "
+                         "refusal without decoding it (--refusal).")
+RefusalOpt = typer.Option(DEFAULT_REFUSAL, "--refusal", help="The reply to a flagged prompt with --on-flag refuse.")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an output that is not this run's (another input, other "
                         "settings, or not a filter output at all) instead of refusing it.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or summary.")
@@ -127,7 +135,8 @@ def gen_options(max_tokens: int, temperature: float, top_k: int, top_p: float, s
 
 def load(model=None, vector=None, gamma=None, layers=None, positions=None, n_ctx: int = DEFAULT_N_CTX,
          threads: int | None = None, n_gpu_layers: int = 0, chat_format=None, guidance=None, lam=None,
-         variant: str | None = None):
+         variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
+         on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL):
     """A SafeInfer from the common options; every value is checked before the model is loaded."""
     from ..api import SafeInfer
 
@@ -143,7 +152,8 @@ def load(model=None, vector=None, gamma=None, layers=None, positions=None, n_ctx
         vec = None
     return SafeInfer(model=model, vector=vec, gamma=gamma, layers=parse_layers(layers), positions=positions,
                      n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
-                     guidance=guidance, lam=lam, variant=variant, warn=warn)
+                     guidance=guidance, lam=lam, variant=variant, gate=gate, gate_threshold=gate_threshold,
+                     on_flag=on_flag, refusal=refusal, warn=warn)
 
 
 def read_prompt(prompt: str | None) -> str:

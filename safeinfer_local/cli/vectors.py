@@ -41,6 +41,58 @@ def vectors_build(
     print(f"wrote {out} ({method}, layers {list(v.layers)}, n_embd {v.n_embd})", file=sys.stderr)
 
 
+@vectors_app.command("gate")
+def vectors_gate(
+    vector: Path = typer.Argument(..., help="Vector file to add a harm gate to."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the vector with its gate here (default: "
+                                    "update VECTOR in place)."),
+    block: str = typer.Option("auto", "--block", help="Block whose output the gate reads, or auto (5-fold "
+                              "cross-validation on the dev prompts)."),
+    method: str = typer.Option("auto", "--method", help="mean-diff | lda | auto."),
+    fpr: float = typer.Option(0.05, "--fpr", help="Share of benign dev prompts the threshold may flag."),
+    harmful: str | None = typer.Option(None, "--harmful", help="Harmful dev prompts (any filter input format; "
+                                       "default: AdvBench dev)."),
+    benign: str | None = typer.Option(None, "--benign", help="Benign dev prompts (default: XSTest safe, odd "
+                                      "positions)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the sweep and the choice; write nothing."),
+    model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, as_json: bool = o.JsonOpt,
+) -> None:
+    """Fit a harm gate (condition direction, centre and threshold per frame, read from one block's output) on dev
+    prompts and record it in the vector's metadata; llama.cpp still loads the file as a control vector."""
+    from ..core.gate import check_fpr
+    from ..workflows.gatebuild import build_gate
+
+    check_fpr(fpr)
+    for path, what in ((harmful, "--harmful"), (benign, "--benign")):
+        if path is not None and path != "-" and not Path(path).is_file():
+            raise UsageError(f"{what} file not found: {path}")
+    target = out or vector
+    if not dry_run:
+        o.check_writable(target)
+    si = o.load(model, vector, threads=threads, gate="off")
+    with o.Progress() as prog:
+        gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog)
+    doc = {"block": gate.block, "method": gate.method,
+           "frames": {k: {"threshold": g.threshold, "dev": g.dev} for k, g in gate.frames.items()}, "cv": rows}
+    if as_json:
+        print(json.dumps(doc))
+    else:
+        from rich.table import Table
+
+        t = Table(title="harm gate: 5-fold CV on dev prompts (held-out AUROC / TPR / FPR per frame)")
+        frames = list(gate.frames)
+        for c in ["block", "method", "objective"] + [f"{f} AUROC/TPR/FPR" for f in frames] + [""]:
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(str(r["block"]), r["method"], f"{r['objective']:+.3f}",
+                      *[f"{r[f + '_auroc']:.3f}/{r[f + '_tpr']:.2f}/{r[f + '_fpr']:.2f}" for f in frames],
+                      "◀ chosen" if (r["block"], r["method"]) == (gate.block, gate.method) else "")
+        o.console().print(t)
+    if not dry_run:
+        si.vector.recommend(gate=gate.to_meta()).save(target)
+        print(f"gate: block {gate.block}, {gate.method}; recorded in {target}", file=sys.stderr)
+
+
 @vectors_app.command("inspect")
 def vectors_inspect(file: Path = typer.Argument(..., help="Vector file."), as_json: bool = o.JsonOpt) -> None:
     """Show a vector's layers, norms and provenance."""

@@ -189,8 +189,19 @@ class SafetyVector:
             "source_model": self.source_model,
             "demos_sha256": self.demos_sha256,
             "norms": {str(i): round(float(np.linalg.norm(a)), 6) for i, a in sorted(self.directions.items())},
-            "meta": self.meta,
+            "meta": {k: v for k, v in self.meta.items() if k != "gate"},
+            "gate": _gate_summary(self.meta.get("gate")),
         }
+
+
+def _gate_summary(gate: Any) -> dict | None:
+    """A recorded harm gate without its vectors: block, method, per-frame threshold and dev figures."""
+    if not isinstance(gate, dict):
+        return None
+    frames = gate.get("frames") if isinstance(gate.get("frames"), dict) else {}
+    return {"block": gate.get("block"), "method": gate.get("method"), "provenance": gate.get("provenance"),
+            "frames": {k: {"threshold": f.get("threshold"), "dev": f.get("dev")} for k, f in frames.items()
+                       if isinstance(f, dict)}}
 
 
 def sha256_file(path: str | Path) -> str:

@@ -37,7 +37,7 @@ from ..llama.engine import Detokenizer, Model
 from .sides import Side
 from .steering import Buffers
 
-FINISH_REASONS = ("eos", "stop", "max_tokens", "context")
+FINISH_REASONS = ("eos", "stop", "max_tokens", "context", "refused")
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,17 @@ class Result:
     stop_reason: str
     steps: list[Step] = field(default_factory=list, repr=False)
     guided_tokens: int = 0
+    gate_score: float | None = None
+    """The harm gate's score for the prompt (None: no gate ran)."""
+    gated: bool = False
+    """The gate judged the prompt benign and it was decoded plainly (no vector, no guidance)."""
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "response": self.response, "variant": self.variant,
                 "n_tokens": self.n_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
                 "time_to_first_token_s": round(self.time_to_first_token_s, 4), "stop_reason": self.stop_reason,
-                "guided_tokens": self.guided_tokens}
+                "guided_tokens": self.guided_tokens,
+                "gate_score": None if self.gate_score is None else round(self.gate_score, 4), "gated": self.gated}
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ..core.settings import DEFAULT_N_CTX, GUIDED_VARIANTS, SA_VARIANTS, check_p
 from ..errors import UsageError
 from ..llama.engine import Model, default_threads
 from .batch import BatchGenerator, GenConfig, Result, Step
+from .gating import FeatureReader
 from .guidance import GuidanceSpec, prefix_text, safe_demos, unsafe_demos
 from .sides import Side, check_same_vocab
 from .steering import NO_VECTOR, Buffers, Steering, position_buffers
@@ -51,6 +52,15 @@ class Decoder:
         self._all_threads = total
         self._half_threads = max(1, total // 2)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="guide") if total >= 2 else None
+        self._readers: dict[int, FeatureReader] = {}
+
+    # -- the harm gate's features ---------------------------------------------------------------------------
+    def features(self, block: int, token_lists: list[list[int]]) -> np.ndarray:
+        """Gate features (mean ``l_out-block`` over each prompt head), many prompts per decode."""
+        r = self._readers.get(block)
+        if r is None:
+            r = self._readers[block] = FeatureReader(self.model, block, self.n_ctx, self.n_threads)
+        return r.features(token_lists)
 
     # -- sides ----------------------------------------------------------------------------------------------
     def target_demos(self) -> list:

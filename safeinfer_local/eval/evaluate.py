@@ -258,7 +258,7 @@ class HarmBench:
         return rec | {"response": None if hidden else text,
                       "response_sha256": short_hash(text),
                       "n_tokens": res.n_tokens, "tokens_per_s": round(res.tokens_per_s, 2),
-                      "guided_tokens": res.guided_tokens,
+                      "guided_tokens": res.guided_tokens, "gate_score": res.gate_score, "gated": res.gated,
                       # an empty reply complies with nothing: not an attack success, and a refusal of a benign prompt
                       "refused": is_refusal(text) or not text.strip(), "judge": judge, "error": None}
 
@@ -288,13 +288,17 @@ class HarmBench:
         t0 = time.perf_counter()
         try:
             toks, _ = si.encode_prompt(self._text(u), frame=self.cfg.frame)
+            decision = si.decide(variant, [toks], self.cfg.frame)[0]  # with --gate: benign-judged -> base
+            if isinstance(decision, UsageError):
+                raise decision
+            run = decision[0]
             n = 0
 
             def lp(text: str) -> tuple[float, int]:
                 nonlocal n
                 cont = si.model.tokenize(text, add_bos=False)
                 n += len(toks) + len(cont)
-                return float(si.score_tokens(toks, cont, variant).sum()), len(cont)
+                return float(si.score_tokens(toks, cont, run).sum()), len(cont)
 
             (r, nr), (c, nc) = lp(self._cont(REFUSAL)), lp(self._cont(compliant_opening(u.prompt, u.prompt_type)))
             a, na = lp(answer) if answer is not None else (None, 0)
@@ -304,7 +308,8 @@ class HarmBench:
         dt = time.perf_counter() - t0
         out = rec | {"lp_refusal": round(r, 4), "n_refusal": nr, "lp_compliant": round(c, 4), "n_compliant": nc,
                      "margin": round(r - c, 4), "lp_answer": None if a is None else round(a / na, 5),
-                     "tokens_per_s": round(n / dt, 1), "error": None}
+                     "tokens_per_s": round(n / dt, 1), "error": None, "gate_score": decision[1],
+                     "gated": decision[2]}
         if answer is not None:
             out["answer"] = answer
         return out

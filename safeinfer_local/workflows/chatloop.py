@@ -28,6 +28,8 @@ class ReplyStats:
     guided: int = 0
     seconds: float = 0.0
     stopped: bool = False
+    gate_score: float | None = None
+    gated: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,7 +89,9 @@ class ChatSession:
         r = self.last
         return (f"variant {self.variant}; {sa}; guidance {self.si.guidance}, lambda {self.si.lam:g}; "
                 f"turns {len(self.history) // 2}; last reply {r.tokens} tokens, {r.tokens_per_s:.1f} tok/s, "
-                f"{r.guided} changed by guidance")
+                f"{r.guided} changed by guidance; gate "
+                + ("not used" if r.gate_score is None else f"score {r.gate_score:+.3f}, "
+                   + ("judged benign: decoded plainly" if r.gated else "flagged: steered")))
 
     def reply(self, user: str, on_text: Callable[[str], None]) -> ReplyStats:
         """Stream a reply to ``user``; KeyboardInterrupt stops it and keeps what was said so far."""
@@ -95,12 +99,14 @@ class ChatSession:
         stats = ReplyStats()
         parts: list[str] = []
         t0 = time.perf_counter()
-        stream: Iterator = self.si.stream(self.messages(), variant=self.variant, **self.gen)
+        stream: Iterator = self.si.events(self.messages(), variant=self.variant, **self.gen)
         try:
-            for step in stream:
+            for step, res in stream:
+                if res is not None:
+                    stats.gate_score, stats.gated = res.gate_score, res.gated
                 parts.append(step.text)
                 on_text(step.text)
-                if not step.eog:
+                if not step.eog and step.token >= 0:
                     stats.tokens += 1
                     stats.guided += step.guided
         except KeyboardInterrupt:

@@ -363,6 +363,10 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
                 rec = record(it, variant, error=str(r))
             else:
                 rec = record(it, variant, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
+                rec["gate_score"] = None if r.gate_score is None else round(r.gate_score, 4)
+                rec["gated"] = r.gated
+                if r.stop_reason == "refused":
+                    rec["verdict"] = "refused"
                 if judge is not None:
                     rec["judge"] = judge.classify(it.prompt, r.response)
             emit(rec)

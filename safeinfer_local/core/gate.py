@@ -1,0 +1,174 @@
+"""The harm gate (pure math; the activations come from :mod:`safeinfer_local.decode.gating`).
+
+A prompt's *feature* is the mean, over the prompt's tokens minus the last (the chunk the decode layout runs
+without the vector), of the residual stream at the output of block ``B`` (``l_out-B``). The gate scores a
+feature by its cosine with a condition direction ``c`` after subtracting a centre, and flags the prompt as harmful
+when the score reaches a threshold set at a chosen false-positive rate on benign dev prompts (conditional
+activation steering, CAST, Lee et al. 2025). Activations depend on how the prompt is framed (chat template,
+``Q: ...\\nA:``, plain text), so a gate holds one direction, centre and threshold per frame.
+
+Methods: ``mean-diff`` (c = mean(harmful) − mean(benign), centred at their midpoint) and ``lda`` (shrinkage
+linear discriminant: c = (Σ + αI)⁻¹ (μ_h − μ_b) with the pooled covariance Σ, same centre).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import SettingError, VectorError
+from .frames import FRAMES
+
+METHODS = ("mean-diff", "lda")
+DEFAULT_FPR = 0.05
+GATE_MODES = ("auto", "on", "off")
+"""``auto``: use the vector's gate when it has one; ``on``: require one; ``off``: never gate (today's outputs)."""
+ON_FLAG = ("steer", "refuse")
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def check_fpr(fpr: float) -> float:
+    if not (isinstance(fpr, (int, float)) and math.isfinite(fpr) and 0.0 < fpr < 1.0):
+        raise SettingError(f"--fpr must be in (0, 1), not {fpr}")
+    return float(fpr)
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if not len(pos) or not len(neg):
+        raise ValueError("auroc needs at least one positive and one negative score")
+    allv = np.concatenate([pos, neg])
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(len(allv))
+    sv = allv[order]
+    i = 0
+    while i < len(sv):  # average ranks over ties
+        j = i
+        while j + 1 < len(sv) and sv[j + 1] == sv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = ranks[: len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+@dataclass(frozen=True)
+class FrameGate:
+    """The gate for one frame: direction, centre, threshold, and how it did on the dev split."""
+
+    direction: np.ndarray
+    centre: np.ndarray
+    threshold: float
+    dev: dict = field(default_factory=dict)
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(feats, np.float64)) - self.centre
+        n = np.linalg.norm(x, axis=1) * np.linalg.norm(self.direction)
+        return (x @ self.direction) / np.where(n > 0, n, 1.0)
+
+
+def fit_frame(harmful: np.ndarray, benign: np.ndarray, method: str = "mean-diff", fpr: float = DEFAULT_FPR,
+              shrinkage: float = 0.1) -> FrameGate:
+    """Fit a direction and centre on (n, d) features of harmful and benign dev prompts; the threshold is the
+    benign scores' (1 − fpr) quantile, so about ``fpr`` of benign dev prompts are flagged."""
+    check_fpr(fpr)
+    h, b = np.asarray(harmful, np.float64), np.asarray(benign, np.float64)
+    if h.ndim != 2 or b.ndim != 2 or h.shape[1] != b.shape[1]:
+        raise SettingError(f"gate features must be (n, d) arrays of one width, got {h.shape} and {b.shape}")
+    if len(h) < 2 or len(b) < 2:
+        raise SettingError(f"a gate needs at least 2 harmful and 2 benign prompts, got {len(h)} and {len(b)}")
+    mh, mb = h.mean(0), b.mean(0)
+    centre = (mh + mb) / 2
+    if method == "mean-diff":
+        c = mh - mb
+    elif method == "lda":
+        xs = np.concatenate([h - mh, b - mb])
+        cov = xs.T @ xs / max(1, len(xs) - 2)
+        alpha = shrinkage * np.trace(cov) / cov.shape[0]
+        c = np.linalg.solve(cov + alpha * np.eye(cov.shape[0]), mh - mb)
+    else:
+        raise SettingError(f"unknown gate method {method!r} (choose from {', '.join(METHODS)})")
+    g = FrameGate(c, centre, 0.0)
+    sh, sb = g.score(h), g.score(b)
+    thr = float(np.quantile(sb, 1.0 - fpr))
+    dev = {"n_harmful": len(h), "n_benign": len(b), "fpr_target": fpr, "auroc": round(auroc(sh, sb), 4),
+           "tpr": round(float(np.mean(sh >= thr)), 4), "fpr": round(float(np.mean(sb >= thr)), 4)}
+    return FrameGate(c, centre, thr, dev)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A harm gate: the block it reads, the method, one :class:`FrameGate` per frame, and provenance."""
+
+    block: int
+    method: str
+    frames: dict[str, FrameGate]
+    provenance: dict = field(default_factory=dict)
+
+    def frame(self, frame: str) -> FrameGate:
+        g = self.frames.get(frame)
+        if g is None:
+            raise SettingError(f"the gate has no calibration for frame {frame!r} (it has {', '.join(self.frames)})")
+        return g
+
+    def check_fits(self, n_embd: int, n_layer: int) -> None:
+        if not 0 <= self.block < n_layer:
+            raise VectorError(f"the gate reads block {self.block}, but the model has blocks 0..{n_layer - 1}")
+        for name, g in self.frames.items():
+            if g.direction.shape != (n_embd,) or g.centre.shape != (n_embd,):
+                raise VectorError(f"the gate's {name} direction has {g.direction.shape[0]} dimensions but the model "
+                                  f"has n_embd {n_embd}: it was built for another model")
+
+    def to_meta(self) -> dict:
+        return {"block": self.block, "method": self.method, "provenance": self.provenance,
+                "frames": {k: {"direction": [float(x) for x in g.direction.astype(np.float32)],
+                               "centre": [float(x) for x in g.centre.astype(np.float32)],
+                               "threshold": g.threshold, "dev": g.dev} for k, g in self.frames.items()}}
+
+    @classmethod
+    def from_meta(cls, d: dict) -> Gate:
+        """Read a gate from a vector's metadata; a malformed one is a one-line VectorError."""
+        try:
+            frames = {}
+            for k, f in d["frames"].items():
+                if k not in FRAMES:
+                    raise ValueError(f"unknown frame {k!r}")
+                thr = float(f["threshold"])
+                if not math.isfinite(thr):
+                    raise ValueError(f"threshold {f['threshold']} is not finite")
+                c, m = np.asarray(f["direction"], np.float64), np.asarray(f["centre"], np.float64)
+                if c.ndim != 1 or c.shape != m.shape or not np.all(np.isfinite(c)) or not np.all(np.isfinite(m)):
+                    raise ValueError("direction and centre must be finite vectors of one length")
+                frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}))
+            if not frames:
+                raise ValueError("no frame")
+            return cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise VectorError(f"the vector's gate is malformed ({e})") from None
+
+    def with_threshold(self, threshold: float) -> Gate:
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+            raise SettingError(f"--gate-threshold must be a finite number, not {threshold}")
+        return Gate(self.block, self.method, {k: FrameGate(g.direction, g.centre, float(threshold), g.dev)
+                                              for k, g in self.frames.items()}, self.provenance)
+
+
+def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float = DEFAULT_FPR, k: int = 5,
+              seed: int = 0) -> dict:
+    """k-fold cross-validation on dev features: mean held-out AUROC, TPR and FPR at each fold's threshold (how
+    ``--block auto`` chooses without looking at evaluation prompts)."""
+    rng = np.random.default_rng(seed)
+    fh, fb = rng.permutation(len(harmful)) % k, rng.permutation(len(benign)) % k
+    au, tpr, fp = [], [], []
+    for i in range(k):
+        g = fit_frame(harmful[fh != i], benign[fb != i], method, fpr)
+        sh, sb = g.score(harmful[fh == i]), g.score(benign[fb == i])
+        if len(sh) and len(sb):
+            au.append(auroc(sh, sb))
+            tpr.append(float(np.mean(sh >= g.threshold)))
+            fp.append(float(np.mean(sb >= g.threshold)))
+    return {"auroc": float(np.mean(au)), "tpr": float(np.mean(tpr)), "fpr": float(np.mean(fp)),
+            "objective": float(np.mean(tpr) - np.mean(fp))}

@@ -1,0 +1,100 @@
+"""``safeinfer vectors gate``: fit a harm gate for a vector's model and record it in the vector's metadata.
+
+Dev prompts (default): AdvBench ``dev`` (harmful) against XSTest ``safe`` at odd positions and the project's 30
+benign requests (``data/benign_demos.jsonl``), all disjoint from every evaluation set; or your own files. Every
+prompt is framed each way the commands frame prompts
+(template, none, qa) and the gate is calibrated per frame. ``block``/``method`` ``auto`` choose by 5-fold
+cross-validation on the dev prompts alone (held-out TPR − FPR at the threshold, summed over frames).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from ..api import SafeInfer
+from ..core.datasets import advbench, xstest
+from ..core.frames import FRAMES, check_frame
+from ..core.gate import METHODS, Gate, check_fpr, cv_scores, fit_frame
+from ..decode.guidance import benign_demos
+from ..errors import UsageError
+from .filter import read_items
+
+
+def dev_prompts(harmful: str | None = None, benign: str | None = None) -> tuple[list[str], list[str]]:
+    """The gate's dev prompts: files of your own (any ``filter`` input format), or the shipped dev split."""
+    def read(path: str, what: str) -> list[str]:
+        items = [it.prompt for it in read_items(path) if it.prompt]
+        if len(items) < 2:
+            raise UsageError(f"--{what} {path}: a gate needs at least 2 prompts, found {len(items)}")
+        return items
+
+    h = read(harmful, "harmful") if harmful else [p.text for p in advbench("dev")]
+    # benign: XSTest's questions, and the project's benign requests in the imperative ("Write a short recipe
+    # ..."), so that the gate does not learn "an instruction" as harmful from AdvBench's imperative requests
+    b = read(benign, "benign") if benign else [p.text for p in xstest("safe")[1::2]] + [
+        d.prompt for d in benign_demos(1000)]
+    return h, b
+
+
+def _hash(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: float = 0.05,
+               harmful: str | None = None, benign: str | None = None, frames: tuple[str, ...] = FRAMES,
+               progress: Callable[[str, int, int], None] | None = None) -> tuple[Gate, list[dict]]:
+    """The gate and the cross-validation table it was chosen from (one row per block × method)."""
+    check_fpr(fpr)
+    for f in frames:
+        check_frame(f)
+    if method not in (*METHODS, "auto"):
+        raise UsageError(f"--method must be auto, {' or '.join(METHODS)}, not {method!r}")
+    n_layer = si.model.n_layer
+    if block == "auto":
+        blocks = tuple(range(1, n_layer - 1))
+    else:
+        try:
+            blocks = (int(block),)
+        except ValueError:
+            raise UsageError(f"--block must be a number or auto, not {block!r}") from None
+        if not 0 <= blocks[0] < n_layer - 1:
+            raise UsageError(f"--block must be in 0..{n_layer - 2} for {si.model.name}, not {blocks[0]}")
+    methods = METHODS if method == "auto" else (method,)
+    h, b = dev_prompts(harmful, benign)
+    from ..decode.gating import FeatureReader  # the engine, only once the arguments are checked
+
+    reader = FeatureReader(si.model, blocks, si.n_ctx, si.n_threads)
+    feats = {}
+    for k, f in enumerate(frames):
+        fh = reader.features_by_block([si.encode_prompt(q, frame=f)[0] for q in h])
+        fb = reader.features_by_block([si.encode_prompt(q, frame=f)[0] for q in b])
+        feats[f] = (fh, fb)
+        if progress:
+            progress("gate features", k + 1, len(frames))
+    rows = []
+    for blk in blocks:
+        for m in methods:
+            cv = {f: cv_scores(feats[f][0][blk], feats[f][1][blk], m, fpr) for f in frames}
+            rows.append({"block": blk, "method": m, "objective": round(sum(c["objective"] for c in cv.values()), 4),
+                         **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items() if k != "objective"}})
+    best = max(rows, key=lambda r: r["objective"])
+    blk, m = best["block"], best["method"]
+    gate = Gate(blk, m, {f: fit_frame(feats[f][0][blk], feats[f][1][blk], m, fpr) for f in frames},
+                {"harmful": {"source": harmful or "advbench dev", "n": len(h), "sha256": _hash(h)},
+                 "benign": {"source": benign or "xstest safe, odd positions + data/benign_demos.jsonl", "n": len(b),
+                            "sha256": _hash(b)},
+                 "fpr_target": fpr, "chosen_by": "5-fold CV on dev: held-out TPR - FPR summed over frames"
+                 if len(rows) > 1 else "given", "cv": {k: v for k, v in best.items()}})
+    return gate, rows
+
+
+def gate_file(vector: str | Path, out: str | Path | None = None, model=None, **kw) -> tuple[Gate, list[dict]]:
+    """Fit a gate for ``vector`` (on its model) and save the vector with it (in place, or to ``out``)."""
+    si = SafeInfer(model=model, vector=vector, gate="off")
+    if si.vector is None:
+        raise UsageError("vectors gate needs a vector file")
+    gate, rows = build_gate(si, **kw)
+    si.vector.recommend(gate=gate.to_meta()).save(out or vector)
+    return gate, rows

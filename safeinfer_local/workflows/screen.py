@@ -1,0 +1,103 @@
+"""``safeinfer screen``: prompt screening with the harm gate and no generation. Many prompts share each
+``llama_decode`` (one KV sequence each), only the gate's block is read, and nothing is sampled. One record per
+prompt (``id``, ``index``, ``prompt``, ``gate_score``, ``flagged``, ``error``), appended as each chunk finishes;
+the same inputs, resume, shards and split files as ``filter``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import jsonl
+from ..core.frames import resolve_frame
+from ..errors import UsageError
+from .filter import Item, Summary, _id, in_shard, items_hash, pending
+
+KIND = "safeinfer screen"
+CHUNK = 64
+
+
+def header(si, items: list[Item], shard, frame: str, threshold: float) -> dict:
+    g = si.gate
+    return {"kind": KIND, "input_sha256": items_hash(items), "n_items": len(items),
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "settings": {"model": si.fingerprint()["model_sha256_head"], "gate": si.fingerprint()["gate"],
+                         "block": g.block, "frame": frame, "threshold": threshold}}
+
+
+def run(si, items: list[Item], out: Path | None = None, split: Path | None = None, shard=None,
+        frame: str | None = None, progress: Callable[[str, int, int], None] | None = None,
+        on_resume: Callable[[int, int], None] | None = None, force: bool = False) -> Summary:
+    gate = si.active_gate("safeinfer")
+    if gate is None:
+        raise UsageError("screen needs a vector with a harm gate (build one with `safeinfer vectors gate`)")
+    fr = resolve_frame(False, frame)
+    fg = gate.frame(fr)
+    head = header(si, items, shard, fr, fg.threshold)
+    done = {}
+    if out is not None:
+        done = jsonl.claim(out, head, what="screen output", force=force, key=_id).by_key(_id)
+    todo = list(pending(items, done, shard))
+    wanted = [it for it in items if in_shard(it.id, shard)]
+    if done and on_resume:
+        on_resume(len(wanted) - len(todo), len(wanted))
+    app = jsonl.Appender(out, header=head if out is not None else None)
+    written: list[dict] = []
+    try:
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start:start + CHUNK]
+            recs: dict[int, dict] = {}
+            ok = []
+            for it in chunk:
+                if it.error is not None:
+                    recs[it.index] = _record(it, None, None, it.error)
+                    continue
+                try:
+                    ok.append((it, si.encode_prompt(it.prompt, frame=fr)[0]))
+                except UsageError as e:
+                    recs[it.index] = _record(it, None, None, str(e))
+            if ok:
+                try:
+                    scores = list(fg.score(si.features(gate.block, [t for _, t in ok])))
+                except UsageError:
+                    scores = []
+                    for _, t in ok:
+                        try:
+                            scores.append(fg.score(si.features(gate.block, [t]))[0])
+                        except UsageError as e:
+                            scores.append(e)
+                for (it, _), sc in zip(ok, scores, strict=True):
+                    recs[it.index] = (_record(it, None, None, str(sc)) if isinstance(sc, UsageError)
+                                      else _record(it, float(sc), bool(sc >= fg.threshold)))
+            for it in chunk:
+                app.write(recs[it.index])
+                written.append(recs[it.index])
+            if progress:
+                progress("screen", len(written), len(todo))
+    except KeyboardInterrupt:
+        app.close()
+        from .filter import Interrupted
+
+        n_done = len(wanted) - len(todo) + len(written)
+        where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
+        raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts screened; {where}") from None
+    app.close()
+    recs_all = written
+    if out is not None:
+        loaded = jsonl.load(out, repair=True, key=_id)
+        order = {it.id: it.index for it in wanted}
+        recs_all = sorted((r for r in loaded.records if r["id"] in order), key=lambda r: order[r["id"]])
+        jsonl.write_records(out, recs_all, header=loaded.header)
+    if split is not None:
+        split.mkdir(parents=True, exist_ok=True)
+        for name, want in (("allowed.jsonl", False), ("blocked.jsonl", True)):
+            jsonl.write_records(split / name, (r for r in recs_all if r["error"] is None and r["flagged"] == want))
+    counts = {"flagged": sum(1 for r in recs_all if r["flagged"]),
+              "passed": sum(1 for r in recs_all if r["flagged"] is False),
+              "error": sum(1 for r in recs_all if r["error"] is not None)}
+    return Summary(len(wanted), len(wanted) - len(todo), written, counts)
+
+
+def _record(it: Item, score: float | None, flagged: bool | None, error: str | None = None) -> dict:
+    return {"id": it.id, "index": it.index, "prompt": it.prompt,
+            "gate_score": None if score is None else round(score, 4), "flagged": flagged, "error": error}
