@@ -15,14 +15,8 @@ from .app import app
 
 @app.command("filter")
 def filter_cmd(
-    input: str = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning "
-                                    "the same command resumes it."),
-    fmt: str | None = typer.Option(None, "--format", help="jsonl | csv | txt (default: from the extension)."),
-    field: str | None = typer.Option(None, "--field", help="JSONL field / CSV column holding the prompt "
-                                     "(default: prompt)."),
-    split: Path | None = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl."),
-    shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
+    input: str = o.InputArg, out: Path | None = o.OutFileOpt, fmt: str | None = o.FormatOpt,
+    field: str | None = o.FieldOpt, split: Path | None = o.SplitOpt, shard: str | None = o.ShardOpt,
     quiet: bool = o.QuietOpt, parallel: int = o.ParallelOpt, force: bool = o.ForceOpt,
     judge_model: Path | None = typer.Option(None, "--judge-model", help="A GGUF classifier (e.g. Llama-Guard "
                                             "style) that labels each reply safe/unsafe; 'unsafe' replies are "
@@ -106,14 +100,8 @@ def merge_cmd(
 
 @app.command("screen")
 def screen_cmd(
-    input: str = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning "
-                                    "the same command resumes it."),
-    fmt: str | None = typer.Option(None, "--format", help="jsonl | csv | txt (default: from the extension)."),
-    field: str | None = typer.Option(None, "--field", help="JSONL field / CSV column holding the prompt "
-                                     "(default: prompt)."),
-    split: Path | None = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl."),
-    shard: str | None = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id)."),
+    input: str = o.InputArg, out: Path | None = o.OutFileOpt, fmt: str | None = o.FormatOpt,
+    field: str | None = o.FieldOpt, split: Path | None = o.SplitOpt, shard: str | None = o.ShardOpt,
     quiet: bool = o.QuietOpt, force: bool = o.ForceOpt,
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, raw: bool = o.RawOpt,
     frame: str | None = o.FrameOpt, gate_threshold: float | None = o.GateThresholdOpt,

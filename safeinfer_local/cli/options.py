@@ -57,6 +57,13 @@ GateThresholdOpt = typer.Option(None, "--gate-threshold", help="Flag at this gat
 OnFlagOpt = typer.Option("steer", "--on-flag", help="steer | refuse: a flagged prompt gets the variant, or a fixed "
                          "refusal without decoding it (--refusal).")
 RefusalOpt = typer.Option(DEFAULT_REFUSAL, "--refusal", help="The reply to a flagged prompt with --on-flag refuse.")
+InputArg = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin.")
+OutFileOpt = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning the same "
+                          "command resumes it.")
+FormatOpt = typer.Option(None, "--format", help="jsonl | csv | txt (default: from the extension).")
+FieldOpt = typer.Option(None, "--field", help="JSONL field / CSV column holding the prompt (default: prompt).")
+SplitOpt = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl.")
+ShardOpt = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an output that is not this run's (another input, other "
                         "settings, or not a filter output at all) instead of refusing it.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or summary.")

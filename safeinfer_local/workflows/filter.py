@@ -294,6 +294,20 @@ class Interrupted(KeyboardInterrupt):
 KIND = "safeinfer filter"
 
 
+def start(items: list[Item], out: Path | None, head: dict, what: str, shard, force: bool,
+          on_resume: Callable[[int, int], None] | None) -> tuple[list[Item], list[Item], jsonl.Appender]:
+    """Claim ``out`` for a run (refusing a foreign or mismatched file), and say what is left: (the items of this
+    shard, those without a record yet, the appender for the records)."""
+    done: dict[str, dict] = {}
+    if out is not None:
+        done = claim(out, head, what=what, force=force, key=_id).by_key(_id)
+    todo = list(pending(items, done, shard))
+    wanted = [it for it in items if in_shard(it.id, shard)]
+    if done and on_resume:
+        on_resume(len(wanted) - len(todo), len(wanted))
+    return wanted, todo, jsonl.Appender(out, header=head if out is not None else None)
+
+
 def items_hash(items: list[Item]) -> str:
     """What identifies an input: its prompts with their ids and positions (not the file's name or bytes)."""
     h = hashlib.sha256()
@@ -324,14 +338,7 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
     ones, and a file that is not a filter output is never written; ``force`` starts either over."""
     variant = si.default_variant()
     head = header(si, items, shard, frame, judge, gen)
-    done: dict[str, dict] = {}
-    if out is not None:
-        done = claim(out, head, what="filter output", force=force, key=_id).by_key(_id)
-    todo = list(pending(items, done, shard))
-    wanted = [it for it in items if in_shard(it.id, shard)]
-    if done and on_resume:
-        on_resume(len(wanted) - len(todo), len(wanted))
-    app = jsonl.Appender(out, header=head if out is not None else None)
+    wanted, todo, app = start(items, out, head, "filter output", shard, force, on_resume)
     written: list[dict] = []
     held: dict[int, dict] = {}  # stdout: records waiting for an earlier one, so the output keeps input order
     order = [it.index for it in todo]

@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import jsonl
 from ..core.frames import resolve_frame
 from ..errors import UsageError
-from .filter import Item, Summary, _id, in_shard, items_hash, pending
+from .filter import Item, Summary, _id, items_hash, start
 
 KIND = "safeinfer screen"
 CHUNK = 64
@@ -34,18 +34,11 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
     fr = resolve_frame(False, frame)
     fg = gate.frame(fr)
     head = header(si, items, shard, fr, fg.threshold)
-    done = {}
-    if out is not None:
-        done = jsonl.claim(out, head, what="screen output", force=force, key=_id).by_key(_id)
-    todo = list(pending(items, done, shard))
-    wanted = [it for it in items if in_shard(it.id, shard)]
-    if done and on_resume:
-        on_resume(len(wanted) - len(todo), len(wanted))
-    app = jsonl.Appender(out, header=head if out is not None else None)
+    wanted, todo, app = start(items, out, head, "screen output", shard, force, on_resume)
     written: list[dict] = []
     try:
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start:start + CHUNK]
+        for at in range(0, len(todo), CHUNK):
+            chunk = todo[at:at + CHUNK]
             recs: dict[int, dict] = {}
             ok = []
             for it in chunk:
