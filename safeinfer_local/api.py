@@ -338,14 +338,21 @@ class SafeInfer:
         tokens, stops = self.encode_prompt(prompt, frame=fr)
         cfg = GenConfig(**{**gen, "stop": tuple(gen.get("stop", ())) + stops})
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        decision = self.decide(variant, [tokens], fr)[0]
-        if isinstance(decision, UsageError):
-            raise decision
-        run, score, gated, refuse = decision
-        if refuse:
+        g = self.active_gate(variant)
+        if g is None:
+            yield from self._tag(self._decoder.stream(self._batch(variant), tokens, cfg, text), variant, None, False)
+            return
+        # the gate's reader decodes the prompt head once: it scores it, and the side that goes on imports its KV
+        fg = g.frame(fr)
+        feat, head = self._decoder.features_and_head(g.block, tokens)
+        score = float(fg.score(feat)[0])
+        flagged = score >= fg.threshold
+        if flagged and self.settings.on_flag == "refuse":
             yield self._refusal(text, variant, score)
             return
-        yield from self._tag(self._decoder.stream(self._batch(run), tokens, cfg, text), variant, score, gated)
+        run = variant if flagged else "base"
+        yield from self._tag(self._decoder.stream(self._batch(run), tokens, cfg, text, head), variant, score,
+                             not flagged)
 
     def stream(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False,
                frame: str | None = None, **gen) -> Iterator[Step]:

@@ -132,6 +132,7 @@ class _Request:
     prompt: str
     tokens: list[int]
     cfg: GenConfig
+    head_state: bytes | None = None
 
 
 @dataclass
@@ -173,8 +174,11 @@ class BatchGenerator:
         self._room = min(target.n_ctx, guide.n_ctx if guide is not None else target.n_ctx)
 
     # -- requests -------------------------------------------------------------------------------------------
-    def insert(self, key: Hashable, tokens: list[int], cfg: GenConfig, prompt: str = "") -> None:
-        self._pending.append(_Request(key, prompt, list(tokens), cfg))
+    def insert(self, key: Hashable, tokens: list[int], cfg: GenConfig, prompt: str = "",
+               head_state: bytes | None = None) -> None:
+        """Queue a request. ``head_state`` is its prompt head's KV decoded elsewhere without a vector (the harm
+        gate's reader); a side whose head would be the same imports it instead of decoding it again."""
+        self._pending.append(_Request(key, prompt, list(tokens), cfg, head_state))
 
     def remove(self, key: Hashable) -> bool:
         """Drop a request (waiting or running) without a result; its slot is free for the next step."""
@@ -218,7 +222,7 @@ class BatchGenerator:
             i = self._free.pop(0)
             t0 = time.perf_counter()
             try:
-                last = self._begin(i, req.tokens)
+                last = self._begin(i, req.tokens, req.head_state)
             except UsageError as e:
                 self.target.release(i)
                 if self.guide is not None:
@@ -229,8 +233,20 @@ class BatchGenerator:
             self._active[i] = _Slot(req, req.cfg.sampler(), Detokenizer(self.model), StopMatcher(req.cfg.stop), t0,
                                     last)
 
-    def _begin(self, i: int, toks: list[int]) -> list[int]:
+    def _begin(self, i: int, toks: list[int], head_state: bytes | None = None) -> list[int]:
         t, g = self.target, self.guide
+        imported = head_state is not None and len(toks) > 1 and not t.prefix and self.tbuf[0] is None
+        if imported:
+            last = t.begin(i, toks, None, decode_head=False)
+            t.ctx.import_seq(head_state, t.slot_seq(i), len(toks) - 1)
+            if g is None:
+                return last
+            if t.shares_head_with(g, self.tbuf, self.gbuf):
+                g.begin(i, toks, None, decode_head=False)
+                g.import_head(i, t, toks)
+            else:
+                self._both(lambda: None, lambda: g.begin(i, toks, self.gbuf[0]))
+            return last
         if g is None:
             return t.begin(i, toks, self.tbuf[0])
         if len(toks) > 1 and t.shares_head_with(g, self.tbuf, self.gbuf):

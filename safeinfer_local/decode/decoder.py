@@ -62,6 +62,11 @@ class Decoder:
             r = self._readers[block] = FeatureReader(self.model, block, self.n_ctx, self.n_threads)
         return r.features(token_lists)
 
+    def features_and_head(self, block: int, tokens: list[int]) -> tuple[np.ndarray, bytes]:
+        """One prompt's gate feature and its head's KV state (see :meth:`FeatureReader.features_and_head`)."""
+        self.features(block, [])  # makes the reader
+        return self._readers[block].features_and_head(tokens)
+
     # -- sides ----------------------------------------------------------------------------------------------
     def target_demos(self) -> list:
         """The target side's prefix under ``prompt`` guidance: matched safe demonstrations (see guidance.py)."""
@@ -142,12 +147,13 @@ class Decoder:
         return BatchGenerator(self.model, target, p.tbuf, guide, p.gbuf, lam, self._both, variant,
                               head_threads=self._all_threads if guide is not None else None)
 
-    def stream(self, gen: BatchGenerator, prompt_tokens: list[int], cfg: GenConfig, prompt: str = ""
-               ) -> Iterator[tuple[Step, Result | None]]:
-        """Run one request alone (a batch of one); yields each step, the last one with its result."""
+    def stream(self, gen: BatchGenerator, prompt_tokens: list[int], cfg: GenConfig, prompt: str = "",
+               head_state: bytes | None = None) -> Iterator[tuple[Step, Result | None]]:
+        """Run one request alone (a batch of one); yields each step, the last one with its result.
+        ``head_state``: the prompt head's KV, already decoded without a vector elsewhere (the gate's reader)."""
         if not prompt_tokens:
             raise UsageError("empty prompt")
-        gen.insert(0, prompt_tokens, cfg, prompt)
+        gen.insert(0, prompt_tokens, cfg, prompt, head_state)
         try:
             while gen:
                 for ev in gen.step():

@@ -64,7 +64,20 @@ class FeatureReader:
                 out[b].extend(feats)
         return {b: np.stack(v) if v else np.zeros((0, self.model.n_embd)) for b, v in out.items()}
 
-    def _decode(self, group: list[tuple[list[int], int]]) -> dict[int, list[np.ndarray]]:
+    def features_and_head(self, tokens: list[int]) -> tuple[np.ndarray, bytes]:
+        """One prompt's feature at the first block, and the KV state of its head (prompt minus the last token,
+        decoded without a vector): a side that would decode the same head can import it instead."""
+        head = self._head(tokens)
+        if len(head[0]) + 1 > self.ctx.n_ctx:
+            raise UsageError(f"prompt is {len(head[0]) + 1} tokens but the context holds {self.ctx.n_ctx}")
+        feats = self._decode([head], keep=True)
+        try:
+            state = self.ctx.export_seq(0)
+        finally:
+            self.ctx.clear()
+        return feats[self.blocks[0]][0], state
+
+    def _decode(self, group: list[tuple[list[int], int]], keep: bool = False) -> dict[int, list[np.ndarray]]:
         self.ctx.clear()
         self.ctx.set_control_vector(None)
         self._rows = {}
@@ -73,7 +86,8 @@ class FeatureReader:
             self.ctx.decode_multi([(k, h) for k, (h, _) in enumerate(group)], logits="none")
         finally:
             self.hook.names = set()
-            self.ctx.clear()
+            if not keep:
+                self.ctx.clear()
         n = sum(len(h) for h, _ in group)
         out: dict[int, list[np.ndarray]] = {}
         for b in self.blocks:
