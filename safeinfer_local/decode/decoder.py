@@ -55,17 +55,19 @@ class Decoder:
         self._readers: dict[int, FeatureReader] = {}
 
     # -- the harm gate's features ---------------------------------------------------------------------------
-    def features(self, block: int, token_lists: list[list[int]]) -> np.ndarray:
-        """Gate features (mean ``l_out-block`` over each prompt head), many prompts per decode."""
+    def _reader(self, block: int) -> FeatureReader:
         r = self._readers.get(block)
         if r is None:
             r = self._readers[block] = FeatureReader(self.model, block, self.n_ctx, self.n_threads)
-        return r.features(token_lists)
+        return r
+
+    def features(self, block: int, token_lists: list[list[int]]) -> np.ndarray:
+        """Gate features (mean ``l_out-block`` over each prompt head), many prompts per decode."""
+        return self._reader(block).features(token_lists)
 
     def features_and_head(self, block: int, tokens: list[int]) -> tuple[np.ndarray, bytes]:
         """One prompt's gate feature and its head's KV state (see :meth:`FeatureReader.features_and_head`)."""
-        self.features(block, [])  # makes the reader
-        return self._readers[block].features_and_head(tokens)
+        return self._reader(block).features_and_head(tokens)
 
     # -- sides ----------------------------------------------------------------------------------------------
     def target_demos(self) -> list:
