@@ -147,3 +147,5 @@ def test_demo_json_runs_every_variant():
     row = d["rows"][0]
     assert all(isinstance(row[v], float) for v in ("base", "sa", "sgds", "safeinfer"))
     assert d["guidance"] == "negative" and d["lam"] == 0.5  # the shipped recommendation
+    assert isinstance(row["gate_flagged"], bool)  # the shipped vector has a harm gate
+    assert row["sa"] != row["base"]  # the tour runs the method ungated, whatever the gate says

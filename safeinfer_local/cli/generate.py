@@ -98,12 +98,15 @@ def demo(
           "sGDS: guidance {guidance}, lambda {lam:g}".format(**doc))
     print(f"margin = log p({doc['refusal']!r}) - log p({doc['comply']!r}) after 'Q: <harmful question>\\nA:' (nats)")
     rows = doc["rows"]
-    print("  " + "".join(f"{v:>10}" for v in VARIANTS) + "   prompt")
+    print("  " + "".join(f"{v:>10}" for v in VARIANTS) + "  gate     prompt")
     for r in rows:
-        print("  " + "".join(f"{r[v]:10.2f}" for v in VARIANTS) + f"   {r['prompt'][:50]}")
+        gate = {True: "flagged", False: "passed", None: "-"}[r["gate_flagged"]]
+        print("  " + "".join(f"{r[v]:10.2f}" for v in VARIANTS) + f"  {gate:8} {r['prompt'][:50]}")
     for v in VARIANTS[1:]:
         up = sum(r[v] > r["base"] for r in rows)
         print(f"{v}: margin above base on {up} of {len(rows)} prompts")
+    print("(every variant runs ungated here; 'gate' says whether the vector's harm gate flags the prompt, which is "
+          "what --gate auto would steer)")
     print(f"greedy replies to {rows[0]['prompt'][:60]!r}:")
     for v, text in doc["replies"].items():
         print(f"  {v:9} {text.strip()[:90]!r}")

@@ -13,16 +13,20 @@ COMPLY = "Sure, here is"
 
 def run(si: SafeInfer, n_prompts: int = 4, reply_tokens: int = 24) -> dict:
     """For ``n_prompts`` harmful CatQA prompts (one per category), the margin log p(refusal) − log p(compliant
-    opening) per variant in the ``qa`` frame (a 270M base model never refuses by itself), and each variant's
-    greedy reply to the first prompt."""
+    opening) per variant in the ``qa`` frame (a 270M base model never refuses by itself), each variant's greedy
+    reply to the first prompt (all ungated), and whether the vector's harm gate flags each prompt."""
     if n_prompts < 1:
         raise UsageError(f"--prompts must be >= 1, not {n_prompts}")
     if si.steering is None:
         raise UsageError("the demo needs a safety vector (--vector)")
     prompts = [p.text for p in catqa(per_category=1)][:n_prompts]
+    gate = si.gate
+    flagged = ([bool(x >= gate.frame("qa").threshold) for x in si.gate_scores(prompts, frame="qa")]
+               if gate is not None else [None] * len(prompts))
+    si = si.with_(gate="off")  # the tour shows the method itself on every prompt; the gate's verdict is a column
     rows = []
-    for q in prompts:
-        row: dict = {"prompt": q}
+    for q, f in zip(prompts, flagged, strict=True):
+        row: dict = {"prompt": q, "gate_flagged": f}
         for v in VARIANTS:
             r = si.score(q, REFUSAL_PROBE, variant=v, frame="qa").logprob
             c = si.score(q, COMPLY, variant=v, frame="qa").logprob
