@@ -281,7 +281,7 @@ class SafeInfer:
 
     def gate_scores(self, prompts: list[str | list[Message]], raw: bool = False, frame: str | None = None):
         """The gate's score for each prompt (numpy array); a prompt is flagged at or above the threshold."""
-        g = self.gate if self.settings.gate_threshold is None else self.active_gate("safeinfer")
+        g = self.gate  # scores do not depend on the threshold
         if g is None:
             raise UsageError("this vector has no harm gate (build one with `safeinfer vectors gate`)")
         fr = resolve_frame(raw, frame)

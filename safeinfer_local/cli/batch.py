@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ..core.frames import resolve_frame
 from ..errors import UsageError
 from . import options as o
 from .app import app
@@ -37,7 +38,7 @@ def filter_cmd(
     from ..workflows import filter as flt
 
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
-    fr = o.frame_of(raw, frame)
+    fr = resolve_frame(raw, frame)
     o.check_parallel(parallel)
     sh = flt.parse_shard(shard)
     if out is not None:
@@ -113,7 +114,7 @@ def screen_cmd(
     from ..workflows import filter as flt
     from ..workflows import screen
 
-    fr = o.frame_of(raw, frame)
+    fr = resolve_frame(raw, frame)
     sh = flt.parse_shard(shard)
     if out is not None:
         o.check_writable(out)

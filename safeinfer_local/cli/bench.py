@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ..core.frames import resolve_frame
 from ..errors import SafeInferError, UsageError
 from . import options as o
 from .app import app, bench_app
@@ -87,7 +88,7 @@ def bench_harm(
     cfg = HarmConfig(datasets=o.csv_list(dataset) or ["catqa", "advbench", "xstest"],
                      variants=o.csv_list([variants]), prompt_types=o.csv_list([prompt_types]),
                      measures=o.csv_list([measure]), limit_per_category=limit, seed=sample_seed,
-                     max_tokens=max_tokens, frame=o.frame_of(raw, frame), parallel=parallel,
+                     max_tokens=max_tokens, frame=resolve_frame(raw, frame), parallel=parallel,
                      judge_model=str(judge_model) if judge_model else None, redact=redact)
     cfg.check_names()
     sets = resolve_sets(cfg.datasets, limit, sample_seed, warn=o.warn)
@@ -157,7 +158,7 @@ def calibrate_cmd(
 
     g, lm = o.parse_floats("--gammas", gammas, check_gamma), o.parse_floats("--lams", lams, check_lambda)
     o.check_finite("--max-benign-loss", max_loss)
-    fr = o.frame_of(raw, frame)
+    fr = resolve_frame(raw, frame)
     if vector in ("none", ""):
         raise UsageError("calibrate needs a safety vector (--vector)")
     target = out

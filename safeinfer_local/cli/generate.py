@@ -8,6 +8,8 @@ import time
 
 import typer
 
+from ..core.frames import resolve_frame
+from ..errors import UsageError
 from . import options as o
 from .app import app
 
@@ -30,7 +32,7 @@ def generate(
     decoding; safeinfer: both)."""
     text = o.read_prompt(prompt)
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
-    fr = o.frame_of(raw, frame)
+    fr = resolve_frame(raw, frame)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
                 variant, gate, gate_threshold, on_flag, refusal)
     if as_json:
@@ -64,7 +66,7 @@ def score(
     chat_format: str | None = o.ChatFmtOpt, as_json: bool = o.JsonOpt,
 ) -> None:
     """Teacher-forced log-probability of CONTINUATION after PROMPT under a variant's distribution (T = 1)."""
-    fr = o.frame_of(raw, frame)
+    fr = resolve_frame(raw, frame)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
                 variant, gate, gate_threshold, on_flag, refusal)
     s = si.score(prompt, continuation, frame=fr)
@@ -89,7 +91,7 @@ def demo(
     from ..workflows import demo as tour
 
     if n < 1:
-        raise o.UsageError(f"--prompts must be >= 1, not {n}")
+        raise UsageError(f"--prompts must be >= 1, not {n}")
     doc = tour.run(o.load(model, vector, gamma, threads=threads, guidance=guidance, lam=lam), n)
     if as_json:
         print(json.dumps(doc))
@@ -144,7 +146,7 @@ def chat(
         except EOFError:
             break
         except UnicodeDecodeError as e:
-            raise o.UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /quit to leave)")
             continue

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ..core.frames import FRAMES, resolve_frame
+from ..core.frames import FRAMES
 from ..core.gate import DEFAULT_REFUSAL
 from ..core.settings import (
     DEFAULT_MAX_TOKENS,
@@ -117,10 +117,6 @@ def check_finite(name: str, x: float | None) -> None:
 
 def csv_list(values: list[str] | None) -> list[str]:
     return [x.strip() for v in values or () for x in v.split(",") if x.strip()]
-
-
-def frame_of(raw: bool, frame: str | None) -> str:
-    return resolve_frame(raw, frame)
 
 
 def check_threads(threads: int | None) -> None:

@@ -245,7 +245,7 @@ class BatchGenerator:
                 g.begin(i, toks, None, decode_head=False)
                 g.import_head(i, t, toks)
             else:
-                self._both(lambda: None, lambda: g.begin(i, toks, self.gbuf[0]))
+                g.begin(i, toks, self.gbuf[0])
             return last
         if g is None:
             return t.begin(i, toks, self.tbuf[0])

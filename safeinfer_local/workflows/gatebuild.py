@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
 
 from ..api import SafeInfer
 from ..core.datasets import advbench, xstest
@@ -87,14 +86,4 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                             "sha256": _hash(b)},
                  "fpr_target": fpr, "chosen_by": "5-fold CV on dev: held-out TPR - FPR summed over frames"
                  if len(rows) > 1 else "given", "cv": {k: v for k, v in best.items()}})
-    return gate, rows
-
-
-def gate_file(vector: str | Path, out: str | Path | None = None, model=None, **kw) -> tuple[Gate, list[dict]]:
-    """Fit a gate for ``vector`` (on its model) and save the vector with it (in place, or to ``out``)."""
-    si = SafeInfer(model=model, vector=vector, gate="off")
-    if si.vector is None:
-        raise UsageError("vectors gate needs a vector file")
-    gate, rows = build_gate(si, **kw)
-    si.vector.recommend(gate=gate.to_meta()).save(out or vector)
     return gate, rows
