@@ -24,7 +24,7 @@ from .core.gate import DEFAULT_REFUSAL, GATE_MODES, ON_FLAG, Gate
 from .core.models import default_vector_path, resolve_model
 from .core.settings import DEFAULT_LAMBDA, DEFAULT_N_CTX, SA_VARIANTS, check_choice, check_lambda, check_variant
 from .core.vectors import SafetyVector
-from .decode.batch import GenConfig, Result, Step
+from .decode.batch import BatchGenerator, GenConfig, Result, Step
 from .decode.decoder import Decoder
 from .decode.guidance import GuidanceSpec
 from .decode.steering import Steering
@@ -81,6 +81,20 @@ class Settings:
         if v != "base":
             out.update(gate=self.gate, gate_threshold=self.gate_threshold, on_flag=self.on_flag)
         return out
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the harm gate makes of one prompt (:meth:`SafeInfer.route`)."""
+
+    variant: str
+    """The variant to decode with: the one asked for, or ``base`` for a prompt the gate judged benign."""
+    gate_score: float | None = None
+    gated: bool = False
+    refuse: bool = False
+    """Flagged under ``on_flag=refuse``: answer with the refusal text, decode nothing."""
+    head: bytes | None = None
+    """The prompt head's KV from the gate's reader; a side that would decode the same head imports it."""
 
 
 def _vector_hash(vec: SafetyVector) -> str:
@@ -263,6 +277,13 @@ class SafeInfer:
         s = self.settings
         return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots)
 
+    def batch(self, variant: str | None = None, slots: int = 1) -> BatchGenerator:
+        """The one decode loop (:class:`BatchGenerator`: insert / step / remove) for ``variant`` under these
+        settings, with ``slots`` request slots. Generators run on the decoder's sides (llama.cpp contexts kept per
+        role, guidance and slot count, shared by every settings copy): two generators whose ``target`` or
+        ``guide`` side is the same object must not hold requests at the same time."""
+        return self._batch(self._variant(variant), slots)
+
     # -- the harm gate ---------------------------------------------------------------------------------------
     def active_gate(self, variant: str | None = None) -> Gate | None:
         """The gate a call with ``variant`` goes through (None: it is not gated), with any threshold override."""
@@ -338,21 +359,27 @@ class SafeInfer:
         tokens, stops = self.encode_prompt(prompt, frame=fr)
         cfg = GenConfig(**{**gen, "stop": tuple(gen.get("stop", ())) + stops})
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        r = self.route(tokens, variant, fr)
+        if r.refuse:
+            yield self._refusal(text, variant, r.gate_score)
+            return
+        yield from self._tag(self._decoder.stream(self._batch(r.variant), tokens, cfg, text, r.head), variant,
+                             r.gate_score, r.gated)
+
+    def route(self, tokens: list[int], variant: str | None = None, frame: str = "template") -> Route:
+        """The harm gate's decision for one encoded prompt (:meth:`encode_prompt`): without a gate, ``variant``
+        as asked; with one, the gate's reader decodes the prompt head once, scores it, and keeps its KV for the
+        side that goes on (``Route.head``), so a prompt judged benign runs ``base`` without a second head decode."""
+        variant = self._variant(variant)
         g = self.active_gate(variant)
         if g is None:
-            yield from self._tag(self._decoder.stream(self._batch(variant), tokens, cfg, text), variant, None, False)
-            return
-        # the gate's reader decodes the prompt head once: it scores it, and the side that goes on imports its KV
-        fg = g.frame(fr)
+            return Route(variant)
+        fg = g.frame(frame)
         feat, head = self._decoder.features_and_head(g.block, tokens)
         score = float(fg.score(feat)[0])
         flagged = score >= fg.threshold
-        if flagged and self.settings.on_flag == "refuse":
-            yield self._refusal(text, variant, score)
-            return
-        run = variant if flagged else "base"
-        yield from self._tag(self._decoder.stream(self._batch(run), tokens, cfg, text, head), variant, score,
-                             not flagged)
+        return Route(variant if flagged else "base", score, not flagged,
+                     flagged and self.settings.on_flag == "refuse", head)
 
     def stream(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False,
                frame: str | None = None, **gen) -> Iterator[Step]:
