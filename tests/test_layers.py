@@ -74,3 +74,12 @@ def test_cli_imports_no_engine_module():
 def test_nothing_below_the_cli_imports_it_or_typer():
     files = [f for f in _files() if f.relative_to(PKG).parts[0] != "cli"]
     assert not _violations(files, ["safeinfer_local.cli", "typer"])
+
+
+def test_the_server_goes_through_the_api():
+    # safeinfer serve reaches the model only through SafeInfer (and decode's public values: GenConfig, Step, Result),
+    # never the engine or a side; it is a library the CLI calls, so it imports neither the CLI nor typer
+    assert not _violations(_files("serve"), ["llama_cpp", "safeinfer_local.llama", "safeinfer_local.decode.sides",
+                                             "safeinfer_local.decode.decoder", "safeinfer_local.decode.gating",
+                                             "safeinfer_local.cli", "typer"])
+    assert "safeinfer_local.api" in _imports(PKG / "serve" / "scheduler.py")

@@ -1,7 +1,8 @@
 """The ``safeinfer`` command line: a thin layer over the library, one module per command group
 (``generate``: generate, score, chat, demo; ``batch``: filter, merge; ``bench``: bench speed/harm/report,
-calibrate; ``vectors``: vectors build/inspect/convert/sweep), with the shared options in ``options``. Errors
-become one line on stderr and an exit code (2 for unusable arguments or files), never a traceback."""
+calibrate; ``vectors``: vectors build/inspect/convert/sweep; ``serve``: the HTTP server), with the shared options
+in ``options``. Errors become one line on stderr and an exit code (2 for unusable arguments or files), never a
+traceback."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from ..llama import interrupts  # the SIGINT handler only: imports no llama_cpp
 from .app import app
 from .options import _ARGV
 
-for _group in ("generate", "batch", "bench", "vectors"):  # registers the commands, in the order --help lists them
+# registers the commands, in the order --help lists them
+for _group in ("generate", "batch", "bench", "vectors", "serve"):
     importlib.import_module(f"{__name__}.{_group}")
 
 
