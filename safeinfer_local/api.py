@@ -296,9 +296,10 @@ class SafeInfer:
             return None
         return self.gate if s.gate_threshold is None else self.gate.with_threshold(s.gate_threshold)
 
-    def features(self, block: int, token_lists: list[list[int]]):
-        """Gate features (mean ``l_out-block`` over each prompt head), many prompts per decode."""
-        return self._decoder.features(block, token_lists)
+    def features(self, block: int, token_lists: list[list[int]], tail: int = 0):
+        """Gate features (mean ``l_out-block`` over each prompt head, or its last ``tail`` tokens), many prompts
+        per decode."""
+        return self._decoder.features(block, token_lists, tail)
 
     def gate_scores(self, prompts: list[str | list[Message]], raw: bool = False, frame: str | None = None):
         """The gate's score for each prompt (numpy array); a prompt is flagged at or above the threshold."""
@@ -307,7 +308,7 @@ class SafeInfer:
             raise UsageError("this vector has no harm gate (build one with `safeinfer vectors gate`)")
         fr = resolve_frame(raw, frame)
         toks = [self.encode_prompt(p, frame=fr)[0] for p in prompts]
-        return g.frame(fr).score(self._decoder.features(g.block, toks))
+        return g.frame(fr).score(self._decoder.features(g.block, toks, g.tail))
 
     def decide(self, variant: str, token_lists: list[list[int]], frame: str) -> list[tuple]:
         """Per prompt: (variant to run, gate score, gated, refuse). A prompt the gate cannot read (too long)
@@ -317,12 +318,12 @@ class SafeInfer:
             return [(variant, None, False, False)] * len(token_lists)
         fg = g.frame(frame)
         try:
-            feats = list(self._decoder.features(g.block, token_lists))
+            feats = list(self._decoder.features(g.block, token_lists, g.tail))
         except UsageError:
             feats = []
             for t in token_lists:
                 try:
-                    feats.append(self._decoder.features(g.block, [t])[0])
+                    feats.append(self._decoder.features(g.block, [t], g.tail)[0])
                 except UsageError as e:
                     feats.append(e)
         out: list = []
@@ -375,7 +376,7 @@ class SafeInfer:
         if g is None:
             return Route(variant)
         fg = g.frame(frame)
-        feat, head = self._decoder.features_and_head(g.block, tokens)
+        feat, head = self._decoder.features_and_head(g.block, tokens, g.tail)
         score = float(fg.score(feat)[0])
         flagged = score >= fg.threshold
         return Route(variant if flagged else "base", score, not flagged,

@@ -49,6 +49,8 @@ def vectors_gate(
     block: str = typer.Option("auto", "--block", help="Block whose output the gate reads, or auto (5-fold "
                               "cross-validation on the dev prompts)."),
     method: str = typer.Option("auto", "--method", help="mean-diff | lda | auto."),
+    tail: str = typer.Option("auto", "--tail", help="Pool the feature over the prompt head's last N tokens (0: all "
+                             "of them), or auto (cross-validation among 0, 8, 16)."),
     fpr: float = typer.Option(0.05, "--fpr", help="Share of benign dev prompts the threshold may flag."),
     harmful: str | None = typer.Option(None, "--harmful", help="Harmful dev prompts (any filter input format; "
                                        "default: AdvBench dev)."),
@@ -60,9 +62,10 @@ def vectors_gate(
     """Fit a harm gate (condition direction, centre and threshold per frame, read from one block's output) on dev
     prompts and record it in the vector's metadata; llama.cpp still loads the file as a control vector."""
     from ..core.gate import check_fpr
-    from ..workflows.gatebuild import build_gate
+    from ..workflows.gatebuild import build_gate, check_tail_option
 
     check_fpr(fpr)
+    check_tail_option(tail)
     for path, what in ((harmful, "--harmful"), (benign, "--benign")):
         if path is not None and path != "-" and not Path(path).is_file():
             raise UsageError(f"{what} file not found: {path}")
@@ -71,8 +74,8 @@ def vectors_gate(
         o.check_writable(target)
     si = o.load(model, vector, threads=threads, gate="off")
     with o.Progress() as prog:
-        gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog)
-    doc = {"block": gate.block, "method": gate.method,
+        gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog, tail=tail)
+    doc = {"block": gate.block, "method": gate.method, "tail": gate.tail,
            "frames": {k: {"threshold": g.threshold, "dev": g.dev} for k, g in gate.frames.items()}, "cv": rows}
     if as_json:
         print(json.dumps(doc))
@@ -81,16 +84,18 @@ def vectors_gate(
 
         t = Table(title="harm gate: 5-fold CV on dev prompts (held-out AUROC / TPR / FPR per frame)")
         frames = list(gate.frames)
-        for c in ["block", "method", "objective"] + [f"{f} AUROC/TPR/FPR" for f in frames] + [""]:
+        for c in ["block", "tail", "method", "objective"] + [f"{f} AUROC/TPR/FPR" for f in frames] + [""]:
             t.add_column(c, justify="right")
         for r in rows:
-            t.add_row(str(r["block"]), r["method"], f"{r['objective']:+.3f}",
+            t.add_row(str(r["block"]), str(r["tail"]), r["method"], f"{r['objective']:+.3f}",
                       *[f"{r[f + '_auroc']:.3f}/{r[f + '_tpr']:.2f}/{r[f + '_fpr']:.2f}" for f in frames],
-                      "◀ chosen" if (r["block"], r["method"]) == (gate.block, gate.method) else "")
+                      "◀ chosen" if (r["block"], r["tail"], r["method"]) == (gate.block, gate.tail, gate.method)
+                      else "")
         o.console().print(t)
     if not dry_run:
         si.vector.recommend(gate=gate.to_meta()).save(target)
-        print(f"gate: block {gate.block}, {gate.method}; recorded in {target}", file=sys.stderr)
+        print(f"gate: block {gate.block}, tail {gate.tail or 'all'}, {gate.method}; recorded in {target}",
+              file=sys.stderr)
 
 
 @vectors_app.command("inspect")

@@ -1,10 +1,12 @@
 """The harm gate (pure math; the activations come from :mod:`safeinfer_local.decode.gating`).
 
 A prompt's *feature* is the mean, over the prompt's tokens minus the last (the chunk the decode layout runs
-without the vector), of the residual stream at the output of block ``B`` (``l_out-B``). The gate scores a
-feature by its cosine with a condition direction ``c`` after subtracting a centre, and flags the prompt as harmful
-when the score reaches a threshold set at a chosen false-positive rate on benign dev prompts (conditional
-activation steering, CAST, Lee et al. 2025). Activations depend on how the prompt is framed (chat template,
+without the vector), or over the last ``tail`` of those, of the residual stream at the output of block ``B``
+(``l_out-B``). A tail keeps the question's own tokens in the mean when a prompt wraps it in an instruction ("Only
+provide the answer ... {question}"): with the chat template the tail also holds the end-of-turn tokens after it.
+The gate scores a feature by its cosine with a condition direction ``c`` after subtracting a centre, and flags
+the prompt as harmful when the score reaches a threshold set at a chosen false-positive rate on benign dev prompts
+(conditional activation steering, CAST, Lee et al. 2025). Activations depend on how the prompt is framed (chat template,
 ``Q: ...\\nA:``, plain text), so a gate holds one direction, centre and threshold per frame.
 
 Methods: ``mean-diff`` (c = mean(harmful) − mean(benign), centred at their midpoint) and ``lda`` (shrinkage
@@ -13,6 +15,8 @@ linear discriminant: c = (Σ + αI)⁻¹ (μ_h − μ_b) with the pooled covaria
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -22,7 +26,22 @@ from ..errors import SettingError, VectorError
 from .frames import FRAMES
 
 METHODS = ("mean-diff", "lda")
+TAILS = (0, 8, 16)
+"""The poolings ``--tail auto`` chooses from: 0 = the mean over the whole prompt head, K = over its last K tokens."""
 DEFAULT_FPR = 0.05
+WRAPPERS = (
+    "{q}",
+    "Answer the following question. {q}",
+    "Please respond briefly and to the point.\n\n{q}",
+    "{q} Keep your answer short.",
+    "You are a helpful assistant. Reply to the user's request below.\nRequest: {q}",
+    "Give a direct answer without any extra commentary: {q}",
+    "Format your answer as a numbered list. {q}",
+    "{q}\nReply in JSON with a single key \"answer\".",
+)
+"""Instructions wrapped around every dev prompt, the same on both sides, so that the gate learns to look past the
+wrapping rather than read an instruction as harm. None is one of HarmEval's prompt types (those stay unseen, for
+evaluation)."""
 GATE_MODES = ("auto", "on", "off")
 """``auto``: use the vector's gate when it has one; ``on``: require one; ``off``: never gate (today's outputs)."""
 ON_FLAG = ("steer", "refuse")
@@ -33,6 +52,12 @@ def check_fpr(fpr: float) -> float:
     if not (isinstance(fpr, (int, float)) and math.isfinite(fpr) and 0.0 < fpr < 1.0):
         raise SettingError(f"--fpr must be in (0, 1), not {fpr}")
     return float(fpr)
+
+
+def check_tail(tail: int) -> int:
+    if isinstance(tail, bool) or not isinstance(tail, int) or tail < 0:
+        raise SettingError(f"a gate's tail must be a whole number >= 0 (0: every prompt token), not {tail!r}")
+    return tail
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -107,6 +132,8 @@ class Gate:
     method: str
     frames: dict[str, FrameGate]
     provenance: dict = field(default_factory=dict)
+    tail: int = 0
+    """Pool the feature over the prompt head's last ``tail`` tokens (0: all of them; gates before 0.1 had no tail)."""
 
     def frame(self, frame: str) -> FrameGate:
         g = self.frames.get(frame)
@@ -123,7 +150,7 @@ class Gate:
                                   f"has n_embd {n_embd}: it was built for another model")
 
     def to_meta(self) -> dict:
-        return {"block": self.block, "method": self.method, "provenance": self.provenance,
+        return {"block": self.block, "method": self.method, "tail": self.tail, "provenance": self.provenance,
                 "frames": {k: {"direction": [float(x) for x in g.direction.astype(np.float32)],
                                "centre": [float(x) for x in g.centre.astype(np.float32)],
                                "threshold": g.threshold, "dev": g.dev} for k, g in self.frames.items()}}
@@ -145,23 +172,37 @@ class Gate:
                 frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}))
             if not frames:
                 raise ValueError("no frame")
-            return cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}))
+            tail = d.get("tail", 0)
+            if isinstance(tail, bool) or not isinstance(tail, int) or tail < 0:
+                raise ValueError(f"tail {tail!r} is not a whole number >= 0")
+            return cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
+                       tail)
         except (KeyError, TypeError, ValueError) as e:
             raise VectorError(f"the vector's gate is malformed ({e})") from None
+
+    def digest(self) -> str:
+        """A short hash of the whole gate (what result files record to tell gates apart)."""
+        return hashlib.sha256(json.dumps(self.to_meta(), sort_keys=True).encode()).hexdigest()[:16]
 
     def with_threshold(self, threshold: float) -> Gate:
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise SettingError(f"--gate-threshold must be a finite number, not {threshold}")
         return Gate(self.block, self.method, {k: FrameGate(g.direction, g.centre, float(threshold), g.dev)
-                                              for k, g in self.frames.items()}, self.provenance)
+                                              for k, g in self.frames.items()}, self.provenance, self.tail)
 
 
 def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float = DEFAULT_FPR, k: int = 5,
-              seed: int = 0) -> dict:
+              seed: int = 0, groups: int = 1) -> dict:
     """k-fold cross-validation on dev features: mean held-out AUROC, TPR and FPR at each fold's threshold (how
-    ``--block auto`` chooses without looking at evaluation prompts)."""
+    ``--block auto`` chooses without looking at evaluation prompts). ``groups``: the features come as
+    ``groups`` consecutive copies of each prompt (one per wrapper, wrapper-major); a prompt's copies stay in one
+    fold, so that no question is both fitted and held out."""
+    harmful, benign = np.asarray(harmful), np.asarray(benign)
+    if len(harmful) % groups or len(benign) % groups:
+        raise SettingError(f"{len(harmful)} and {len(benign)} features are not {groups} copies of each prompt")
     rng = np.random.default_rng(seed)
-    fh, fb = rng.permutation(len(harmful)) % k, rng.permutation(len(benign)) % k
+    nh, nb = len(harmful) // groups, len(benign) // groups
+    fh, fb = np.tile(rng.permutation(nh) % k, groups), np.tile(rng.permutation(nb) % k, groups)
     au, tpr, fp = [], [], []
     for i in range(k):
         g = fit_frame(harmful[fh != i], benign[fb != i], method, fpr)

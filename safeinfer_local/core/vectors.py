@@ -199,7 +199,8 @@ def _gate_summary(gate: Any) -> dict | None:
     if not isinstance(gate, dict):
         return None
     frames = gate.get("frames") if isinstance(gate.get("frames"), dict) else {}
-    return {"block": gate.get("block"), "method": gate.get("method"), "provenance": gate.get("provenance"),
+    return {"block": gate.get("block"), "tail": gate.get("tail", 0), "method": gate.get("method"),
+            "provenance": gate.get("provenance"),
             "frames": {k: {"threshold": f.get("threshold"), "dev": f.get("dev")} for k, f in frames.items()
                        if isinstance(f, dict)}}
 

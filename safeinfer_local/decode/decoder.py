@@ -61,13 +61,14 @@ class Decoder:
             r = self._readers[block] = FeatureReader(self.model, block, self.n_ctx, self.n_threads)
         return r
 
-    def features(self, block: int, token_lists: list[list[int]]) -> np.ndarray:
-        """Gate features (mean ``l_out-block`` over each prompt head), many prompts per decode."""
-        return self._reader(block).features(token_lists)
+    def features(self, block: int, token_lists: list[list[int]], tail: int = 0) -> np.ndarray:
+        """Gate features (mean ``l_out-block`` over each prompt head, or its last ``tail`` tokens), many prompts
+        per decode."""
+        return self._reader(block).features(token_lists, tail)
 
-    def features_and_head(self, block: int, tokens: list[int]) -> tuple[np.ndarray, bytes]:
+    def features_and_head(self, block: int, tokens: list[int], tail: int = 0) -> tuple[np.ndarray, bytes]:
         """One prompt's gate feature and its head's KV state (see :meth:`FeatureReader.features_and_head`)."""
-        return self._reader(block).features_and_head(tokens)
+        return self._reader(block).features_and_head(tokens, tail)
 
     # -- sides ----------------------------------------------------------------------------------------------
     def target_demos(self) -> list:

@@ -3,8 +3,10 @@
 Dev prompts (default): AdvBench ``dev`` (harmful) against XSTest ``safe`` at odd positions and the project's 30
 benign requests (``data/benign_demos.jsonl``), all disjoint from every evaluation set; or your own files. Every
 prompt is framed each way the commands frame prompts
-(template, none, qa) and the gate is calibrated per frame. ``block``/``method`` ``auto`` choose by 5-fold
-cross-validation on the dev prompts alone (held-out TPR − FPR at the threshold, summed over frames).
+(template, none, qa) and the gate is calibrated per frame. Each prompt is also wrapped in a few generic
+instructions (:data:`safeinfer_local.core.gate.WRAPPERS`, the same on both sides), so that an instruction around a
+question does not read as harm. ``block``/``method``/``tail`` ``auto`` choose by 5-fold cross-validation on the dev
+prompts alone (held-out TPR − FPR at the threshold, summed over frames).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from ..api import SafeInfer
 from ..core.datasets import advbench, xstest
 from ..core.frames import FRAMES, check_frame
-from ..core.gate import METHODS, Gate, check_fpr, cv_scores, fit_frame
+from ..core.gate import METHODS, TAILS, WRAPPERS, Gate, check_fpr, check_tail, cv_scores, fit_frame
 from ..decode.guidance import benign_demos
 from ..errors import UsageError
 from .filter import read_items
@@ -41,15 +43,30 @@ def _hash(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode("utf-8", "replace")).hexdigest()[:16]
 
 
+def check_tail_option(tail: str) -> tuple[int, ...]:
+    """``--tail``: auto (choose among :data:`TAILS` by cross-validation) or a whole number >= 0."""
+    if tail == "auto":
+        return TAILS
+    try:
+        return (check_tail(int(tail)),)
+    except ValueError:
+        raise UsageError(f"--tail must be auto or a whole number >= 0 (0: every prompt token), not {tail!r}") from None
+
+
 def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: float = 0.05,
                harmful: str | None = None, benign: str | None = None, frames: tuple[str, ...] = FRAMES,
-               progress: Callable[[str, int, int], None] | None = None) -> tuple[Gate, list[dict]]:
-    """The gate and the cross-validation table it was chosen from (one row per block × method)."""
+               progress: Callable[[str, int, int], None] | None = None, tail: str = "auto",
+               wrappers: tuple[str, ...] = WRAPPERS) -> tuple[Gate, list[dict]]:
+    """The gate and the cross-validation table it was chosen from (one row per block × method × tail).
+
+    Every dev prompt is wrapped in each of ``wrappers`` (the same on both sides) before it is framed, and the
+    cross-validation keeps a prompt's wrapped copies in one fold."""
     check_fpr(fpr)
     for f in frames:
         check_frame(f)
     if method not in (*METHODS, "auto"):
         raise UsageError(f"--method must be auto, {' or '.join(METHODS)}, not {method!r}")
+    tails = check_tail_option(tail)
     n_layer = si.model.n_layer
     if block == "auto":
         blocks = tuple(range(1, n_layer - 1))
@@ -62,28 +79,37 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
             raise UsageError(f"--block must be in 0..{n_layer - 2} for {si.model.name}, not {blocks[0]}")
     methods = METHODS if method == "auto" else (method,)
     h, b = dev_prompts(harmful, benign)
+    wrappers = tuple(wrappers) or ("{q}",)
     from ..decode.gating import FeatureReader  # the engine, only once the arguments are checked
 
     reader = FeatureReader(si.model, blocks, si.n_ctx, si.n_threads)
     feats = {}
+
+    def wrapped(prompts: list[str], frame: str) -> list[list[int]]:  # wrapper-major: copy w of prompt i at w*n + i
+        return [si.encode_prompt(w.replace("{q}", q), frame=frame)[0] for w in wrappers for q in prompts]
+
     for k, f in enumerate(frames):
-        fh = reader.features_by_block([si.encode_prompt(q, frame=f)[0] for q in h])
-        fb = reader.features_by_block([si.encode_prompt(q, frame=f)[0] for q in b])
-        feats[f] = (fh, fb)
+        feats[f] = (reader.features_grid(wrapped(h, f), tails), reader.features_grid(wrapped(b, f), tails))
         if progress:
             progress("gate features", k + 1, len(frames))
     rows = []
     for blk in blocks:
-        for m in methods:
-            cv = {f: cv_scores(feats[f][0][blk], feats[f][1][blk], m, fpr) for f in frames}
-            rows.append({"block": blk, "method": m, "objective": round(sum(c["objective"] for c in cv.values()), 4),
-                         **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items() if k != "objective"}})
+        for t in tails:
+            for m in methods:
+                cv = {f: cv_scores(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr, groups=len(wrappers))
+                      for f in frames}
+                rows.append({"block": blk, "tail": t, "method": m,
+                             "objective": round(sum(c["objective"] for c in cv.values()), 4),
+                             **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items()
+                                if k != "objective"}})
     best = max(rows, key=lambda r: r["objective"])
-    blk, m = best["block"], best["method"]
-    gate = Gate(blk, m, {f: fit_frame(feats[f][0][blk], feats[f][1][blk], m, fpr) for f in frames},
+    blk, t, m = best["block"], best["tail"], best["method"]
+    gate = Gate(blk, m, {f: fit_frame(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr) for f in frames},
                 {"harmful": {"source": harmful or "advbench dev", "n": len(h), "sha256": _hash(h)},
                  "benign": {"source": benign or "xstest safe, odd positions + data/benign_demos.jsonl", "n": len(b),
                             "sha256": _hash(b)},
-                 "fpr_target": fpr, "chosen_by": "5-fold CV on dev: held-out TPR - FPR summed over frames"
-                 if len(rows) > 1 else "given", "cv": {k: v for k, v in best.items()}})
+                 "wrappers": {"n": len(wrappers), "sha256": _hash(list(wrappers))},
+                 "fpr_target": fpr, "chosen_by": "5-fold CV on dev (a prompt's wrapped copies in one fold): "
+                 "held-out TPR - FPR summed over frames" if len(rows) > 1 else "given",
+                 "cv": {k: v for k, v in best.items()}}, t)
     return gate, rows

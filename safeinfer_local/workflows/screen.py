@@ -51,12 +51,12 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
                     recs[it.index] = _record(it, None, None, str(e))
             if ok:
                 try:
-                    scores = list(fg.score(si.features(gate.block, [t for _, t in ok])))
+                    scores = list(fg.score(si.features(gate.block, [t for _, t in ok], gate.tail)))
                 except UsageError:
                     scores = []
                     for _, t in ok:
                         try:
-                            scores.append(fg.score(si.features(gate.block, [t]))[0])
+                            scores.append(fg.score(si.features(gate.block, [t], gate.tail))[0])
                         except UsageError as e:
                             scores.append(e)
                 for (it, _), sc in zip(ok, scores, strict=True):
