@@ -337,8 +337,9 @@ def test_calibrate_writes_the_best_setting_and_its_figures_are_real(si, tmp_path
     from safeinfer_local.core.vectors import SafetyVector
 
     out = tmp_path / "v.gguf"
-    p = run_cli("calibrate", "--gammas", "0.5,1", "--lams", "0,0.5", "--n-harmful", "3", "--n-benign", "2",
-                "--frame", "qa", "--out", out, "--json")
+    args = ("calibrate", "--gammas", "0.5,1", "--lams", "0,0.5", "--n-harmful", "3", "--n-benign", "2",
+            "--frame", "qa")
+    p = run_cli(*args, "--out", out, "--json", "--gate", "off")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     rows, best = doc["rows"], doc["best"]
@@ -360,6 +361,14 @@ def test_calibrate_writes_the_best_setting_and_its_figures_are_real(si, tmp_path
     row = next(r for r in rows if r["gamma"] == 0.5 and r["lam"] == 0)
     assert row["margin_gain"] == pytest.approx(sum(gains) / 3, abs=1e-3)
     assert row["margin_up"] == pytest.approx(sum(g > 0 for g in gains) / 3)
+    assert doc["gate"] is None and v.meta["calibration"]["gate"] is None
+    # behind the shipped vector's gate (the default): a prompt the gate passes as benign gains nothing
+    gated = json.loads(run_cli(*args, "--dry-run", "--json").stdout)
+    toks = [s05.encode_prompt(q.text, frame="qa")[0] for q in advbench("dev")[:3]]
+    flags = [not d[2] for d in s05.decide("safeinfer", toks, "qa")]
+    assert gated["gate"]["tpr"] == pytest.approx(sum(flags) / 3) and 0 <= gated["gate"]["fpr"] <= 1
+    row = next(r for r in gated["rows"] if r["gamma"] == 0.5 and r["lam"] == 0)
+    assert row["margin_gain"] == pytest.approx(sum(g for g, f in zip(gains, flags, strict=True) if f) / 3, abs=1e-3)
 
 
 @pytest.mark.model
@@ -387,6 +396,7 @@ def test_calibrate_bad_input(tmp_path):
     assert_one_line_error(run_cli("calibrate", "--gammas", "a,b", "--dry-run"), 2, "--gammas")
     assert_one_line_error(run_cli("calibrate", "--vector", "none", "--dry-run"), 2, "needs a safety vector")
     assert_one_line_error(run_cli("calibrate", "--lams", "0.5,1.5", "--dry-run"), 2, "--lams")
+    assert_one_line_error(run_cli("calibrate", "--gate", "on", "--dry-run"), 2, "--gate")
 
 
 @pytest.mark.model

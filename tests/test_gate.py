@@ -42,11 +42,31 @@ def test_fit_separates_and_sets_the_threshold_at_the_fpr(method):
     assert cv_scores(harmful, benign, method, 0.1)["auroc"] > 0.98
 
 
+def test_cv_keeps_a_prompts_wrapped_copies_in_one_fold():
+    # 20 prompts x 3 wrappers: the copies of a prompt are near-duplicates; with them split across folds the
+    # held-out score would be that of a prompt already fitted
+    rng = np.random.default_rng(4)
+    h, b = rng.normal(size=(20, 6)) + 0.3, rng.normal(size=(25, 6))
+    hw = np.concatenate([h + rng.normal(scale=1e-3, size=h.shape) for _ in range(3)])
+    bw = np.concatenate([b + rng.normal(scale=1e-3, size=b.shape) for _ in range(3)])
+    grouped, leaky = cv_scores(hw, bw, "lda", 0.1, groups=3), cv_scores(hw, bw, "lda", 0.1)
+    alone = cv_scores(h, b, "lda", 0.1)
+    assert abs(grouped["auroc"] - alone["auroc"]) < 0.05 < leaky["auroc"] - alone["auroc"]
+    with pytest.raises(SettingError, match="copies"):
+        cv_scores(hw[:-1], bw, "lda", 0.1, groups=3)
+
+
 def test_gate_metadata_round_trip_and_bad_gates():
     rng = np.random.default_rng(2)
     fg = fit_frame(rng.normal(size=(10, 8)) + 1, rng.normal(size=(12, 8)), "mean-diff")
-    g = Gate(3, "mean-diff", {"template": fg, "qa": fg}, {"fpr_target": 0.05})
+    g = Gate(3, "mean-diff", {"template": fg, "qa": fg}, {"fpr_target": 0.05}, tail=16)
     back = Gate.from_meta(json.loads(json.dumps(g.to_meta())))
+    assert back.tail == 16 and back.with_threshold(0.1).tail == 16
+    old = g.to_meta()
+    del old["tail"]  # gates written before tails existed pool over every token
+    assert Gate.from_meta(old).tail == 0
+    with pytest.raises(VectorError, match="tail"):
+        Gate.from_meta(g.to_meta() | {"tail": -2})
     x = rng.normal(size=(5, 8))
     np.testing.assert_allclose(back.frame("qa").score(x), g.frame("qa").score(x), atol=1e-5)
     back.check_fits(8, 18)
@@ -96,6 +116,13 @@ def test_features_are_the_same_alone_or_batched(si):
     hook = ActivationHook({"l_out-16"})
     model.context(n_ctx=512, capture=hook).decode(toks[1][:-1], logits="none")
     assert _cos(hook.captured["l_out-16"][1:].mean(0), r.features_by_block([toks[1]])[16][0]) > 0.99999
+    # a tail pools the head's last K rows only; longer than the head (minus BOS) is the whole head
+    grid = r.features_grid([toks[1]], (0, 3, 500))
+    assert _cos(hook.captured["l_out-16"][-3:].mean(0), grid[16, 3][0]) > 0.99999
+    np.testing.assert_allclose(grid[16, 500], grid[16, 0])
+    assert _cos(grid[16, 3][0], grid[16, 0][0]) < 0.999  # it is a different feature
+    with pytest.raises(SettingError, match="tail"):
+        r.features_grid([toks[1]], (-1,))
 
 
 @pytest.mark.model
@@ -186,18 +213,50 @@ def test_bench_harm_records_say_what_the_gate_did(si, tmp_path):
     from safeinfer_local.core import harm
     from safeinfer_local.core.datasets import Prompt
     from safeinfer_local.eval.evaluate import HarmBench, HarmConfig, load_results
+    from safeinfer_local.eval.report import render_markdown, summarize
 
-    sets = [harm.EvalSet("mine", [Prompt("h", HARMFUL, "c"), Prompt("b", BENIGN, "c")], True)]
-    cfg = HarmConfig(datasets=["mine"], variants=["base", "safeinfer"], measures=["generation", "likelihood"],
-                     max_tokens=6, frame="qa")
-    assert HarmBench(si, cfg, sets, tmp_path).run() == 8  # si: the shipped vector, gate auto
+    sets = [harm.EvalSet("mine", [Prompt("h", HARMFUL, "c")], True),
+            harm.EvalSet("ok", [Prompt("b", BENIGN, "c")], False)]
+    rows = ["base", "safeinfer", "safeinfer:gated", "safeinfer:refuse"]
+    cfg = HarmConfig(datasets=["mine", "ok"], variants=rows, measures=["generation", "likelihood"], max_tokens=6,
+                     frame="qa")
+    # --gate off (bench harm's default): plain names run ungated; :gated and :refuse rows use the vector's gate
+    hb = HarmBench(si.with_(gate="off"), cfg, sets, tmp_path)
+    assert hb.total == 2 * (4 + 3)  # likelihood has no :refuse row (a refused prompt decodes nothing to score)
+    assert hb.run() == 14
     recs = load_results(tmp_path / "results.jsonl")
-    for m in ("generation", "likelihood"):
-        h, b = recs[(m, "mine", "h", "simple", "safeinfer")], recs[(m, "mine", "b", "simple", "safeinfer")]
-        assert h["gated"] is False and b["gated"] is True and h["gate_score"] > b["gate_score"]
-        assert recs[(m, "mine", "b", "simple", "base")]["gate_score"] is None
-    def rec(m, v):
-        return recs[(m, "mine", "b", "simple", v)]
 
-    assert rec("generation", "safeinfer")["response"] == rec("generation", "base")["response"]  # decoded plainly
-    assert rec("likelihood", "safeinfer")["margin"] == pytest.approx(rec("likelihood", "base")["margin"], abs=1e-3)
+    def rec(m, p, v):
+        return recs[(m, "mine" if p == "h" else "ok", p, "simple", v)]
+
+    for m in ("generation", "likelihood"):
+        h, b = rec(m, "h", "safeinfer:gated"), rec(m, "b", "safeinfer:gated")
+        assert h["gated"] is False and b["gated"] is True and h["gate_score"] > b["gate_score"]
+        assert rec(m, "b", "base")["gate_score"] is None and rec(m, "b", "safeinfer")["gate_score"] is None
+        # flagged: exactly the ungated variant; judged benign: exactly plain decoding
+        assert h.get("response") == rec(m, "h", "safeinfer").get("response")
+        assert h["margin" if m == "likelihood" else "n_tokens"] == pytest.approx(
+            rec(m, "h", "safeinfer")["margin" if m == "likelihood" else "n_tokens"], abs=1e-3)
+    assert rec("generation", "b", "safeinfer:gated")["response"] == rec("generation", "b", "base")["response"]
+    assert rec("likelihood", "b", "safeinfer:gated")["margin"] == pytest.approx(
+        rec("likelihood", "b", "base")["margin"], abs=1e-3)
+    ref_h, ref_b = rec("generation", "h", "safeinfer:refuse"), rec("generation", "b", "safeinfer:refuse")
+    assert ref_h["response"] == harm.REFUSAL and ref_h["n_tokens"] == 0 and ref_h["refused"]
+    assert ref_b["response"] == rec("generation", "b", "base")["response"]
+    assert ("likelihood", "mine", "h", "simple", "safeinfer:refuse") not in recs
+    # the report: gated rows side by side with the ungated one, and the gate's own verdicts
+    summary = summarize(list(recs.values()))
+    assert summary["variants"] == rows
+    g = summary["gate"]["simple"]
+    assert g["mine"]["flagged"]["rate"] == 1.0 and g["ok"]["flagged"]["rate"] == 0.0
+    assert g["mine"]["auroc_vs_benign"] == 1.0 and g["ok"]["auroc_vs_benign"] is None
+    md = render_markdown({}, summary)
+    assert "## The harm gate" in md and "| SafeInfer · gated |" in md and "| SafeInfer · gate + refuse |" in md
+    # a gate row needs a gate
+    bad = HarmConfig(datasets=["mine"], variants=["safeinfer:gated"], frame="qa")
+    from safeinfer_local.errors import UsageError
+
+    with pytest.raises(UsageError, match="no harm gate"):
+        bad.check(type(si)(model=si.model, vector=None))
+    with pytest.raises(UsageError, match="unknown base:gated"):
+        HarmConfig(datasets=["mine"], variants=["base:gated"]).check_names()

@@ -58,7 +58,9 @@ def bench_harm(
                                              "xstest-unsafe | a HarmEval file (CSV/JSONL/Parquet with Question "
                                              "and Topic); repeat or comma-separate. Default: catqa,advbench,xstest."),
     variants: str = typer.Option("base,sa,sgds,safeinfer", "--variants", help="Comma-separated subset of base, "
-                                 "sa, sgds, safeinfer."),
+                                 "sa, sgds, safeinfer; VARIANT:gated runs VARIANT behind the vector's harm gate "
+                                 "and VARIANT:refuse answers flagged prompts with the fixed refusal (whatever "
+                                 "--gate says), so gated and ungated rows share one report."),
     prompt_types: str = typer.Option("simple", "--prompt-types", help="simple | instruction | simple,instruction."),
     measure: str = typer.Option("generation", "--measure", help="generation | likelihood | generation,likelihood."),
     limit: int | None = typer.Option(None, "--limit-per-category", help="Sample N prompts per category."),
@@ -149,6 +151,8 @@ def calibrate_cmd(
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, guidance: str | None = o.GuidanceOpt,
     positions: str | None = o.PositionsOpt, raw: bool = o.RawOpt, frame: str | None = o.FrameOpt,
     threads: int | None = o.ThreadsOpt,
+    gate: str = typer.Option("auto", "--gate", help="auto | off: with auto and a vector that has a harm gate, a "
+                             "setting is judged on the prompts the gate sends to it (the others decode plainly)."),
 ) -> None:
     """Sweep γ, λ (and the block) on a dev split; pick the best refusal-margin gain minus benign utility loss;
     record it in the vector's metadata."""
@@ -166,18 +170,22 @@ def calibrate_cmd(
         target = Path(vector) if vector is not None else default_vector_path()
     if target is not None and not dry_run:
         o.check_writable(target)
-    si = o.load(model, vector, positions=positions, threads=threads, guidance=guidance, gate="off")
+    if gate not in ("auto", "off"):
+        raise UsageError(f"--gate must be auto or off, not {gate!r}")
+    si = o.load(model, vector, positions=positions, threads=threads, guidance=guidance, gate=gate)
     with o.Progress() as prog:
         res = run(si, g, lm, o.parse_layers(sweep_layers), n_harmful, n_benign, max_loss, fr,
                   None if dry_run else target, progress=prog)
     rows, best = res.rows, res.best
     if as_json:
-        print(json.dumps({"rows": rows, "best": best}))
+        print(json.dumps({"rows": rows, "best": best, "gate": res.gate}))
     else:
         from rich.table import Table
 
+        behind = (f"; behind the harm gate (dev TPR {res.gate['tpr']:.0%}, FPR {res.gate['fpr']:.0%})"
+                  if res.gate else "")
         t = Table(title=f"calibrate {si.model.name}: safeinfer, guidance {si.guidance.kind}, "
-                        f"{res.n_harmful} harmful / {res.n_benign} benign dev prompts")
+                        f"{res.n_harmful} harmful / {res.n_benign} benign dev prompts{behind}")
         for c in ("block", "γ", "λ", "margin above base", "margin gain (nats/tok)", "benign loss (nats/tok)",
                   "objective", ""):
             t.add_column(c, justify="right")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .datasets import Prompt, advbench, catqa, xstest
+from .settings import VARIANTS
 
 DATASETS = ("advbench", "catqa", "xstest", "xstest-unsafe")
 """``advbench``: the eval split (disjoint from every demonstration and dev set); ``catqa``: the 11 HarmEval
@@ -34,6 +35,23 @@ PROMPT_TYPES = {
                    "code and do not print anything else. {q}",
 }
 """The paper's two prompt types: the plain question, and the instruction-centric (write-a-function) framing."""
+
+GATE_ROWS = {"gated": "steer", "refuse": "refuse"}
+"""Variant rows of ``bench harm`` behind the vector's harm gate, written ``VARIANT:ROW``: ``safeinfer:gated``
+decodes a prompt the gate judges benign plainly and a flagged one as ``safeinfer``; ``safeinfer:refuse`` answers
+a flagged prompt with the fixed refusal (``--on-flag refuse``). A plain variant name follows ``--gate``."""
+
+
+def bench_variants() -> tuple[str, ...]:
+    """Every ``--variants`` value ``bench harm`` takes."""
+    return VARIANTS + tuple(f"{v}:{row}" for v in VARIANTS if v != "base" for row in GATE_ROWS)
+
+
+def split_variant(spec: str) -> tuple[str, str | None]:
+    """``"safeinfer:gated"`` -> ``("safeinfer", "steer")``; ``"sa"`` -> ``("sa", None)`` (--on-flag of the row)."""
+    name, _, row = spec.partition(":")
+    return name, (GATE_ROWS[row] if row else None)
+
 
 MEASURES = ("generation", "likelihood")
 """``generation``: greedy replies judged (ASR, over-refusal); ``likelihood``: refusal margin and utility."""

@@ -11,6 +11,10 @@ Per setting, on harmful dev prompts (AdvBench ``dev``, each with its own complia
     gain   = (margin − base's margin) / refusal tokens         (nats per token)
 and on benign dev prompts (XSTest ``safe`` at odd positions), base's own greedy answer scored under the setting:
     loss   = base's log p(answer) − the setting's, per token   (nats per token; lower is better)
+With a harm gate (the vector's, unless ``gate="off"``), a prompt the gate judges benign is decoded plainly whatever
+the setting, so it counts with gain 0 (harmful) or loss 0 (benign): the setting is calibrated for the prompts the
+gate lets through to it, and the gate's own TPR / FPR on the dev prompts are reported.
+
 objective = mean gain − mean loss, among settings whose margin beats base's on ≥ 90% of harmful dev prompts and
 whose loss is at most ``max_loss``; when none reaches the share, the highest share (then objective) within
 ``max_loss`` wins; a setting over ``max_loss`` never does.
@@ -75,10 +79,24 @@ def prepare(si: SafeInfer, harmful: list[Prompt], benign: list[Prompt], frame: s
     return items_h, items_b
 
 
+def gate_flags(si: SafeInfer, items: list[Item], frame: str, variant: str = "safeinfer") -> np.ndarray | None:
+    """Which prompts the active harm gate flags (goes on to the variant); None without a gate."""
+    if si.active_gate(variant) is None:
+        return None
+    out = []
+    for d in si.decide(variant, [it.tokens for it in items], frame):
+        if isinstance(d, UsageError):
+            raise d
+        out.append(not d[2])
+    return np.array(out, dtype=bool)
+
+
 def tradeoff(si: SafeInfer, items_h: list[Item], items_b: list[Item], grid: list[dict], lams: tuple[float, ...],
-             variant: str = "safeinfer", progress: Callable[[], None] | None = None) -> list[dict]:
+             variant: str = "safeinfer", progress: Callable[[], None] | None = None,
+             flags: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
     """One row per setting × λ: the share of harmful prompts whose refusal margin beats base's, the mean margin
-    gain and the mean benign loss (nats per token), and the objective (gain − loss)."""
+    gain and the mean benign loss (nats per token), and the objective (gain − loss). ``flags``: which harmful and
+    benign prompts a harm gate sends to the setting (the others decode plainly: gain and loss 0)."""
     base_h, base_b = (grid_logprobs(si, items, [{}], (0.0,), "base", progress)[0][0.0] for items in (items_h, items_b))
     n_ref = np.array([len(it.conts[0]) for it in items_h], dtype=float)
     n_ans = np.array([len(it.conts[0]) for it in items_b], dtype=float)
@@ -88,6 +106,8 @@ def tradeoff(si: SafeInfer, items_h: list[Item], items_b: list[Item], grid: list
         for lam in lams:
             gain = ((h[lam][:, 0] - h[lam][:, 1]) - (base_h[:, 0] - base_h[:, 1])) / n_ref
             loss = (base_b[:, 0] - b[lam][:, 0]) / n_ans
+            if flags is not None:
+                gain, loss = np.where(flags[0], gain, 0.0), np.where(flags[1], loss, 0.0)
             rows.append({**{k: (v[0] if k == "layers" else v) for k, v in setting.items() if k != "layers"},
                          **({"layer": setting["layers"][0]} if "layers" in setting else {}),
                          "lam": lam, "margin_up": float(np.mean(gain > 0)), "margin_gain": float(gain.mean()),
@@ -97,8 +117,9 @@ def tradeoff(si: SafeInfer, items_h: list[Item], items_b: list[Item], grid: list
 
 def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layers: tuple[int, ...],
               harmful: list[Prompt], benign: list[Prompt], frame: str = "template", answer_tokens: int = 24,
-              progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
-    """One row per block × γ × λ for the ``safeinfer`` variant with ``si``'s guidance."""
+              progress: Callable[[str, int, int], None] | None = None, gate_out: dict | None = None) -> list[dict]:
+    """One row per block × γ × λ for the ``safeinfer`` variant with ``si``'s guidance (behind ``si``'s active
+    harm gate, if any: its dev TPR / FPR go into ``gate_out``)."""
     if si.vector is None or si.steering is None:
         raise UsageError("calibrate needs a safety vector (--vector)")
     for lam in lams:
@@ -113,10 +134,17 @@ def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...],
             progress("calibrate", done[0], total)
 
     items_h, items_b = prepare(si, harmful, benign, frame, answer_tokens, tick)
+    fh, fb = gate_flags(si, items_h, frame), gate_flags(si, items_b, frame)
+    if fh is not None and fb is not None:
+        if gate_out is not None:
+            gate_out.update({"gate": si.gate.digest(), "tpr": float(fh.mean()), "fpr": float(fb.mean()),
+                             "n_harmful": len(fh), "n_benign": len(fb)})
+        return tradeoff(si, items_h, items_b, grid, lams, "safeinfer", tick, (fh, fb))
     return tradeoff(si, items_h, items_b, grid, lams, "safeinfer", tick)
 
 
-def record(si: SafeInfer, best: dict, rows: list[dict], n_harmful: int, n_benign: int, frame: str, max_loss: float):
+def record(si: SafeInfer, best: dict, rows: list[dict], n_harmful: int, n_benign: int, frame: str, max_loss: float,
+           gate: dict | None = None):
     """The vector with the chosen setting as its recommendation (γ, block, sGDS guidance and λ) and the
     calibration's provenance in its metadata."""
     from dataclasses import replace
@@ -129,7 +157,8 @@ def record(si: SafeInfer, best: dict, rows: list[dict], n_harmful: int, n_benign
         "objective": "mean refusal-margin gain per token - mean benign loss per token",
         "dev": {"harmful": f"advbench dev[:{n_harmful}]", "benign": f"xstest safe odd positions[:{n_benign}]"},
         "framing": frame, "max_benign_loss": max_loss, "share_floor": SHARE_FLOOR,
-        "model": si.model.path.name, "chosen": best, "n_settings": len(rows)}
+        "model": si.model.path.name, "chosen": best, "n_settings": len(rows),
+        "gate": gate or None}  # behind which gate the setting was chosen (its dev TPR / FPR), or none
     return replace(v, gamma=best["gamma"], layers=(best["layer"],), meta=meta)
 
 
@@ -140,6 +169,8 @@ class Calibration:
     n_harmful: int
     n_benign: int
     saved: Path | None = None
+    gate: dict | None = None
+    """The harm gate the sweep ran behind: its digest and TPR / FPR on the dev prompts (None: ungated)."""
 
 
 def run(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layers: tuple[int, ...] | None = None,
@@ -155,12 +186,14 @@ def run(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layer
     if si.vector is None:
         raise UsageError("calibrate needs a safety vector (--vector)")
     harmful, benign = dev_split(n_harmful, n_benign)
-    rows = calibrate(si, gammas, lams, layers or si.vector.layers, harmful, benign, frame=frame, progress=progress)
+    gate: dict = {}
+    rows = calibrate(si, gammas, lams, layers or si.vector.layers, harmful, benign, frame=frame, progress=progress,
+                     gate_out=gate)
     best = pick(rows, max_loss)
-    res = Calibration(rows, best, len(harmful), len(benign))
+    res = Calibration(rows, best, len(harmful), len(benign), gate=gate or None)
     if best is not None and save_to is not None:
         try:
-            res.saved = record(si, best, rows, len(harmful), len(benign), frame, max_loss).save(save_to)
+            res.saved = record(si, best, rows, len(harmful), len(benign), frame, max_loss, gate).save(save_to)
         except OSError as e:
             raise UsageError(f"cannot write {save_to}: {e.strerror or e}") from None
     return res

@@ -24,7 +24,16 @@ from pathlib import Path
 
 from ..api import SafeInfer
 from ..core.frames import check_frame, frame_cont
-from ..core.harm import MEASURES, PROMPT_TYPES, REFUSAL, EvalSet, compliant_opening, format_prompt
+from ..core.harm import (
+    MEASURES,
+    PROMPT_TYPES,
+    REFUSAL,
+    EvalSet,
+    bench_variants,
+    compliant_opening,
+    format_prompt,
+    split_variant,
+)
 from ..core.judge import is_refusal
 from ..core.settings import VARIANTS, check_parallel
 from ..errors import UsageError
@@ -54,7 +63,7 @@ class HarmConfig:
         check_frame(self.frame)
         self.variants, self.prompt_types, self.measures = (list(dict.fromkeys(x)) for x in
                                                            (self.variants, self.prompt_types, self.measures))
-        for name, vals, allowed in (("--variants", self.variants, VARIANTS),
+        for name, vals, allowed in (("--variants", self.variants, bench_variants()),
                                     ("--prompt-types", self.prompt_types, tuple(PROMPT_TYPES)),
                                     ("--measure", self.measures, MEASURES)):
             if not vals:
@@ -69,13 +78,25 @@ class HarmConfig:
     def check(self, si: SafeInfer) -> None:
         self.check_names()
         for v in self.variants:
-            si.with_(variant=v)  # raises if the variant cannot run with these settings
+            if split_variant(v)[1] is not None and si.gate is None:
+                raise UsageError(f"--variants {v}: the vector has no harm gate (build one with `safeinfer vectors "
+                                 "gate`)")
+            runner(si, v)  # raises if the variant cannot run with these settings
+
+
+def runner(si: SafeInfer, spec: str) -> tuple[SafeInfer, str]:
+    """The ``SafeInfer`` and variant a ``--variants`` value runs with (a ``:gated``/``:refuse`` row turns the
+    vector's gate on, whatever ``--gate`` says)."""
+    variant, on_flag = split_variant(spec)
+    si = si.with_(variant=variant) if on_flag is None else si.with_(variant=variant, gate="on", on_flag=on_flag)
+    return si, variant
 
 
 def settings(si: SafeInfer, cfg: HarmConfig) -> dict:
     """What shapes each record's value: a resumed run must match these (datasets, variants, prompt types and
     measures may be added to a run; they only add records)."""
     return si.fingerprint() | {
+        "vector_gate": si.gate.digest() if si.gate is not None else None,  # what :gated/:refuse rows use
         "max_tokens": cfg.max_tokens, "answer_tokens": cfg.answer_tokens, "frame": cfg.frame, "seed": cfg.seed,
         "limit_per_category": cfg.limit_per_category, "judge_model": cfg.judge_model, "redact": cfg.redact}
 
@@ -172,9 +193,15 @@ class HarmBench:
         self.settings = settings(si, cfg)
         self.done = prepare_out(out, self.settings)
         self.units = [Unit(s, t, i) for s in sets for t in cfg.prompt_types for i in range(len(s.prompts))]
-        self.total = len(self.units) * len(cfg.variants) * len(cfg.measures)
-        self.n_done = sum(1 for m in cfg.measures for u in self.units for v in cfg.variants if self._done(m, u, v))
+        self.runners = {v: runner(si, v) for v in cfg.variants}
+        self.total = len(self.units) * sum(len(self._variants(m)) for m in cfg.measures)
+        self.n_done = sum(1 for m in cfg.measures for u in self.units for v in self._variants(m) if self._done(m, u, v))
         self.n_new = 0
+
+    def _variants(self, measure: str) -> list[str]:
+        """The variants a measure runs: likelihood leaves out ``:refuse`` rows (a refused prompt decodes nothing
+        to score; generation reports them)."""
+        return [v for v in self.cfg.variants if measure == "generation" or split_variant(v)[1] != "refuse"]
 
     @staticmethod
     def _key(measure: str, u: Unit, variant: str) -> tuple:
@@ -238,13 +265,14 @@ class HarmBench:
         chunk = max(8, 4 * self.cfg.parallel)
         for start in range(0, len(self.units), chunk):
             units = self.units[start:start + chunk]
-            for v in self.cfg.variants:
+            for v in self._variants("generation"):
                 todo = {f"{k}": u for k, u in enumerate(units) if not self._done("generation", u, v)}
                 if not todo:
                     continue
                 reqs = ((k, self._text(u)) for k, u in todo.items())
-                for k, res in self.si.generate_many(reqs, variant=v, n_parallel=self.cfg.parallel,
-                                                    **self._gen_kw(self.cfg.max_tokens)):
+                si, variant = self.runners[v]
+                for k, res in si.generate_many(reqs, variant=variant, n_parallel=self.cfg.parallel,
+                                               **self._gen_kw(self.cfg.max_tokens)):
                     self._write(app, self._gen_record(todo[k], v, res))
 
     def _gen_record(self, u: Unit, variant: str, res) -> dict:
@@ -265,7 +293,7 @@ class HarmBench:
     # -- likelihood ----------------------------------------------------------------------------------------
     def _likelihood(self, app: Appender) -> None:
         for u in self.units:
-            todo = [v for v in self.cfg.variants if not self._done("likelihood", u, v)]
+            todo = [v for v in self._variants("likelihood") if not self._done("likelihood", u, v)]
             if not todo:
                 continue
             answer = self._base_answer(u) if not u.dataset.harmful else None
@@ -284,11 +312,11 @@ class HarmBench:
 
     def _lik_record(self, u: Unit, variant: str, answer: str | None) -> dict:
         rec = u.base("likelihood", self.cfg.redact) | {"variant": variant}
-        si = self.si
+        si, name = self.runners[variant]
         t0 = time.perf_counter()
         try:
             toks, _ = si.encode_prompt(self._text(u), frame=self.cfg.frame)
-            decision = si.decide(variant, [toks], self.cfg.frame)[0]  # with --gate: benign-judged -> base
+            decision = si.decide(name, [toks], self.cfg.frame)[0]  # with a gate: benign-judged -> base
             if isinstance(decision, UsageError):
                 raise decision
             run = decision[0]

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import jsonl
-from ..core.harm import MEASURES, PROMPT_TYPES, rate_table, wilson
-from ..core.settings import VARIANTS
+from ..core.gate import auroc
+from ..core.harm import MEASURES, PROMPT_TYPES, bench_variants, rate_table, wilson
 from ..errors import UsageError
 
 LABELS = {"base": "Base", "sa": "SA", "sgds": "sGDS", "safeinfer": "SafeInfer"}
+ROW_LABELS = {"gated": "gated", "refuse": "gate + refuse"}
 CHARTS = ("asr_per_category.png", "margin_per_category.png", "refusal_vs_overrefusal.png",
           "refusal_vs_overrefusal_likelihood.png")
 DPI = 110
@@ -141,12 +142,39 @@ def summarize(records: list[dict]) -> dict:
     harmful resp. benign datasets and prompt types). Shares are ``{n, k, rate, ci95}``; per-category ones are
     keyed by category with an ``"overall"`` entry. Records with an error are only counted (``errors``)."""
     summary: dict[str, Any] = {"records": len(records), "errors": sum(map(_is_error, records)),
-                               "variants": _order((str(r.get("variant")) for r in records), VARIANTS)}
+                               "variants": _order((str(r.get("variant")) for r in records), bench_variants())}
     for measure in MEASURES:
         recs = [r for r in records if r.get("measure") == measure]
         if recs:
             summary[measure] = _summarize_measure(measure, recs)
+    gate = summarize_gate(records)
+    if gate:
+        summary["gate"] = gate
     return summary
+
+
+def summarize_gate(records: list[dict]) -> dict:
+    """The harm gate's verdicts, from the records that carry a ``gate_score`` (gated variants): per prompt type
+    and dataset, the share of prompts flagged (TPR on a harmful dataset, FPR on a benign one) and, for each harmful
+    dataset, the AUROC of its scores against the benign datasets' (one score per prompt: every gated variant and
+    measure reads the same prompt head)."""
+    one: dict[tuple[str, str, str], dict] = {}
+    for r in records:
+        if not _is_error(r) and _num(r.get("gate_score")) is not None and isinstance(r.get("gated"), bool):
+            one.setdefault((str(r.get("prompt_type") or ""), str(r.get("dataset") or ""), str(r.get("id"))), r)
+    out: dict[str, Any] = {}
+    for pt in _order({k[0] for k in one}, tuple(PROMPT_TYPES)):
+        rows = {k: r for k, r in one.items() if k[0] == pt}
+        benign = [r["gate_score"] for r in rows.values() if not r.get("harmful")]
+        cells: dict[str, Any] = {}
+        for ds in dict.fromkeys(k[1] for k in rows):
+            recs = [r for k, r in rows.items() if k[1] == ds]
+            harmful = bool(recs[0].get("harmful"))
+            scores = [r["gate_score"] for r in recs]
+            cells[ds] = {"harmful": harmful, "flagged": _share([not r["gated"] for r in recs]),
+                         "auroc_vs_benign": round(auroc(scores, benign), 4) if harmful and benign else None}
+        out[pt] = cells
+    return out
 
 
 def _summarize_measure(measure: str, recs: list[dict]) -> dict:
@@ -156,7 +184,7 @@ def _summarize_measure(measure: str, recs: list[dict]) -> dict:
         ds = str(r.get("dataset") or "")
         harmful[ds] = harmful.get(ds, False) or bool(r.get("harmful"))
         groups[(ds, str(r.get("prompt_type") or ""), str(r.get("variant") or ""))].append(r)
-    variants = _order((v for _, _, v in groups), VARIANTS)
+    variants = _order((v for _, _, v in groups), bench_variants())
     datasets: dict[str, Any] = {}
     for ds in dict.fromkeys(str(r.get("dataset") or "") for r in recs):
         cats = sorted({_category(r) for r in recs if str(r.get("dataset") or "") == ds and not _is_error(r)})
@@ -204,7 +232,8 @@ def _summarize_measure(measure: str, recs: list[dict]) -> dict:
 
 
 def _label(v: str) -> str:
-    return LABELS.get(v, v)
+    name, _, row = v.partition(":")
+    return LABELS.get(name, name) + (f" · {ROW_LABELS.get(row, row)}" if row else "")
 
 
 def _md(s: Any) -> str:
@@ -273,6 +302,8 @@ def render_markdown(config: dict, summary: dict, charts: list[tuple[str, str]] |
         lines += ["No generation records: Tables 1 and 20 omitted.", ""]
     if lik:
         lines += _likelihood_section(lik)
+    if summary.get("gate"):
+        lines += _gate_section(summary["gate"])
     if charts or chart_note:
         lines += ["## Charts", ""]
         if chart_note:
@@ -379,6 +410,19 @@ def _likelihood_section(m: dict) -> list[str]:
             lines += [f"#### {ds}", ""] + _table(["Category"] + [f"{_label(v)} · {pt}" for v, pt in cols], rows)
             lines += [""]
     return lines
+
+
+def _gate_section(g: dict) -> list[str]:
+    lines = ["## The harm gate", "",
+             "From the records of the gated rows (one score per prompt). Flagged % is the share of prompts the gate "
+             "sent to the safety variant: the true-positive rate on a harmful dataset, the false-positive rate on a "
+             "benign one. AUROC: the dataset's gate scores against the benign datasets' (1 = every harmful prompt "
+             "scores above every benign one, 0.5 = chance).", ""]
+    rows = [[ds, pt, "harmful" if c["harmful"] else "benign", str(c["flagged"]["n"]), _pct_ci(c["flagged"]),
+             "—" if c["auroc_vs_benign"] is None else f"{c['auroc_vs_benign']:.3f}"]
+            for pt, cells in g.items() for ds, c in cells.items()]
+    return lines + _table(["Dataset", "Prompt type", "Kind", "Prompts", "Flagged % (95% CI)", "AUROC vs benign"],
+                          rows) + [""]
 
 
 def _preferred(c: dict) -> str:
