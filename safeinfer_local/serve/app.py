@@ -130,7 +130,8 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "parallel": sched.parallel, **sched.stats}
+        return {"status": "ok", "model": model_id, "parallel": sched.parallel, **sched.stats,
+                "decode_s": round(si.decode_seconds, 3)}
 
     @app.get("/v1/models")
     async def models():

@@ -208,11 +208,21 @@ class Scheduler:
                     msg = None
             if stopping:
                 break
-            self._schedule()
-            self._step()
-        for g in self._groups.values():
+            try:
+                self._schedule()
+                self._step()
+            except Exception as e:  # noqa: BLE001  (a bug here must not leave every client waiting forever)
+                self._fail_all(e)
+        self._fail_all(SafeInferError("the server is shutting down"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for g in list(self._groups.values()):
             for job in list(g.waiting) + list(g.jobs.values()):
-                self._finish(job, Failed(SafeInferError("the server is shutting down")))
+                if job.id in g.jobs:
+                    g.gen.remove(job.id)
+                self._finish(job, Failed(error))
+            g.live = False
+        self._publish()
 
     def _handle(self, msg: tuple) -> bool:
         kind = msg[0]
