@@ -133,6 +133,29 @@ def test_http_greedy_equals_generate_json(client):
             assert info["gate_score"] == cli["gate_score"]
 
 
+@pytest.mark.model
+def test_on_flag_refuse_answers_without_decoding(model):
+    """--on-flag refuse: a flagged prompt gets the refusal text, finish_reason content_filter, nothing decoded;
+    a benign one is decoded plainly."""
+    from safeinfer_local.api import SafeInfer
+    from safeinfer_local.serve import create_app, start
+
+    si = SafeInfer(model=model, vector="default", on_flag="refuse")
+    bg = start(create_app(si, parallel=2, queue=4, warm=False))
+    try:
+        c = openai.OpenAI(base_url=bg.url, api_key="unused", max_retries=0, timeout=120)
+        r = _chat(c, FLAGGED)
+        info = r.model_extra["safeinfer"]
+        assert r.choices[0].message.content == si.settings.refusal and r.choices[0].finish_reason == "content_filter"
+        assert info["refused"] and info["on_flag"] == "refuse" and r.usage.completion_tokens == 0
+        text, last, _ = _joined(_chat(c, FLAGGED, stream=True))
+        assert text == si.settings.refusal and last.choices[0].finish_reason == "content_filter"
+        ok = _chat(c, BENIGN).model_extra["safeinfer"]
+        assert not ok["refused"] and ok["applied"] == "base"
+    finally:
+        bg.stop()
+
+
 # -- many clients -------------------------------------------------------------------------------------------
 def _repeat_prompt(word: str) -> str:
     return " ".join([word] * 8)
