@@ -54,6 +54,14 @@ def test_cv_keeps_a_prompts_wrapped_copies_in_one_fold():
     assert abs(grouped["auroc"] - alone["auroc"]) < 0.05 < leaky["auroc"] - alone["auroc"]
     with pytest.raises(SettingError, match="copies"):
         cv_scores(hw[:-1], bw, "lda", 0.1, groups=3)
+    # a wrapper that makes benign prompts look like harmful ones shows in the worst wrapper's figure
+    e = np.eye(6)[0]
+    h, b = rng.normal(size=(30, 6)) + 3 * e, rng.normal(size=(30, 6))
+    same = cv_scores(np.concatenate([h, h, h]), np.concatenate([b, b, b]), "mean-diff", 0.1, groups=3)
+    assert same["worst"] == pytest.approx(same["objective"]) and same["objective"] > 0.7
+    r = cv_scores(np.concatenate([h, h, h]), np.concatenate([b, b, b + 3 * e]), "mean-diff", 0.1, groups=3)
+    assert r["worst"] < 0.1 < r["objective"]
+    assert cv_scores(h, b, "mean-diff", 0.1)["worst"] == pytest.approx(cv_scores(h, b, "mean-diff", 0.1)["objective"])
 
 
 def test_gate_metadata_round_trip_and_bad_gates():

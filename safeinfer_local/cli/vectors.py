@@ -82,7 +82,8 @@ def vectors_gate(
     else:
         from rich.table import Table
 
-        t = Table(title="harm gate: 5-fold CV on dev prompts (held-out AUROC / TPR / FPR per frame)")
+        t = Table(title="harm gate: 5-fold CV on dev prompts (held-out AUROC / TPR / FPR per frame; objective: "
+                        "TPR - FPR of the worst wrapper, summed over frames)")
         frames = list(gate.frames)
         for c in ["block", "tail", "method", "objective"] + [f"{f} AUROC/TPR/FPR" for f in frames] + [""]:
             t.add_column(c, justify="right")

@@ -196,20 +196,27 @@ def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float =
     """k-fold cross-validation on dev features: mean held-out AUROC, TPR and FPR at each fold's threshold (how
     ``--block auto`` chooses without looking at evaluation prompts). ``groups``: the features come as
     ``groups`` consecutive copies of each prompt (one per wrapper, wrapper-major); a prompt's copies stay in one
-    fold, so that no question is both fitted and held out."""
+    fold, so that no question is both fitted and held out, and ``worst`` is the held-out TPR − FPR of the wrapper
+    that does worst (``objective`` is TPR − FPR over every copy)."""
     harmful, benign = np.asarray(harmful), np.asarray(benign)
     if len(harmful) % groups or len(benign) % groups:
         raise SettingError(f"{len(harmful)} and {len(benign)} features are not {groups} copies of each prompt")
     rng = np.random.default_rng(seed)
     nh, nb = len(harmful) // groups, len(benign) // groups
     fh, fb = np.tile(rng.permutation(nh) % k, groups), np.tile(rng.permutation(nb) % k, groups)
+    wh, wb = np.repeat(np.arange(groups), nh), np.repeat(np.arange(groups), nb)
     au, tpr, fp = [], [], []
+    per_w = np.zeros((k, groups))
     for i in range(k):
         g = fit_frame(harmful[fh != i], benign[fb != i], method, fpr)
         sh, sb = g.score(harmful[fh == i]), g.score(benign[fb == i])
         if len(sh) and len(sb):
             au.append(auroc(sh, sb))
-            tpr.append(float(np.mean(sh >= g.threshold)))
-            fp.append(float(np.mean(sb >= g.threshold)))
+            th, tb = sh >= g.threshold, sb >= g.threshold
+            tpr.append(float(np.mean(th)))
+            fp.append(float(np.mean(tb)))
+            for w in range(groups):
+                hw, bw = th[wh[fh == i] == w], tb[wb[fb == i] == w]
+                per_w[i, w] = (np.mean(hw) if len(hw) else 0.0) - (np.mean(bw) if len(bw) else 0.0)
     return {"auroc": float(np.mean(au)), "tpr": float(np.mean(tpr)), "fpr": float(np.mean(fp)),
-            "objective": float(np.mean(tpr) - np.mean(fp))}
+            "objective": float(np.mean(tpr) - np.mean(fp)), "worst": float(per_w[:len(au)].mean(0).min())}

@@ -6,7 +6,8 @@ prompt is framed each way the commands frame prompts
 (template, none, qa) and the gate is calibrated per frame. Each prompt is also wrapped in a few generic
 instructions (:data:`safeinfer_local.core.gate.WRAPPERS`, the same on both sides), so that an instruction around a
 question does not read as harm. ``block``/``method``/``tail`` ``auto`` choose by 5-fold cross-validation on the dev
-prompts alone (held-out TPR − FPR at the threshold, summed over frames).
+prompts alone: the held-out TPR − FPR at the threshold of the wrapper that does worst, summed over frames (a gate
+must hold under every wrapping, not on average).
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                 cv = {f: cv_scores(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr, groups=len(wrappers))
                       for f in frames}
                 rows.append({"block": blk, "tail": t, "method": m,
-                             "objective": round(sum(c["objective"] for c in cv.values()), 4),
+                             "objective": round(sum(c["worst"] for c in cv.values()), 4),
+                             "mean_objective": round(sum(c["objective"] for c in cv.values()), 4),
                              **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items()
-                                if k != "objective"}})
+                                if k not in ("objective", "worst")}})
     best = max(rows, key=lambda r: r["objective"])
     blk, t, m = best["block"], best["tail"], best["method"]
     gate = Gate(blk, m, {f: fit_frame(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr) for f in frames},
@@ -110,6 +112,6 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                             "sha256": _hash(b)},
                  "wrappers": {"n": len(wrappers), "sha256": _hash(list(wrappers))},
                  "fpr_target": fpr, "chosen_by": "5-fold CV on dev (a prompt's wrapped copies in one fold): "
-                 "held-out TPR - FPR summed over frames" if len(rows) > 1 else "given",
+                 "held-out TPR - FPR of the worst wrapper, summed over frames" if len(rows) > 1 else "given",
                  "cv": {k: v for k, v in best.items()}}, t)
     return gate, rows
