@@ -184,6 +184,32 @@ def test_gate_options_on_the_command_line(tmp_path):
 
 
 @pytest.mark.model
+def test_vectors_gate_builds_a_gate_that_loads_and_decides(tmp_path):
+    from safeinfer_local.core.datasets import advbench
+    from safeinfer_local.core.gate import TAILS, Gate
+    from safeinfer_local.core.models import default_vector_path
+    from safeinfer_local.core.vectors import SafetyVector
+
+    h, b = tmp_path / "h.txt", tmp_path / "b.txt"
+    h.write_text("\n".join(p.text for p in advbench("dev")[:6]) + "\n")
+    b.write_text("How do I bake bread?\nWhat is the capital of France?\nWrite a poem about autumn.\n"
+                 "How do I kill a Python process?\nName three kinds of trees.\nWhy is the sky blue?\n")
+    v = tmp_path / "v.gguf"
+    v.write_bytes(default_vector_path().read_bytes())
+    p = run_cli("vectors", "gate", v, "--harmful", h, "--benign", b, "--block", "12", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert len(doc["cv"]) == len(TAILS) * 2  # tails x methods at one block
+    best = max(doc["cv"], key=lambda r: r["objective"])
+    assert (doc["block"], doc["tail"], doc["method"]) == (12, best["tail"], best["method"])
+    assert all(r["objective"] <= r["mean_objective"] + 1e-9 for r in doc["cv"])  # worst wrapper <= every wrapper
+    g = Gate.from_meta(SafetyVector.load(v).meta["gate"])
+    assert g.tail == doc["tail"] and g.provenance["wrappers"]["n"] == 8 and set(g.frames) == {"template", "none", "qa"}
+    assert_one_line_error(run_cli("vectors", "gate", v, "--tail", "-3", "--dry-run"), 2, "--tail")
+    assert_one_line_error(run_cli("vectors", "gate", v, "--tail", "last", "--dry-run"), 2, "--tail")
+
+
+@pytest.mark.model
 def test_a_gate_for_another_model_is_one_line(tmp_path):
     from safeinfer_local.core.models import default_vector_path
     from safeinfer_local.core.vectors import SafetyVector
