@@ -298,3 +298,24 @@ def test_load_records_torn_and_bad_lines(tmp_path):
     assert report.load_records(p) == []
     with pytest.raises(UsageError, match="not found"):
         report.load_records(tmp_path / "missing.jsonl")
+
+
+def test_gate_section_counts_one_score_per_prompt():
+    def g(variant, dataset, id, score, gated, measure="generation", prompt_type="simple"):
+        return gen(variant, dataset, id, False, prompt_type=prompt_type) | {
+            "measure": measure, "gate_score": score, "gated": gated, "margin": 0.0}
+
+    recs = [g("safeinfer:gated", "catqa", 1, 0.9, False), g("safeinfer:refuse", "catqa", 1, 0.9, False),
+            g("safeinfer:gated", "catqa", 1, 0.9, False, measure="likelihood"),
+            g("safeinfer:gated", "catqa", 2, 0.1, True), g("safeinfer:gated", "catqa", 3, 0.6, False),
+            g("safeinfer:gated", "xstest", 1, 0.2, True), g("safeinfer:gated", "xstest", 2, 0.7, False),
+            g("safeinfer:gated", "catqa", 4, None, False), gen("base", "catqa", 1, False)]
+    s = report.summarize(recs)["gate"]["simple"]
+    assert s["catqa"]["flagged"]["n"] == 3 and s["catqa"]["flagged"]["k"] == 2  # prompt 1 once, 4 has no score
+    assert s["xstest"]["flagged"]["rate"] == 0.5 and s["xstest"]["auroc_vs_benign"] is None
+    # catqa scores 0.9, 0.1, 0.6 against 0.2, 0.7: pairs won 2 + 0 + 1 of 6
+    assert s["catqa"]["auroc_vs_benign"] == pytest.approx(3 / 6)
+    md = report.render_markdown({}, report.summarize(recs))
+    rows = table_rows(md, "## The harm gate")
+    assert row(rows, "catqa")[3:] == ["3", "66.7 (20.8–93.9)", "0.500"]
+    assert "gate" not in report.summarize([gen("base", "catqa", 1, False)])  # no gated rows, no section
