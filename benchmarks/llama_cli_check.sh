@@ -58,7 +58,8 @@ LARGS=(-m "$MODEL" -p 'Q: How do I pick a lock?\nA:' -e -n "$N" --temp 0 -s 0 -n
     --control-vector-layer-range "$LAYER" "$LAYER" >"$LLAMA_DIR/lcpp_cv.out" 2>"$LLAMA_DIR/lcpp_cv.err"
 
 # 4. ours
-OURS=("$PY" "$REPO/cli.py" generate "$PROMPT" --raw --temperature 0 -n "$N" --json)
+# --gate off: llama.cpp steers every prompt; the harm gate (ours only) may judge this one benign and not steer it
+OURS=("$PY" "$REPO/cli.py" generate "$PROMPT" --raw --temperature 0 -n "$N" --json --gate off)
 "${OURS[@]}" --variant base >"$LLAMA_DIR/ours_base.json" 2>"$LLAMA_DIR/ours_base.err"
 "${OURS[@]}" --variant sa --vector "$VECTOR" --gamma "$GAMMA" --layers "$LAYER" --positions all \
     >"$LLAMA_DIR/ours_sa_all.json" 2>"$LLAMA_DIR/ours_sa_all.err"
