@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
@@ -103,10 +102,6 @@ def _vector_hash(vec: SafetyVector) -> str:
         h.update(str(layer).encode())
         h.update(vec.directions[layer].tobytes())
     return h.hexdigest()[:16]
-
-
-def _gate_hash(gate: Gate) -> str:
-    return hashlib.sha256(json.dumps(gate.to_meta(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_gate(mode: str, threshold: float | None, on_flag: str, refusal: str) -> tuple:
@@ -225,7 +220,7 @@ class SafeInfer:
                 "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
                 "positions": st.positions if st else None, "guidance": str(self.guidance), "lam": self.lam,
                 "chat_format": self.chat_format,
-                "gate": _gate_hash(self.gate) if self.gate is not None and self.settings.gate != "off" else None,
+                "gate": self.gate.digest() if self.gate is not None and self.settings.gate != "off" else None,
                 "gate_threshold": self.settings.gate_threshold, "on_flag": self.settings.on_flag}
 
     def default_variant(self) -> str:

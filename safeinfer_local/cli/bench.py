@@ -157,7 +157,7 @@ def calibrate_cmd(
     """Sweep γ, λ (and the block) on a dev split; pick the best refusal-margin gain minus benign utility loss;
     record it in the vector's metadata."""
     from ..core.models import default_vector_path
-    from ..core.settings import check_gamma, check_lambda
+    from ..core.settings import check_choice, check_gamma, check_lambda
     from ..eval.calibrate import run
 
     g, lm = o.parse_floats("--gammas", gammas, check_gamma), o.parse_floats("--lams", lams, check_lambda)
@@ -170,8 +170,7 @@ def calibrate_cmd(
         target = Path(vector) if vector is not None else default_vector_path()
     if target is not None and not dry_run:
         o.check_writable(target)
-    if gate not in ("auto", "off"):
-        raise UsageError(f"--gate must be auto or off, not {gate!r}")
+    check_choice("--gate", gate, ("auto", "off"))
     si = o.load(model, vector, positions=positions, threads=threads, guidance=guidance, gate=gate)
     with o.Progress() as prog:
         res = run(si, g, lm, o.parse_layers(sweep_layers), n_harmful, n_benign, max_loss, fr,

@@ -172,11 +172,8 @@ class Gate:
                 frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}))
             if not frames:
                 raise ValueError("no frame")
-            tail = d.get("tail", 0)
-            if isinstance(tail, bool) or not isinstance(tail, int) or tail < 0:
-                raise ValueError(f"tail {tail!r} is not a whole number >= 0")
             return cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
-                       tail)
+                       check_tail(d.get("tail", 0)))  # SettingError is a ValueError
         except (KeyError, TypeError, ValueError) as e:
             raise VectorError(f"the vector's gate is malformed ({e})") from None
 
@@ -205,8 +202,7 @@ def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float =
     nh, nb = len(harmful) // groups, len(benign) // groups
     fh, fb = np.tile(rng.permutation(nh) % k, groups), np.tile(rng.permutation(nb) % k, groups)
     wh, wb = np.repeat(np.arange(groups), nh), np.repeat(np.arange(groups), nb)
-    au, tpr, fp = [], [], []
-    per_w = np.zeros((k, groups))
+    au, tpr, fp, per_w = [], [], [], []
     for i in range(k):
         g = fit_frame(harmful[fh != i], benign[fb != i], method, fpr)
         sh, sb = g.score(harmful[fh == i]), g.score(benign[fb == i])
@@ -215,8 +211,7 @@ def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float =
             th, tb = sh >= g.threshold, sb >= g.threshold
             tpr.append(float(np.mean(th)))
             fp.append(float(np.mean(tb)))
-            for w in range(groups):
-                hw, bw = th[wh[fh == i] == w], tb[wb[fb == i] == w]
-                per_w[i, w] = (np.mean(hw) if len(hw) else 0.0) - (np.mean(bw) if len(bw) else 0.0)
+            # every copy of a held-out prompt is held out: each wrapper has the fold's prompts
+            per_w.append([np.mean(th[wh[fh == i] == w]) - np.mean(tb[wb[fb == i] == w]) for w in range(groups)])
     return {"auroc": float(np.mean(au)), "tpr": float(np.mean(tpr)), "fpr": float(np.mean(fp)),
-            "objective": float(np.mean(tpr) - np.mean(fp)), "worst": float(per_w[:len(au)].mean(0).min())}
+            "objective": float(np.mean(tpr) - np.mean(fp)), "worst": float(np.mean(per_w, axis=0).min())}

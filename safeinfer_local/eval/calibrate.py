@@ -134,13 +134,11 @@ def calibrate(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...],
             progress("calibrate", done[0], total)
 
     items_h, items_b = prepare(si, harmful, benign, frame, answer_tokens, tick)
-    fh, fb = gate_flags(si, items_h, frame), gate_flags(si, items_b, frame)
-    if fh is not None and fb is not None:
-        if gate_out is not None:
-            gate_out.update({"gate": si.gate.digest(), "tpr": float(fh.mean()), "fpr": float(fb.mean()),
-                             "n_harmful": len(fh), "n_benign": len(fb)})
-        return tradeoff(si, items_h, items_b, grid, lams, "safeinfer", tick, (fh, fb))
-    return tradeoff(si, items_h, items_b, grid, lams, "safeinfer", tick)
+    fh, fb = gate_flags(si, items_h, frame), gate_flags(si, items_b, frame)  # both None without a gate
+    if fh is not None and gate_out is not None:
+        gate_out.update({"gate": si.gate.digest(), "tpr": float(fh.mean()), "fpr": float(fb.mean()),
+                         "n_harmful": len(fh), "n_benign": len(fb)})
+    return tradeoff(si, items_h, items_b, grid, lams, "safeinfer", tick, None if fh is None else (fh, fb))
 
 
 def record(si: SafeInfer, best: dict, rows: list[dict], n_harmful: int, n_benign: int, frame: str, max_loss: float,
