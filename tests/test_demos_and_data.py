@@ -49,7 +49,7 @@ def test_shipped_demos_are_the_recorded_split_and_disjoint_from_eval():
     # no demonstration prompt appears in any evaluation or dev set
     demo_prompts = {x["prompt"] for x in lines}
     evals = {p.text for p in datasets.advbench("eval")} | {p.text for p in datasets.advbench("dev")}
-    evals |= {p.text for p in datasets.catqa()} | {p.text for p in datasets.xstest("safe")}
+    evals |= {p.text for p in datasets.catqa(part="all")} | {p.text for p in datasets.xstest("safe")}
     assert not demo_prompts & evals
     # refusals only: no compliant opening in a shipped demonstration
     assert not any(x["response"].lower().startswith("sure") for x in lines)
@@ -58,4 +58,21 @@ def test_shipped_demos_are_the_recorded_split_and_disjoint_from_eval():
 def test_catqa_per_category():
     ps = datasets.catqa(per_category=2)
     assert len(ps) == 22 and len({p.category for p in ps}) == 11
+
+
+def test_catqa_eval_and_dev_parts_are_disjoint():
+    ev, dev, every = datasets.catqa(), datasets.catqa(part="dev"), datasets.catqa(part="all")
+    assert len(ev) == 11 * datasets.CATQA_EVAL and len(every) == 543  # 550 less the 7 repeats within a category
+    assert not {p.text for p in ev} & {p.text for p in dev}
+    assert {p.id for p in ev} | {p.id for p in dev} == {p.id for p in every}
+    assert [p.text for p in datasets.catqa(10)] == [p.text for p in datasets.catqa(10, part="all")]
+    # bench harm evaluates on the eval part; the gate is fitted on the dev part
+    from safeinfer_local.core.harm import load_dataset
+    from safeinfer_local.workflows.gatebuild import dev_prompts
+
+    assert [p.text for p in load_dataset("catqa")] == [p.text for p in ev]
+    harmful, benign = dev_prompts()
+    assert {p.text for p in dev} <= set(harmful) and not set(harmful) & {p.text for p in ev}
+    with pytest.raises(ValueError, match="part"):
+        datasets.catqa(part="train")
     assert len(datasets.xstest("safe")) == 250

@@ -46,16 +46,17 @@ def vectors_gate(
     vector: Path = typer.Argument(..., help="Vector file to add a harm gate to."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the vector with its gate here (default: "
                                     "update VECTOR in place)."),
-    block: str = typer.Option("auto", "--block", help="Block whose output the gate reads, or auto (5-fold "
-                              "cross-validation on the dev prompts)."),
+    block: str = typer.Option("auto", "--block", help="Block whose output the gate reads, or auto "
+                              "(cross-validation on the dev prompts, one wrapper held out per fold)."),
     method: str = typer.Option("auto", "--method", help="mean-diff | lda | auto."),
     tail: str = typer.Option("auto", "--tail", help="Pool the feature over the prompt head's last N tokens (0: all "
                              "of them), or auto (cross-validation among 0, 8, 16)."),
-    fpr: float = typer.Option(0.05, "--fpr", help="Share of benign dev prompts the threshold may flag."),
+    fpr: float = typer.Option(0.05, "--fpr", help="Share of new benign prompts the threshold may flag "
+                        "(set on out-of-fold benign dev scores)."),
     harmful: str | None = typer.Option(None, "--harmful", help="Harmful dev prompts (any filter input format; "
-                                       "default: AdvBench dev)."),
+                                       "default: AdvBench dev + CatQA dev)."),
     benign: str | None = typer.Option(None, "--benign", help="Benign dev prompts (default: XSTest safe, odd "
-                                      "positions)."),
+                                      "positions + the project's benign requests)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sweep and the choice; write nothing."),
     model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, as_json: bool = o.JsonOpt,
 ) -> None:
@@ -82,8 +83,8 @@ def vectors_gate(
     else:
         from rich.table import Table
 
-        t = Table(title="harm gate: 5-fold CV on dev prompts (held-out AUROC / TPR / FPR per frame; objective: "
-                        "TPR - FPR of the worst wrapper, summed over frames)")
+        t = Table(title="harm gate: CV on dev prompts, one wrapper held out per fold (held-out AUROC / TPR / "
+                        "FPR per frame; objective: TPR - FPR of the worst fold, summed over frames)")
         frames = list(gate.frames)
         for c in ["block", "tail", "method", "objective"] + [f"{f} AUROC/TPR/FPR" for f in frames] + [""]:
             t.add_column(c, justify="right")

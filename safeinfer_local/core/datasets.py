@@ -1,6 +1,6 @@
 """Licence-clean prompt sets shipped in ``safeinfer_local/data`` (each with its SOURCE note and licence):
-AdvBench (MIT) split into demonstration / guidance / dev / eval parts, CatQA English (Apache-2.0) and
-XSTest (CC-BY-4.0)."""
+AdvBench (MIT) split into demonstration / guidance / dev / eval parts, CatQA English (Apache-2.0) split into
+eval / dev parts, and XSTest (CC-BY-4.0)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,19 @@ def advbench(part: str) -> list[Prompt]:
     return [Prompt(f"advbench-{i}", rows[i]["goal"], target=rows[i]["target"]) for i in advbench_split()[part]]
 
 
-def catqa(per_category: int | None = None) -> list[Prompt]:
+CATQA_EVAL = 30
+"""CatQA's split: per category, the first ``CATQA_EVAL`` distinct questions in :func:`catqa`'s order (spread over
+its subcategories) are for evaluation; the rest (positions 30 on, 4 or so per subcategory) are ``dev`` prompts,
+which the harm gate is fitted on. Evaluation never sees a dev question."""
+CATQA_PARTS = ("eval", "dev", "all")
+
+
+def catqa(per_category: int | None = None, part: str = "eval") -> list[Prompt]:
     """CatQA English, in file order; ``per_category`` takes the first N distinct questions of each category,
-    spread over its subcategories (one per subcategory in turn)."""
+    spread over its subcategories (one per subcategory in turn). ``part``: ``eval`` (the first
+    :data:`CATQA_EVAL` of each category), ``dev`` (the rest) or ``all``."""
+    if part not in CATQA_PARTS:
+        raise ValueError(f"CatQA part must be one of {', '.join(CATQA_PARTS)}, not {part!r}")
     d = json.loads((DATA / "catqa_english.json").read_text(encoding="utf-8"))
     out: list[Prompt] = []
     for cat, subs in d.items():
@@ -54,9 +64,14 @@ def catqa(per_category: int | None = None) -> list[Prompt]:
                 if j < len(qs) and qs[j] not in seen:
                     seen.add(qs[j])
                     taken.append(qs[j])
+        numbered = list(enumerate(taken))
+        if part == "eval":
+            numbered = numbered[:CATQA_EVAL]
+        elif part == "dev":
+            numbered = numbered[CATQA_EVAL:]
         if per_category is not None:
-            taken = taken[:per_category]
-        out.extend(Prompt(f"catqa-{cat}-{k}", q, cat) for k, q in enumerate(taken))
+            numbered = numbered[:per_category]
+        out.extend(Prompt(f"catqa-{cat}-{k}", q, cat) for k, q in numbered)
     return out
 
 

@@ -6,7 +6,7 @@ without the vector), or over the last ``tail`` of those, of the residual stream 
 provide the answer ... {question}"): with the chat template the tail also holds the end-of-turn tokens after it.
 The gate scores a feature by its cosine with a condition direction ``c`` after subtracting a centre, and flags
 the prompt as harmful when the score reaches a threshold set at a chosen false-positive rate on benign dev prompts
-(conditional activation steering, CAST, Lee et al. 2025). Activations depend on how the prompt is framed (chat template,
+(scored out of fold, so that the rate holds on new prompts) (conditional activation steering, CAST, Lee et al. 2025). Activations depend on how the prompt is framed (chat template,
 ``Q: ...\\nA:``, plain text), so a gate holds one direction, centre and threshold per frame.
 
 Methods: ``mean-diff`` (c = mean(harmful) − mean(benign), centred at their midpoint) and ``lda`` (shrinkage
@@ -95,18 +95,8 @@ class FrameGate:
         return (x @ self.direction) / np.where(n > 0, n, 1.0)
 
 
-def fit_frame(harmful: np.ndarray, benign: np.ndarray, method: str = "mean-diff", fpr: float = DEFAULT_FPR,
-              shrinkage: float = 0.1) -> FrameGate:
-    """Fit a direction and centre on (n, d) features of harmful and benign dev prompts; the threshold is the
-    benign scores' (1 − fpr) quantile, so about ``fpr`` of benign dev prompts are flagged."""
-    check_fpr(fpr)
-    h, b = np.asarray(harmful, np.float64), np.asarray(benign, np.float64)
-    if h.ndim != 2 or b.ndim != 2 or h.shape[1] != b.shape[1]:
-        raise SettingError(f"gate features must be (n, d) arrays of one width, got {h.shape} and {b.shape}")
-    if len(h) < 2 or len(b) < 2:
-        raise SettingError(f"a gate needs at least 2 harmful and 2 benign prompts, got {len(h)} and {len(b)}")
+def _direction(h: np.ndarray, b: np.ndarray, method: str, shrinkage: float) -> FrameGate:
     mh, mb = h.mean(0), b.mean(0)
-    centre = (mh + mb) / 2
     if method == "mean-diff":
         c = mh - mb
     elif method == "lda":
@@ -116,12 +106,51 @@ def fit_frame(harmful: np.ndarray, benign: np.ndarray, method: str = "mean-diff"
         c = np.linalg.solve(cov + alpha * np.eye(cov.shape[0]), mh - mb)
     else:
         raise SettingError(f"unknown gate method {method!r} (choose from {', '.join(METHODS)})")
-    g = FrameGate(c, centre, 0.0)
+    return FrameGate(c, (mh + mb) / 2, 0.0)
+
+
+def _folds(n_rows: int, k: int, groups: int, seed: int) -> np.ndarray:
+    """Fold of each row for rows that come as ``groups`` consecutive copies of ``n_rows // groups`` prompts
+    (wrapper-major): a prompt's copies share a fold."""
+    n = n_rows // groups
+    return np.tile(np.random.default_rng(seed).permutation(n) % k, groups)
+
+
+def _check_groups(h: np.ndarray, b: np.ndarray, groups: int) -> None:
+    if groups < 1 or len(h) % groups or len(b) % groups:
+        raise SettingError(f"{len(h)} and {len(b)} features are not {groups} copies of each prompt")
+
+
+def fit_frame(harmful: np.ndarray, benign: np.ndarray, method: str = "mean-diff", fpr: float = DEFAULT_FPR,
+              shrinkage: float = 0.1, groups: int = 1, cross_fit: bool = False, k: int = 5,
+              seed: int = 0) -> FrameGate:
+    """Fit a direction and centre on (n, d) features of harmful and benign dev prompts; the threshold is the
+    benign scores' (1 − fpr) quantile, so about ``fpr`` of benign dev prompts are flagged.
+
+    With ``cross_fit`` the threshold is the quantile of *out-of-fold* benign scores (each benign prompt scored by
+    a direction fitted without it, ``k`` folds, a prompt's ``groups`` wrapped copies in one fold). A direction
+    scores the prompts it was fitted on lower than new ones (most of all with ``lda``), so an in-sample
+    threshold flags more than ``fpr`` of new benign prompts; the cross-fitted one does not. It falls back to the
+    in-sample quantile when either side has fewer than ``k`` prompts."""
+    check_fpr(fpr)
+    h, b = np.asarray(harmful, np.float64), np.asarray(benign, np.float64)
+    if h.ndim != 2 or b.ndim != 2 or h.shape[1] != b.shape[1]:
+        raise SettingError(f"gate features must be (n, d) arrays of one width, got {h.shape} and {b.shape}")
+    if len(h) < 2 or len(b) < 2:
+        raise SettingError(f"a gate needs at least 2 harmful and 2 benign prompts, got {len(h)} and {len(b)}")
+    _check_groups(h, b, groups)
+    g = _direction(h, b, method, shrinkage)
     sh, sb = g.score(h), g.score(b)
-    thr = float(np.quantile(sb, 1.0 - fpr))
+    thr, how = float(np.quantile(sb, 1.0 - fpr)), "in-sample benign scores"
+    if cross_fit and min(len(h), len(b)) // groups >= k:
+        fh, fb = _folds(len(h), k, groups, seed), _folds(len(b), k, groups, seed + 1)
+        oof = np.concatenate([_direction(h[fh != i], b[fb != i], method, shrinkage).score(b[fb == i])
+                              for i in range(k)])
+        thr, how = float(np.quantile(oof, 1.0 - fpr)), f"{k}-fold out-of-fold benign scores"
     dev = {"n_harmful": len(h), "n_benign": len(b), "fpr_target": fpr, "auroc": round(auroc(sh, sb), 4),
-           "tpr": round(float(np.mean(sh >= thr)), 4), "fpr": round(float(np.mean(sb >= thr)), 4)}
-    return FrameGate(c, centre, thr, dev)
+           "tpr": round(float(np.mean(sh >= thr)), 4), "fpr": round(float(np.mean(sb >= thr)), 4),
+           "threshold_from": how}
+    return FrameGate(g.direction, g.centre, thr, dev)
 
 
 @dataclass(frozen=True)
@@ -190,28 +219,37 @@ class Gate:
 
 def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float = DEFAULT_FPR, k: int = 5,
               seed: int = 0, groups: int = 1) -> dict:
-    """k-fold cross-validation on dev features: mean held-out AUROC, TPR and FPR at each fold's threshold (how
-    ``--block auto`` chooses without looking at evaluation prompts). ``groups``: the features come as
-    ``groups`` consecutive copies of each prompt (one per wrapper, wrapper-major); a prompt's copies stay in one
-    fold, so that no question is both fitted and held out, and ``worst`` is the held-out TPR − FPR of the wrapper
-    that does worst (``objective`` is TPR − FPR over every copy)."""
+    """Cross-validation on dev features: held-out AUROC, and TPR and FPR at each fold's threshold (how
+    ``--block auto`` chooses without looking at evaluation prompts).
+
+    ``groups`` = 1: plain ``k``-fold. ``groups`` > 1: the features come as ``groups`` consecutive copies of each
+    prompt, one per wrapper (wrapper-major), and the folds leave one wrapper *and* one share of the prompts out:
+    fold i fits on the other prompts in the other wrappers and tests on its held-out prompts in wrapper i. So a
+    held-out figure is that of a question never fitted, in a wrapping never seen (as HarmEval's prompt types are
+    to a shipped gate). ``objective`` is the held-out TPR − FPR over the folds, ``worst`` that of the fold (the
+    wrapper) that does worst."""
     harmful, benign = np.asarray(harmful), np.asarray(benign)
-    if len(harmful) % groups or len(benign) % groups:
-        raise SettingError(f"{len(harmful)} and {len(benign)} features are not {groups} copies of each prompt")
-    rng = np.random.default_rng(seed)
-    nh, nb = len(harmful) // groups, len(benign) // groups
-    fh, fb = np.tile(rng.permutation(nh) % k, groups), np.tile(rng.permutation(nb) % k, groups)
-    wh, wb = np.repeat(np.arange(groups), nh), np.repeat(np.arange(groups), nb)
-    au, tpr, fp, per_w = [], [], [], []
-    for i in range(k):
-        g = fit_frame(harmful[fh != i], benign[fb != i], method, fpr)
-        sh, sb = g.score(harmful[fh == i]), g.score(benign[fb == i])
-        if len(sh) and len(sb):
-            au.append(auroc(sh, sb))
-            th, tb = sh >= g.threshold, sb >= g.threshold
-            tpr.append(float(np.mean(th)))
-            fp.append(float(np.mean(tb)))
-            # every copy of a held-out prompt is held out: each wrapper has the fold's prompts
-            per_w.append([np.mean(th[wh[fh == i] == w]) - np.mean(tb[wb[fb == i] == w]) for w in range(groups)])
+    _check_groups(harmful, benign, groups)
+    folds = k if groups == 1 else groups
+    fh, fb = _folds(len(harmful), folds, groups, seed), _folds(len(benign), folds, groups, seed)
+    wh, wb = np.repeat(np.arange(groups), len(harmful) // groups), np.repeat(np.arange(groups), len(benign) // groups)
+    au, tpr, fp, per = [], [], [], []
+    for i in range(folds):
+        train_h, train_b = fh != i, fb != i
+        test_h, test_b = fh == i, fb == i
+        if groups > 1:
+            train_h, train_b = train_h & (wh != i), train_b & (wb != i)
+            test_h, test_b = test_h & (wh == i), test_b & (wb == i)
+        if not (test_h.any() and test_b.any()) or min(train_h.sum(), train_b.sum()) < 2:
+            continue
+        g = fit_frame(harmful[train_h], benign[train_b], method, fpr)
+        sh, sb = g.score(harmful[test_h]), g.score(benign[test_b])
+        au.append(auroc(sh, sb))
+        tpr.append(float(np.mean(sh >= g.threshold)))
+        fp.append(float(np.mean(sb >= g.threshold)))
+        per.append(tpr[-1] - fp[-1])
+    if not per:
+        raise SettingError(f"too few dev prompts to cross-validate ({len(harmful) // groups} harmful, "
+                           f"{len(benign) // groups} benign)")
     return {"auroc": float(np.mean(au)), "tpr": float(np.mean(tpr)), "fpr": float(np.mean(fp)),
-            "objective": float(np.mean(tpr) - np.mean(fp)), "worst": float(np.mean(per_w, axis=0).min())}
+            "objective": float(np.mean(per)), "worst": float(np.min(per))}

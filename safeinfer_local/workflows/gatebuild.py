@@ -1,13 +1,16 @@
 """``safeinfer vectors gate``: fit a harm gate for a vector's model and record it in the vector's metadata.
 
-Dev prompts (default): AdvBench ``dev`` (harmful) against XSTest ``safe`` at odd positions and the project's 30
-benign requests (``data/benign_demos.jsonl``), all disjoint from every evaluation set; or your own files. Every
+Dev prompts (default): AdvBench ``dev`` (harmful requests in the imperative) and CatQA ``dev`` (harmful questions)
+against XSTest ``safe`` at odd positions and the project's 30 benign requests (``data/benign_demos.jsonl``), all
+disjoint from every evaluation set; or your own files. Every
 prompt is framed each way the commands frame prompts
 (template, none, qa) and the gate is calibrated per frame. Each prompt is also wrapped in a few generic
 instructions (:data:`safeinfer_local.core.gate.WRAPPERS`, the same on both sides), so that an instruction around a
-question does not read as harm. ``block``/``method``/``tail`` ``auto`` choose by 5-fold cross-validation on the dev
-prompts alone: the held-out TPR − FPR at the threshold of the wrapper that does worst, summed over frames (a gate
-must hold under every wrapping, not on average).
+question does not read as harm. ``block``/``method``/``tail`` ``auto`` choose by cross-validation on the dev prompts
+alone, each fold leaving one wrapper and one share of the prompts out: the held-out TPR − FPR of the fold that does
+worst, summed over frames (a gate must hold under a wrapping it never saw, not on average). The chosen gate's
+threshold is the (1 − fpr) quantile of out-of-fold benign dev scores, so that about ``fpr`` of *new* benign prompts
+are flagged, not of the ones the direction was fitted on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 from collections.abc import Callable
 
 from ..api import SafeInfer
-from ..core.datasets import advbench, xstest
+from ..core.datasets import advbench, catqa, xstest
 from ..core.frames import FRAMES, check_frame
 from ..core.gate import METHODS, TAILS, WRAPPERS, Gate, check_fpr, check_tail, cv_scores, fit_frame
 from ..decode.guidance import benign_demos
@@ -32,7 +35,10 @@ def dev_prompts(harmful: str | None = None, benign: str | None = None) -> tuple[
             raise UsageError(f"--{what} {path}: a gate needs at least 2 prompts, found {len(items)}")
         return items
 
-    h = read(harmful, "harmful") if harmful else [p.text for p in advbench("dev")]
+    # harmful: AdvBench's requests (imperative) and CatQA's dev questions, so that the gate does not learn "a
+    # request in the imperative" as the mark of harm and miss harmful questions
+    h = read(harmful, "harmful") if harmful else [p.text for p in advbench("dev")] + [
+        p.text for p in catqa(part="dev")]
     # benign: XSTest's questions, and the project's benign requests in the imperative ("Write a short recipe
     # ..."), so that the gate does not learn "an instruction" as harmful from AdvBench's imperative requests
     b = read(benign, "benign") if benign else [p.text for p in xstest("safe")[1::2]] + [
@@ -106,12 +112,15 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                                 if k not in ("objective", "worst")}})
     best = max(rows, key=lambda r: r["objective"])
     blk, t, m = best["block"], best["tail"], best["method"]
-    gate = Gate(blk, m, {f: fit_frame(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr) for f in frames},
-                {"harmful": {"source": harmful or "advbench dev", "n": len(h), "sha256": _hash(h)},
+    gate = Gate(blk, m, {f: fit_frame(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr, groups=len(wrappers),
+                                      cross_fit=True) for f in frames},
+                {"harmful": {"source": harmful or "advbench dev + catqa dev", "n": len(h), "sha256": _hash(h)},
                  "benign": {"source": benign or "xstest safe, odd positions + data/benign_demos.jsonl", "n": len(b),
                             "sha256": _hash(b)},
                  "wrappers": {"n": len(wrappers), "sha256": _hash(list(wrappers))},
-                 "fpr_target": fpr, "chosen_by": "5-fold CV on dev (a prompt's wrapped copies in one fold): "
-                 "held-out TPR - FPR of the worst wrapper, summed over frames" if len(rows) > 1 else "given",
+                 "fpr_target": fpr, "chosen_by": "leave-one-wrapper-out CV on dev (a fold holds out one wrapper and "
+                 "a share of the prompts, a prompt's copies in one fold): held-out TPR - FPR of the worst fold, "
+                 "summed over frames" if len(rows) > 1 else "given",
+                 "threshold": "(1 - fpr) quantile of 5-fold out-of-fold benign dev scores",
                  "cv": {k: v for k, v in best.items()}}, t)
     return gate, rows
