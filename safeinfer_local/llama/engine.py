@@ -335,7 +335,9 @@ class Context:
 
     # -- KV memory ------------------------------------------------------------------------------------------
     def clear(self) -> None:
-        _api.mem_clear(self._mem, True)
+        # metadata only: zeroing the buffers too costs milliseconds per call at n_ctx 4096 (the gate's reader
+        # clears twice per request), and a cell is never read before a decode writes it again
+        _api.mem_clear(self._mem, False)
         self.pos = [0] * self.n_seq_max
 
     def truncate(self, seq: int, n: int) -> None:
@@ -359,7 +361,7 @@ class Context:
         n = _L.llama_state_seq_get_data(self._ctx, buf, size, seq)
         if n == 0 and size:
             raise EngineError("llama.cpp could not export the sequence state")
-        return bytes(buf[:n])
+        return ctypes.string_at(buf, n)  # not bytes(buf[:n]): slicing a ctypes array builds a list of ints
 
     def import_seq(self, state: bytes, seq: int, n_tokens: int) -> None:
         """Load a sequence state exported by :meth:`export_seq` (same model) into sequence ``seq``."""
