@@ -26,7 +26,7 @@ from .core.vectors import SafetyVector
 from .decode.batch import BatchGenerator, GenConfig, Result, Step
 from .decode.decoder import Decoder
 from .decode.guidance import GuidanceSpec
-from .decode.steering import Steering
+from .decode.steering import Steering, check_plan_steerable
 from .errors import SettingError, UsageError
 from .llama.chat import Message, render, render_stops
 from .llama.engine import Model
@@ -234,6 +234,7 @@ class SafeInfer:
             raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
         if variant in ("sgds", "safeinfer") and self.settings.guidance.kind == "negative" and self.steering is None:
             raise UsageError("--guidance negative needs a safety vector (--vector)")
+        check_plan_steerable(self.model, self.steering, variant, self.settings.guidance.kind)
 
     def _variant(self, variant: str | None) -> str:
         variant = variant or self.settings.variant

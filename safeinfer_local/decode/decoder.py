@@ -22,7 +22,7 @@ from .batch import BatchGenerator, GenConfig, Result, Step
 from .gating import FeatureReader
 from .guidance import GuidanceSpec, prefix_text, safe_demos, unsafe_demos
 from .sides import Side, check_same_vocab
-from .steering import NO_VECTOR, Buffers, Steering, position_buffers
+from .steering import NO_VECTOR, Buffers, Steering, check_plan_steerable, position_buffers
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Decoder:
         if variant in SA_VARIANTS and steering is None:
             raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
         kind = guidance.kind
+        check_plan_steerable(self.model, steering, variant, kind)
         if variant not in GUIDED_VARIANTS or kind == "none":
             return Plan("plain", position_buffers(sa, n_layer))
         if kind == "prompt":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.settings import check_gamma, check_positions
+from ..core.settings import GUIDED_VARIANTS, SA_VARIANTS, check_gamma, check_positions
 from ..core.vectors import SafetyVector
 from ..errors import VectorError
 from ..llama.engine import Model
@@ -60,3 +60,23 @@ def position_buffers(steering: Steering | None, n_layer: int, sign: float = 1.0)
         return NO_VECTOR
     b = steering.buffer(n_layer) * np.float32(sign)
     return {"generation": (None, b, b), "last": (None, b, None), "all": (b, b, b)}[steering.positions]
+
+
+def check_steerable(model: Model, blocks: tuple[int, ...], what: str) -> None:
+    """Refuse ``what`` (a variant, a guidance, a build) on a model whose llama.cpp graph ignores control vectors
+    at ``blocks`` (probed once per model, :meth:`Model.applies_control_vector`): it would silently do nothing."""
+    if not model.applies_control_vector(blocks):
+        raise VectorError(f"llama.cpp ignores control vectors on the {model.arch} architecture ({model.path.name}), "
+                          f"so {what} would change nothing; use --variant sgds with --guidance prompt or model:PATH, "
+                          "which need no vector")
+
+
+def check_plan_steerable(model: Model, steering: Steering | None, variant: str, guidance_kind: str) -> None:
+    """The control-vector check for what a variant applies: +γ·SV on the target (``sa``, ``safeinfer``) and
+    −γ·SV on the guidance (``negative`` guidance of ``sgds``/``safeinfer``)."""
+    if steering is None:
+        return
+    if variant in SA_VARIANTS:
+        check_steerable(model, steering.layers, f"variant {variant!r}")
+    if variant in GUIDED_VARIANTS and guidance_kind == "negative":
+        check_steerable(model, steering.layers, "--guidance negative")

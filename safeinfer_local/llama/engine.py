@@ -131,6 +131,7 @@ class Model:
         self.arch: str = self.meta("general.architecture") or "?"
         self.name: str = self.meta("general.name") or self.path.stem
         self._piece_cache: dict[int, bytes] = {}
+        self._cvec_applied: dict[tuple[int, ...], bool] = {}
 
     def __del__(self) -> None:
         m = getattr(self, "_model", None)
@@ -202,6 +203,34 @@ class Model:
     def vocab_fingerprint(self) -> list[bytes]:
         """Every token's text, for checking that two models share a vocabulary token for token."""
         return [self.piece(t, special=True) for t in range(self.n_vocab)]
+
+    def applies_control_vector(self, blocks: Iterable[int]) -> bool:
+        """Whether llama.cpp adds a control vector at these blocks for this architecture. Most graphs call
+        ``build_cvec`` after every block, but some never do (PLaMo-2, for one), and there steering would silently
+        change nothing. Probed once per block set: two tokens decoded twice without a vector (the noise floor)
+        and once with a random probe vector at ``blocks`` (random, not constant: a LayerNorm would cancel a
+        constant shift); it applies when the probe moves the logits well above that floor."""
+        key = tuple(sorted(set(blocks)))
+        hit = self._cvec_applied.get(key)
+        if hit is not None:
+            return hit
+        if not key or not all(1 <= b < self.n_layer for b in key):
+            raise EngineError(f"blocks {list(key)} are not steerable blocks of {self.name} (1..{self.n_layer - 1})")
+        toks = self.tokenize("Hello, world", add_bos=True)[:2]
+        probe = np.zeros((self.n_layer - 1, self.n_embd), np.float32)
+        rng = np.random.default_rng(0)
+        for b in key:
+            probe[b - 1] = rng.standard_normal(self.n_embd)
+        ctx = self.context(n_ctx=64, n_batch=8)
+        runs = []
+        for buf in (None, None, probe):
+            ctx.clear()
+            ctx.set_control_vector(buf)
+            runs.append(ctx.decode(toks, logits="all"))
+        noise = float(np.abs(runs[1] - runs[0]).max())
+        moved = float(np.abs(runs[2] - runs[0]).max())
+        self._cvec_applied[key] = hit = moved > max(1e-4, 10 * noise)
+        return hit
 
     # -- contexts -------------------------------------------------------------------------------------------
     def context(

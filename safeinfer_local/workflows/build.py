@@ -27,6 +27,7 @@ from ..core.demos import N_PROMPTS, N_SHOTS, Demo, demos_hash, icl_prompts, qa_p
 from ..core.sampling import token_logprobs
 from ..core.settings import check_gamma, check_positions
 from ..core.vectors import SafetyVector
+from ..decode.steering import check_steerable
 from ..errors import UsageError
 from ..llama.engine import ActivationHook, Model
 
@@ -190,6 +191,7 @@ def build_vector(model: Model, demos: list[Demo], method: str = "mean-diff", lay
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     layers = layers or (default_layer(model),)
+    check_steerable(model, layers, "a safety vector built for it")
     if method == "fv" and len(layers) != 1:
         raise UsageError("a function vector is injected at exactly one layer")
     n_total_heads = model.n_layer * model.n_head
