@@ -47,8 +47,9 @@ StopOpt = typer.Option(None, "--stop", help="Stop when the reply contains this t
 NCtxOpt = typer.Option(DEFAULT_N_CTX, "--n-ctx", help="Context length in tokens.")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cores).")
 GpuOpt = typer.Option(0, "--n-gpu-layers", help="Layers to offload on Metal/CUDA builds (-1 = all).")
-ChatFmtOpt = typer.Option(None, "--chat-format", help="Chat format when the GGUF has no template (default: "
-                          "gemma for Gemma models, else chatml).")
+ChatFmtOpt = typer.Option(None, "--chat-format", help="A built-in chat format (chatml, llama-2, gemma, ...) "
+                          "instead of the GGUF's template (default: the GGUF's template; without one, gemma for "
+                          "Gemma models, else chatml).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
 GateOpt = typer.Option("auto", "--gate", help="auto | on | off: score the prompt with the vector's harm gate and "
                        "steer only prompts it flags (auto: when the vector has a gate; off: every prompt as before).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
 from llama_cpp import llama_chat_format as _fmt
 
 from ..errors import UsageError
@@ -38,6 +39,25 @@ def _merge_system(messages: list[Message]) -> list[Message]:
     return rest
 
 
+def _template_problem(model: Model, error: Exception | None) -> str:
+    """One line naming the GGUF, what is wrong with its chat template, and the way around it."""
+    msg = " ".join(str(error).split()) if error is not None else ""
+    if error is None:
+        what = "renders nothing for a user message"
+    elif isinstance(error, jinja2.exceptions.SecurityError):
+        what = f"was stopped by the Jinja sandbox (it reaches for something unsafe: {msg})"
+    elif isinstance(error, jinja2.exceptions.TemplateSyntaxError):
+        what = f"has a syntax error at line {error.lineno}: {msg}"
+    elif isinstance(error, jinja2.exceptions.UndefinedError):
+        what = f"uses an undefined name ({msg})"
+    elif isinstance(error, ValueError):  # the template's own raise_exception(...), as Mistral-style ones do
+        what = f"raised an error: {msg}"
+    else:
+        what = f"failed to render ({type(error).__name__}: {msg})"
+    return (f"the chat template in {model.path.name} {what}; pass --chat-format NAME (chatml, llama-2, gemma, "
+            "mistral-instruct, ...) to use a built-in format instead")
+
+
 def render(model: Model, messages: list[Message], chat_format: str | None = None) -> Rendered:
     """Turn messages into prompt text ending with the assistant's generation prompt."""
     for m in messages:
@@ -45,13 +65,16 @@ def render(model: Model, messages: list[Message], chat_format: str | None = None
             raise UsageError(f"bad chat message {m!r}: needs role system|user|assistant and string content")
     template = model.chat_template() if chat_format in (None, "auto") else None
     if template:
-        formatter = _fmt.Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.piece(model.eos, special=True).decode("utf-8", "replace"),
-            bos_token=model.piece(model.bos, special=True).decode("utf-8", "replace"),
-            add_generation_prompt=True,
-        )
-        r = formatter(messages=messages)
+        eos = model.piece(model.eos, special=True).decode("utf-8", "replace")
+        bos = model.piece(model.bos, special=True).decode("utf-8", "replace")
+        try:
+            formatter = _fmt.Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
+                                                 add_generation_prompt=True)
+            r = formatter(messages=messages)
+        except Exception as e:  # the template is code from the GGUF: whatever it raises is its own problem
+            raise UsageError(_template_problem(model, e)) from None
+        if not r.prompt.replace(bos, "").replace(eos, "").strip():
+            raise UsageError(_template_problem(model, None))
         stop = r.stop if isinstance(r.stop, list) else ([r.stop] if r.stop else [])
         return Rendered(r.prompt, add_bos=not r.added_special, stop=tuple(stop), source="gguf")
     name = fallback_format(model) if chat_format in (None, "auto") else chat_format
