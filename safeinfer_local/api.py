@@ -149,8 +149,8 @@ class SafeInfer:
             self.gate = Gate.from_meta(vector.meta["gate"])
             self.gate.check_fits(self.model.n_embd, self.model.n_layer)
         self.settings = Settings(steering, spec, lam, variant, *_check_gate(gate, gate_threshold, on_flag, refusal))
-        self._check(variant)
         self._decoder = Decoder(self.model, n_ctx=n_ctx, n_threads=n_threads)
+        self._check(variant)
 
     @classmethod
     def default(cls, **kw) -> SafeInfer:
@@ -234,7 +234,7 @@ class SafeInfer:
             raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
         if variant in ("sgds", "safeinfer") and self.settings.guidance.kind == "negative" and self.steering is None:
             raise UsageError("--guidance negative needs a safety vector (--vector)")
-        check_plan_steerable(self.model, self.steering, variant, self.settings.guidance.kind)
+        check_plan_steerable(self.model, self.steering, variant, self.settings.guidance.kind, self.n_threads)
 
     def _variant(self, variant: str | None) -> str:
         variant = variant or self.settings.variant

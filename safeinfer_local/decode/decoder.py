@@ -110,7 +110,7 @@ class Decoder:
         if variant in SA_VARIANTS and steering is None:
             raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
         kind = guidance.kind
-        check_plan_steerable(self.model, steering, variant, kind)
+        check_plan_steerable(self.model, steering, variant, kind, self.n_threads)
         if variant not in GUIDED_VARIANTS or kind == "none":
             return Plan("plain", position_buffers(sa, n_layer))
         if kind == "prompt":

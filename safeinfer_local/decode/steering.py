@@ -62,21 +62,22 @@ def position_buffers(steering: Steering | None, n_layer: int, sign: float = 1.0)
     return {"generation": (None, b, b), "last": (None, b, None), "all": (b, b, b)}[steering.positions]
 
 
-def check_steerable(model: Model, blocks: tuple[int, ...], what: str) -> None:
+def check_steerable(model: Model, blocks: tuple[int, ...], what: str, n_threads: int | None = None) -> None:
     """Refuse ``what`` (a variant, a guidance, a build) on a model whose llama.cpp graph ignores control vectors
     at ``blocks`` (probed once per model, :meth:`Model.applies_control_vector`): it would silently do nothing."""
-    if not model.applies_control_vector(blocks):
+    if not model.applies_control_vector(blocks, n_threads):
         raise VectorError(f"llama.cpp ignores control vectors on the {model.arch} architecture ({model.path.name}), "
                           f"so {what} would change nothing; use --variant sgds with --guidance prompt or model:PATH, "
                           "which need no vector")
 
 
-def check_plan_steerable(model: Model, steering: Steering | None, variant: str, guidance_kind: str) -> None:
+def check_plan_steerable(model: Model, steering: Steering | None, variant: str, guidance_kind: str,
+                         n_threads: int | None = None) -> None:
     """The control-vector check for what a variant applies: +γ·SV on the target (``sa``, ``safeinfer``) and
     −γ·SV on the guidance (``negative`` guidance of ``sgds``/``safeinfer``)."""
     if steering is None:
         return
     if variant in SA_VARIANTS:
-        check_steerable(model, steering.layers, f"variant {variant!r}")
+        check_steerable(model, steering.layers, f"variant {variant!r}", n_threads)
     if variant in GUIDED_VARIANTS and guidance_kind == "negative":
-        check_steerable(model, steering.layers, "--guidance negative")
+        check_steerable(model, steering.layers, "--guidance negative", n_threads)

@@ -204,7 +204,7 @@ class Model:
         """Every token's text, for checking that two models share a vocabulary token for token."""
         return [self.piece(t, special=True) for t in range(self.n_vocab)]
 
-    def applies_control_vector(self, blocks: Iterable[int]) -> bool:
+    def applies_control_vector(self, blocks: Iterable[int], n_threads: int | None = None) -> bool:
         """Whether llama.cpp adds a control vector at these blocks for this architecture. Most graphs call
         ``build_cvec`` after every block, but some never do (PLaMo-2, for one), and there steering would silently
         change nothing. Probed once per block set: two tokens decoded twice without a vector (the noise floor)
@@ -221,7 +221,7 @@ class Model:
         rng = np.random.default_rng(0)
         for b in key:
             probe[b - 1] = rng.standard_normal(self.n_embd)
-        ctx = self.context(n_ctx=64, n_batch=8)
+        ctx = self.context(n_ctx=64, n_batch=8, n_threads=n_threads)
         runs = []
         for buf in (None, None, probe):
             ctx.clear()

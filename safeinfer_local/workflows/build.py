@@ -191,7 +191,7 @@ def build_vector(model: Model, demos: list[Demo], method: str = "mean-diff", lay
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     layers = layers or (default_layer(model),)
-    check_steerable(model, layers, "a safety vector built for it")
+    check_steerable(model, layers, "a safety vector built for it", n_threads)
     if method == "fv" and len(layers) != 1:
         raise UsageError("a function vector is injected at exactly one layer")
     n_total_heads = model.n_layer * model.n_head
