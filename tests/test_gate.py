@@ -85,6 +85,13 @@ def test_cross_fitted_threshold_holds_the_fpr_on_new_prompts():
     f_in, f_x = np.mean(inside.score(new_b) >= inside.threshold), np.mean(crossed.score(new_b) >= crossed.threshold)
     assert f_in > 0.16 and abs(f_x - 0.1) < abs(f_in - 0.1) and f_x < 0.15
     assert crossed.dev["threshold_from"].startswith("5-fold") and inside.dev["threshold_from"].startswith("in-sample")
+    # wrapped copies: the threshold holds the rate in the wrapping that lifts benign scores most, not on average
+    e = np.eye(d)[0]
+    lifted = fit_frame(np.concatenate([h, h]), np.concatenate([b, b + 0.8 * e]), "mean-diff", 0.1, groups=2)
+    pooled = fit_frame(np.concatenate([h, h]), np.concatenate([b, b + 0.8 * e]), "mean-diff", 0.1)
+    assert lifted.threshold > pooled.threshold and "2 wrappers" in lifted.dev["threshold_from"]
+    assert np.mean(lifted.score(b + 0.8 * e) >= lifted.threshold) <= 0.1 < np.mean(
+        pooled.score(b + 0.8 * e) >= pooled.threshold)
     # too few prompts to cross-fit: the in-sample quantile
     assert fit_frame(h[:4], b[:4], "lda", 0.1, cross_fit=True).dev["threshold_from"].startswith("in-sample")
 

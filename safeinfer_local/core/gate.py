@@ -6,7 +6,8 @@ without the vector), or over the last ``tail`` of those, of the residual stream 
 provide the answer ... {question}"): with the chat template the tail also holds the end-of-turn tokens after it.
 The gate scores a feature by its cosine with a condition direction ``c`` after subtracting a centre, and flags
 the prompt as harmful when the score reaches a threshold set at a chosen false-positive rate on benign dev prompts
-(scored out of fold, so that the rate holds on new prompts) (conditional activation steering, CAST, Lee et al. 2025). Activations depend on how the prompt is framed (chat template,
+(scored out of fold, so that the rate holds on new prompts, and in the wrapping that lifts them most) (conditional
+activation steering, CAST, Lee et al. 2025). Activations depend on how the prompt is framed (chat template,
 ``Q: ...\\nA:``, plain text), so a gate holds one direction, centre and threshold per frame.
 
 Methods: ``mean-diff`` (c = mean(harmful) − mean(benign), centred at their midpoint) and ``lda`` (shrinkage
@@ -125,7 +126,10 @@ def fit_frame(harmful: np.ndarray, benign: np.ndarray, method: str = "mean-diff"
               shrinkage: float = 0.1, groups: int = 1, cross_fit: bool = False, k: int = 5,
               seed: int = 0) -> FrameGate:
     """Fit a direction and centre on (n, d) features of harmful and benign dev prompts; the threshold is the
-    benign scores' (1 − fpr) quantile, so about ``fpr`` of benign dev prompts are flagged.
+    benign scores' (1 − fpr) quantile, so about ``fpr`` of benign dev prompts are flagged. With ``groups`` > 1
+    (each prompt in ``groups`` wrappings, wrapper-major) it is the highest of the per-wrapper quantiles, so that at
+    most about ``fpr`` of benign prompts are flagged in *every* wrapping (a wrapper that moves benign prompts
+    towards the harmful side would otherwise take the pooled rate well above ``fpr`` for its prompts).
 
     With ``cross_fit`` the threshold is the quantile of *out-of-fold* benign scores (each benign prompt scored by
     a direction fitted without it, ``k`` folds, a prompt's ``groups`` wrapped copies in one fold). A direction
@@ -141,12 +145,16 @@ def fit_frame(harmful: np.ndarray, benign: np.ndarray, method: str = "mean-diff"
     _check_groups(h, b, groups)
     g = _direction(h, b, method, shrinkage)
     sh, sb = g.score(h), g.score(b)
-    thr, how = float(np.quantile(sb, 1.0 - fpr)), "in-sample benign scores"
+    ref, how = sb, "in-sample benign scores"
     if cross_fit and min(len(h), len(b)) // groups >= k:
         fh, fb = _folds(len(h), k, groups, seed), _folds(len(b), k, groups, seed + 1)
-        oof = np.concatenate([_direction(h[fh != i], b[fb != i], method, shrinkage).score(b[fb == i])
-                              for i in range(k)])
-        thr, how = float(np.quantile(oof, 1.0 - fpr)), f"{k}-fold out-of-fold benign scores"
+        ref = np.empty(len(b))
+        for i in range(k):
+            ref[fb == i] = _direction(h[fh != i], b[fb != i], method, shrinkage).score(b[fb == i])
+        how = f"{k}-fold out-of-fold benign scores"
+    thr = max(float(np.quantile(w, 1.0 - fpr)) for w in ref.reshape(groups, -1))
+    if groups > 1:
+        how += f", the highest of the {groups} wrappers' quantiles"
     dev = {"n_harmful": len(h), "n_benign": len(b), "fpr_target": fpr, "auroc": round(auroc(sh, sb), 4),
            "tpr": round(float(np.mean(sh >= thr)), 4), "fpr": round(float(np.mean(sb >= thr)), 4),
            "threshold_from": how}
@@ -242,7 +250,7 @@ def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float =
             test_h, test_b = test_h & (wh == i), test_b & (wb == i)
         if not (test_h.any() and test_b.any()) or min(train_h.sum(), train_b.sum()) < 2:
             continue
-        g = fit_frame(harmful[train_h], benign[train_b], method, fpr)
+        g = fit_frame(harmful[train_h], benign[train_b], method, fpr, groups=max(1, groups - 1))
         sh, sb = g.score(harmful[test_h]), g.score(benign[test_b])
         au.append(auroc(sh, sb))
         tpr.append(float(np.mean(sh >= g.threshold)))
