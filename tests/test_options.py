@@ -96,3 +96,11 @@ def test_chat_session_stops_at_stop(si):
     word = text.split()[len(text.split()) // 2]  # a word from the middle of the free reply
     ChatSession(si, "base", gen=dict(max_tokens=24, temperature=0, stop=(word,))).reply(q, cut.append)
     assert "".join(cut) == text[: text.index(word)]
+
+
+def test_every_command_that_loads_a_model_takes_n_gpu_layers():
+    loads = {name: _opts(cmd) for name, cmd in _commands() if "--model" in _opts(cmd)}
+    assert {"generate", "chat", "filter", "serve", "bench speed", "vectors build", "vectors gate"} <= set(loads)
+    for name, opts in loads.items():
+        assert "--n-gpu-layers" in opts, name
+        assert opts["--n-gpu-layers"].default == 0, name  # CPU unless asked: a CPU-only build must not care

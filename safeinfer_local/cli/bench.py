@@ -19,7 +19,8 @@ def bench_speed(
     tokens: int = typer.Option(64, "--tokens", help="Tokens to generate per run."),
     rounds: int = typer.Option(2, "--rounds", help="Interleaved rounds; the fastest of each is kept."),
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, guidance: str | None = o.GuidanceOpt,
-    lam: float | None = o.LamOpt, threads: int | None = o.ThreadsOpt, as_json: bool = o.JsonOpt,
+    lam: float | None = o.LamOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    as_json: bool = o.JsonOpt,
 ) -> None:
     """Tokens/s and time to first token: llama-cpp-python's Llama.create_completion vs our four variants, greedy
     and sampled (T 0.8, top-k 40, top-p 0.95)."""
@@ -27,7 +28,7 @@ def bench_speed(
 
     if tokens < 2 or rounds < 1:
         raise UsageError("--tokens must be >= 2 and --rounds >= 1")
-    si = o.load(model, vector, threads=threads, guidance=guidance, lam=lam, gate="off")
+    si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance, lam=lam, gate="off")
     if si.steering is None:
         raise UsageError("bench speed needs a safety vector (--vector) for the sa and safeinfer variants")
     with o.progress() as prog:
@@ -150,7 +151,7 @@ def calibrate_cmd(
     as_json: bool = o.JsonOpt,
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, guidance: str | None = o.GuidanceOpt,
     positions: str | None = o.PositionsOpt, raw: bool = o.RawOpt, frame: str | None = o.FrameOpt,
-    threads: int | None = o.ThreadsOpt,
+    threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
     gate: str = typer.Option("auto", "--gate", help="auto | off: with auto and a vector that has a harm gate, a "
                              "setting is judged on the prompts the gate sends to it (the others decode plainly)."),
 ) -> None:
@@ -171,7 +172,8 @@ def calibrate_cmd(
     if target is not None and not dry_run:
         o.check_writable(target)
     check_choice("--gate", gate, ("auto", "off"))
-    si = o.load(model, vector, positions=positions, threads=threads, guidance=guidance, gate=gate)
+    si = o.load(model, vector, positions=positions, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance,
+                gate=gate)
     with o.Progress() as prog:
         res = run(si, g, lm, o.parse_layers(sweep_layers), n_harmful, n_benign, max_loss, fr,
                   None if dry_run else target, progress=prog)

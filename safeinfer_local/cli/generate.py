@@ -82,7 +82,7 @@ def demo(
     n: int = typer.Option(4, "--prompts", help="Harmful CatQA prompts to show."),
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt,
-    threads: int | None = o.ThreadsOpt, as_json: bool = o.JsonOpt,
+    threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt, as_json: bool = o.JsonOpt,
 ) -> None:
     """A non-interactive tour on the default model. For each variant it shows the margin log p(refusal) −
     log p(compliant opening) after harmful prompts (a 270M base model never refuses by itself), and a short
@@ -92,7 +92,8 @@ def demo(
 
     if n < 1:
         raise UsageError(f"--prompts must be >= 1, not {n}")
-    doc = tour.run(o.load(model, vector, gamma, threads=threads, guidance=guidance, lam=lam), n)
+    doc = tour.run(o.load(model, vector, gamma, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance,
+                          lam=lam), n)
     if as_json:
         print(json.dumps(doc))
         return

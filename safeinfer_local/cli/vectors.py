@@ -58,7 +58,8 @@ def vectors_gate(
     benign: str | None = typer.Option(None, "--benign", help="Benign dev prompts (default: XSTest safe, odd "
                                       "positions + the project's benign requests)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sweep and the choice; write nothing."),
-    model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, as_json: bool = o.JsonOpt,
+    model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    as_json: bool = o.JsonOpt,
 ) -> None:
     """Fit a harm gate (condition direction, centre and threshold per frame, read from one block's output) on dev
     prompts and record it in the vector's metadata; llama.cpp still loads the file as a control vector."""
@@ -73,7 +74,7 @@ def vectors_gate(
     target = out or vector
     if not dry_run:
         o.check_writable(target)
-    si = o.load(model, vector, threads=threads, gate="off")
+    si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers, gate="off")
     with o.Progress() as prog:
         gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog, tail=tail)
     doc = {"block": gate.block, "method": gate.method, "tail": gate.tail,
@@ -153,7 +154,7 @@ def vectors_sweep(
     positions: str = typer.Option("generation,last", "--positions", help="Position modes to try."),
     n_harmful: int = typer.Option(40, "--harmful", help="Harmful dev prompts (AdvBench dev split)."),
     n_benign: int = typer.Option(40, "--benign", help="Benign dev prompts (XSTest safe, every other one)."),
-    model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt,
+    model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
     out: Path | None = typer.Option(None, "--out", help="Also write the rows as JSON Lines."),
     as_json: bool = o.JsonOpt,
 ) -> None:
@@ -169,7 +170,7 @@ def vectors_sweep(
         o.check_writable(out)
     if n_harmful < 1 or n_benign < 1:
         raise UsageError("--harmful and --benign must be >= 1")
-    si = o.load(model, vector, threads=threads)
+    si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers)
     harmful, benign = dev_prompts(n_harmful, n_benign)
     with o.Progress() as prog:
         rows = sweep_sa(si, lay, gs, pos, harmful, benign, progress=prog)

@@ -99,7 +99,7 @@ class Decoder:
     def _guide_model(self, guidance: GuidanceSpec) -> Model:
         gm = self._guide_models.get(str(guidance.path))
         if gm is None:
-            gm = Model(guidance.path)
+            gm = Model(guidance.path, n_gpu_layers=self.model.n_gpu_layers)  # offloaded as the target is
             check_same_vocab(self.model, gm)
             self._guide_models[str(guidance.path)] = gm
         return gm

@@ -59,7 +59,7 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
     done = 0
     for _ in range(rounds):
         n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.n_ctx,
-                                                     n_threads=si.n_threads))
+                                                     n_threads=si.n_threads, n_gpu_layers=si.model.n_gpu_layers))
         _keep(res, "reference", {"tokens": n, "ttft_s": ttft, "tokens_per_s": tps})
         done += 1
         if progress:

@@ -115,6 +115,7 @@ class Model:
             set_verbose(True)
         _init_backend()
         params = _L.llama_model_default_params()
+        self.n_gpu_layers = n_gpu_layers
         params.n_gpu_layers = 10**6 if n_gpu_layers == -1 else n_gpu_layers
         self._model = _api.load_model(str(self.path).encode(), params)
         if not self._model:
@@ -514,12 +515,12 @@ class Context:
 
 
 def reference_stream(model_path: str | os.PathLike, prompt: str, max_tokens: int, n_ctx: int = 4096,
-                     n_threads: int | None = None):
+                     n_threads: int | None = None, n_gpu_layers: int = 0):
     """llama-cpp-python's own high-level ``Llama.create_completion`` (greedy, streaming): the plain reference
     that ``bench speed`` compares our loop against. Yields one text chunk per generated token."""
     threads = n_threads or default_threads()
     llm = _L.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                   verbose=False)
+                   n_gpu_layers=n_gpu_layers, verbose=False)
     try:
         for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
             yield chunk["choices"][0]["text"]
