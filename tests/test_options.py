@@ -104,3 +104,19 @@ def test_every_command_that_loads_a_model_takes_n_gpu_layers():
     for name, opts in loads.items():
         assert "--n-gpu-layers" in opts, name
         assert opts["--n-gpu-layers"].default == 0, name  # CPU unless asked: a CPU-only build must not care
+
+
+def test_progress_plain_lines_give_each_stage_its_own_time_left(monkeypatch, capsys):
+    clock = iter([0.0, 10.0, 100.0, 130.0, 160.0])
+    monkeypatch.setattr(o.time, "perf_counter", lambda: next(clock))
+    with o.Progress() as p:  # stderr is not a terminal under pytest: plain lines
+        p("capture", 1, 10)
+        p("capture", 2, 10)  # 1 pass in 10 s, 8 to go
+        p("heads", 1, 4)  # a new stage: its rate starts here, not at the first stage's start
+        p("heads", 2, 4)  # 1 pass in 30 s, 2 to go
+        p("heads", 4, 4)
+        p.note("a note")
+    assert capsys.readouterr().err.splitlines() == [
+        "capture: 1/10", "capture: 2/10, about 1m20s left", "heads: 1/4", "heads: 2/4, about 1m00s left",
+        "heads: 4/4", "a note"]
+    assert [o.duration(s) for s in (42, 185, 7800)] == ["42s", "3m05s", "2h10m"]

@@ -205,6 +205,12 @@ def check_writable(path: Path) -> None:
         raise UsageError(f"cannot write to {parent}: permission denied")
 
 
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h10m``."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class NoProgress:
     def __enter__(self):
         return lambda *a: None
@@ -214,12 +220,14 @@ class NoProgress:
 
 
 class Progress:
-    """A rich progress bar on stderr when it is a terminal; plain lines otherwise."""
+    """A rich progress bar per stage on stderr when it is a terminal (rate and time left); plain lines otherwise,
+    every tenth of a stage, with its time left. Each stage's rate is measured from its own first update."""
 
     def __enter__(self):
         self.tty = sys.stderr.isatty()
         self.tasks: dict[str, int] = {}
         self.last: dict[str, int] = {}
+        self.t0: dict[str, tuple[float, int]] = {}  # stage -> (time, done) at its first update
         if self.tty:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -228,21 +236,30 @@ class Progress:
             self.p = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                                   console=Console(stderr=True), transient=False)
-            self.t0 = time.perf_counter()
             self.p.__enter__()
         return self
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        t0, d0 = self.t0.setdefault(stage, (now, done))
+        per_s = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
         if self.tty:
             if stage not in self.tasks:
                 self.tasks[stage] = self.p.add_task(stage, total=total, rate="")
-            per_min = done / max(1e-9, time.perf_counter() - self.t0) * 60
-            self.p.update(self.tasks[stage], completed=done, total=total, rate=f"{per_min:.1f}/min")
+            self.p.update(self.tasks[stage], completed=done, total=total, rate=f"{per_s * 60:.1f}/min")
         else:
             step = max(1, total // 10)
             if done == total or done - self.last.get(stage, 0) >= step:
                 self.last[stage] = done
-                print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+                left = f", about {duration((total - done) / per_s)} left" if per_s and done < total else ""
+                print(f"{stage}: {done}/{total}{left}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        """A line on stderr that does not break the bars."""
+        if self.tty:
+            self.p.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self.tty:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ..core.fv import DEFAULT_MAX_HEADS
 from ..errors import UsageError
 from . import options as o
 from .app import vectors_app
@@ -25,6 +26,9 @@ def vectors_build(
     prompts: int = typer.Option(100, "--prompts", help="In-context prompts averaged (the paper: 100)."),
     shots: int = typer.Option(10, "--shots", help="Demonstrations per prompt (the paper: 10)."),
     aie_prompts: int = typer.Option(16, "--aie-prompts", help="fv: corrupted prompts per head in the AIE ranking."),
+    max_heads: int = typer.Option(DEFAULT_MAX_HEADS, "--max-heads", help="fv: heads the AIE scan measures on "
+                                  "every prompt; the others are screened on one prompt only (per head one pass "
+                                  "instead of --aie-prompts)."),
     gamma: float = typer.Option(1.0, "--gamma", help="Recommended γ to record in the file."),
     positions: str = typer.Option("generation", "--positions", help="Recommended positions to record."),
     seed: int = typer.Option(0, "--seed"),
@@ -37,7 +41,8 @@ def vectors_build(
     o.check_writable(out)
     with o.Progress() as prog:
         v = build_file(demos, out, model, method, layer, heads, prompts, shots, aie_prompts, gamma, positions, seed,
-                       threads, n_gpu_layers, command=o.command_line(), progress=prog)
+                       threads, n_gpu_layers, command=o.command_line(), progress=prog, max_heads=max_heads,
+                       note=prog.note)
     print(f"wrote {out} ({method}, layers {list(v.layers)}, n_embd {v.n_embd})", file=sys.stderr)
 
 
