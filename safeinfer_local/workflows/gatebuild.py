@@ -9,8 +9,8 @@ instructions (:data:`safeinfer_local.core.gate.WRAPPERS`, the same on both sides
 question does not read as harm. ``block``/``method``/``tail`` ``auto`` choose by cross-validation on the dev prompts
 alone, each fold leaving one wrapper and one share of the prompts out: the held-out TPR − FPR of the fold that does
 worst, summed over frames (a gate must hold under a wrapping it never saw, not on average). The chosen gate's
-threshold is the (1 − fpr) quantile of out-of-fold benign dev scores, so that about ``fpr`` of *new* benign prompts
-are flagged, not of the ones the direction was fitted on.
+threshold is the highest over the wrappers of the (1 − fpr) quantile of out-of-fold benign dev scores, so that about
+``fpr`` of *new* benign prompts are flagged in any wrapping, not of the ones the direction was fitted on.
 """
 
 from __future__ import annotations
@@ -121,6 +121,6 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                  "fpr_target": fpr, "chosen_by": "leave-one-wrapper-out CV on dev (a fold holds out one wrapper and "
                  "a share of the prompts, a prompt's copies in one fold): held-out TPR - FPR of the worst fold, "
                  "summed over frames" if len(rows) > 1 else "given",
-                 "threshold": "(1 - fpr) quantile of 5-fold out-of-fold benign dev scores",
+                 "threshold": "(1 - fpr) quantile of 5-fold out-of-fold benign dev scores, the highest over wrappers",
                  "cv": {k: v for k, v in best.items()}}, t)
     return gate, rows
