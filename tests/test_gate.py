@@ -331,3 +331,15 @@ def test_bench_harm_records_say_what_the_gate_did(si, tmp_path):
         bad.check(type(si)(model=si.model, vector=None))
     with pytest.raises(UsageError, match="unknown base:gated"):
         HarmConfig(datasets=["mine"], variants=["base:gated"]).check_names()
+
+
+@pytest.mark.model
+def test_bench_speed_has_gated_rows_in_the_frame_the_gate_is_calibrated_for():
+    """bench speed's gated rows: a benign prompt the shipped gate passes and a harmful one it flags (qa frame)."""
+    p = run_cli("bench", "speed", "--tokens", "3", "--rounds", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)["results"]
+    assert res["safeinfer, gated, benign prompt"]["flagged"] is False
+    assert res["safeinfer, gated, harmful prompt"]["flagged"] is True
+    for key in ("base, benign prompt", "safeinfer, gated, benign prompt", "safeinfer, gated, harmful prompt"):
+        assert res[key]["tokens"] == 3 and res[key]["tokens_per_s"] > 0 and res[key]["ttft_s"] > 0
