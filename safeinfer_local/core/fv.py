@@ -43,15 +43,21 @@ def heads_to_scan(screened: np.ndarray | None, n_layer: int, n_head: int, max_he
     return sorted((int(k // n_head), int(k % n_head)) for k in order)
 
 
+def screen_prompts(n_layer: int, n_head: int, max_heads: int, n_prompts: int, screen: int = SCREEN_PROMPTS) -> int:
+    """How many of the ``n_prompts`` corrupted prompts every head is screened on: none when the budget covers every
+    head (the full scan), else ``screen`` of them (at most all)."""
+    return 0 if max_heads >= n_layer * n_head else min(screen, n_prompts)
+
+
 def scan_passes(n_layer: int, n_head: int, max_heads: int, n_prompts: int, screen: int = SCREEN_PROMPTS
                 ) -> tuple[int, int]:
     """Forward passes of the scan's two steps, (screen, heads), each counting one unpatched baseline per prompt:
     a full scan is (0, n_prompts × (heads + 1)); a budgeted one screens every head on ``screen`` prompts, then
     measures ``max_heads`` heads on the remaining prompts."""
     total = n_layer * n_head
-    if max_heads >= total:
+    k = screen_prompts(n_layer, n_head, max_heads, n_prompts, screen)
+    if not k:
         return 0, n_prompts * (total + 1)
-    k = min(screen, n_prompts)
     return k * (total + 1), (n_prompts - k) * (max_heads + 1)
 
 

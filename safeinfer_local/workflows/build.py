@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.demos import N_PROMPTS, N_SHOTS, Demo, demos_hash, icl_prompts, qa_prompt
-from ..core.fv import DEFAULT_MAX_HEADS, SCREEN_PROMPTS, heads_to_scan, project_heads, scan_passes, top_heads
+from ..core.fv import DEFAULT_MAX_HEADS, heads_to_scan, project_heads, scan_passes, screen_prompts, top_heads
 from ..core.sampling import token_logprobs
 from ..core.settings import check_gamma, check_positions
 from ..core.vectors import SafetyVector
@@ -304,7 +304,7 @@ def head_aie(model: Model, mean_kqv: np.ndarray, corrupted: list[_Corrupted], ma
         target.clear()
 
     every = [(i, h) for i in range(L) for h in range(H)]
-    n_screen = min(SCREEN_PROMPTS, len(corrupted)) if max_heads < L * H else 0
+    n_screen = screen_prompts(L, H, max_heads, len(corrupted))
     if n_screen:
         scan("screen", corrupted[:n_screen], every)
         measured = heads_to_scan(gain / n_screen, L, H, max_heads)
@@ -325,7 +325,7 @@ def plan_build(model: Model, method: str, icl: list[list[int]], queries: list[li
                                         sum(map(len, icl)) + sum(map(len, queries))),), model.n_layer, model.n_head)
     L, H = model.n_layer, model.n_head
     n_heads = min(max_heads, L * H)
-    n_screen = min(SCREEN_PROMPTS, len(corrupted)) if max_heads < L * H else 0
+    n_screen = screen_prompts(L, H, max_heads, len(corrupted))
     screen_passes, heads_passes = scan_passes(L, H, max_heads, len(corrupted))
 
     def tokens(prompts: list[_Corrupted], n: int) -> int:  # prefix + baseline + n patched runs per prompt
