@@ -21,7 +21,16 @@ from pathlib import Path
 from .core.frames import frame_cont, frame_prompt, frame_stops, resolve_frame
 from .core.gate import DEFAULT_REFUSAL, GATE_MODES, ON_FLAG, Gate
 from .core.models import default_vector_path, resolve_model
-from .core.settings import DEFAULT_LAMBDA, DEFAULT_N_CTX, SA_VARIANTS, check_choice, check_lambda, check_variant
+from .core.settings import (
+    DEFAULT_LAMBDA,
+    DEFAULT_N_CTX,
+    DEFAULT_SPECULATE,
+    SA_VARIANTS,
+    check_choice,
+    check_lambda,
+    check_speculate,
+    check_variant,
+)
 from .core.vectors import SafetyVector
 from .decode.batch import BatchGenerator, GenConfig, Result, Step
 from .decode.decoder import Decoder
@@ -67,6 +76,8 @@ class Settings:
     """What a prompt the gate flags gets: ``steer`` (the variant as configured) or ``refuse`` (``refusal``,
     without decoding it)."""
     refusal: str = DEFAULT_REFUSAL
+    speculate: int = DEFAULT_SPECULATE
+    """Guided variants: tokens the target drafts per round before the guidance verifies them (0: off)."""
 
     def describe(self, variant: str | None = None) -> dict:
         """The settings a call with ``variant`` applies, as recorded in outputs."""
@@ -77,6 +88,8 @@ class Settings:
             out.update(gamma=st.gamma, layers=list(st.layers), positions=st.positions)
         if v in ("sgds", "safeinfer"):
             out.update(guidance=str(self.guidance), lam=self.lam)
+            if self.speculate:
+                out.update(speculate=self.speculate)
         if v != "base":
             out.update(gate=self.gate, gate_threshold=self.gate_threshold, on_flag=self.on_flag)
         return out
@@ -127,7 +140,8 @@ class SafeInfer:
                  n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
                  chat_format: str | None = None, guidance: str | GuidanceSpec | None = None, lam: float | None = None,
                  variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
-                 on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL, warn=None) -> None:
+                 on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL, speculate: int = DEFAULT_SPECULATE,
+                 warn=None) -> None:
         self.model = model if isinstance(model, Model) else Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
         if isinstance(vector, str) and vector == "default":
             path = default_vector_path() if isinstance(model, Model) or model in (None, "default") else None
@@ -148,7 +162,8 @@ class SafeInfer:
         if isinstance(vector, SafetyVector) and vector.meta.get("gate"):
             self.gate = Gate.from_meta(vector.meta["gate"])
             self.gate.check_fits(self.model.n_embd, self.model.n_layer)
-        self.settings = Settings(steering, spec, lam, variant, *_check_gate(gate, gate_threshold, on_flag, refusal))
+        self.settings = Settings(steering, spec, lam, variant, *_check_gate(gate, gate_threshold, on_flag, refusal),
+                                 speculate=check_speculate(speculate))
         self._decoder = Decoder(self.model, n_ctx=n_ctx, n_threads=n_threads)
         self._check(variant)
 
@@ -161,7 +176,7 @@ class SafeInfer:
     def with_(self, *, gamma: float | None = None, layers: tuple[int, ...] | None = None,
               positions: str | None = None, lam: float | None = None, guidance: str | GuidanceSpec | None = None,
               variant: str | None = None, gate: str | None = None, gate_threshold: float | None = None,
-              on_flag: str | None = None, refusal: str | None = None) -> SafeInfer:
+              on_flag: str | None = None, refusal: str | None = None, speculate: int | None = None) -> SafeInfer:
         """A ``SafeInfer`` with some settings changed; it shares this one's model, vector and decoder."""
         s = self.settings
         steering = s.steering
@@ -179,7 +194,8 @@ class SafeInfer:
         g = _check_gate(s.gate if gate is None else gate,
                         s.gate_threshold if gate_threshold is None else gate_threshold,
                         s.on_flag if on_flag is None else on_flag, s.refusal if refusal is None else refusal)
-        new = dataclasses.replace(new, gate=g[0], gate_threshold=g[1], on_flag=g[2], refusal=g[3])
+        new = dataclasses.replace(new, gate=g[0], gate_threshold=g[1], on_flag=g[2], refusal=g[3],
+                                  speculate=s.speculate if speculate is None else check_speculate(speculate))
         other = object.__new__(SafeInfer)
         other.__dict__.update(self.__dict__)
         other.settings = new
@@ -221,7 +237,9 @@ class SafeInfer:
                 "positions": st.positions if st else None, "guidance": str(self.guidance), "lam": self.lam,
                 "chat_format": self.chat_format,
                 "gate": self.gate.digest() if self.gate is not None and self.settings.gate != "off" else None,
-                "gate_threshold": self.settings.gate_threshold, "on_flag": self.settings.on_flag}
+                "gate_threshold": self.settings.gate_threshold, "on_flag": self.settings.on_flag,
+                # only when on, so that outputs written before --speculate existed still resume
+                **({"speculate": self.settings.speculate} if self.settings.speculate else {})}
 
     def default_variant(self) -> str:
         """``safeinfer`` when a vector is loaded, else ``sgds`` (guidance without amplification), unless the
@@ -271,7 +289,7 @@ class SafeInfer:
     # -- verbs ----------------------------------------------------------------------------------------------
     def _batch(self, variant: str, slots: int = 1):
         s = self.settings
-        return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots)
+        return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots, s.speculate)
 
     def batch(self, variant: str | None = None, slots: int = 1) -> BatchGenerator:
         """The one decode loop (:class:`BatchGenerator`: insert / step / remove) for ``variant`` under these

@@ -20,6 +20,8 @@ def bench_speed(
     rounds: int = typer.Option(2, "--rounds", help="Interleaved rounds; the fastest of each is kept."),
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, guidance: str | None = o.GuidanceOpt,
     lam: float | None = o.LamOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    speculate: str | None = typer.Option(None, "--speculate", help="Also safeinfer with --speculate K for each K "
+                                         "in this comma-separated list (e.g. 2,4,8), with its acceptance rate."),
     as_json: bool = o.JsonOpt,
 ) -> None:
     """Tokens/s and time to first token: llama-cpp-python's Llama.create_completion vs our four variants, greedy
@@ -28,11 +30,12 @@ def bench_speed(
 
     if tokens < 2 or rounds < 1:
         raise UsageError("--tokens must be >= 2 and --rounds >= 1")
+    ks = o.parse_speculate_list(speculate)
     si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance, lam=lam, gate="off")
     if si.steering is None:
         raise UsageError("bench speed needs a safety vector (--vector) for the sa and safeinfer variants")
     with o.progress() as prog:
-        res = speed(si, tokens=tokens, rounds=rounds, progress=prog)
+        res = speed(si, tokens=tokens, rounds=rounds, progress=prog, speculate=ks)
     if as_json:
         print(json.dumps({"model": si.model.name, "guidance": str(si.guidance), "lam": si.lam, "results": res}))
         return
@@ -40,14 +43,15 @@ def bench_speed(
 
     t = Table(title=f"{si.model.name}: {tokens} tokens, guidance {si.guidance}, λ {si.lam:g}")
     for c in ("run", "tok/s", "× reference", "× base", "× greedy", "TTFT ms", "TTFT × base", "decode share",
-              "Python ms/step"):
+              "Python ms/step", "accepted"):
         t.add_column(c, justify="right")
     for k, r in res.items():
         t.add_row(k, f"{r['tokens_per_s']:.1f}", f"{r['vs_reference']:.2f}", f"{r['vs_base']:.2f}",
                   f"{r['vs_greedy']:.2f}" if "vs_greedy" in r else "-",
                   f"{r['ttft_s'] * 1000:.0f}", f"{r['ttft_vs_base']:.2f}",
                   f"{r['decode_share']:.0%}" if "decode_share" in r else "-",
-                  f"{r['python_ms_per_step']:.2f}" if "python_ms_per_step" in r else "-")
+                  f"{r['python_ms_per_step']:.2f}" if "python_ms_per_step" in r else "-",
+                  f"{r['acceptance']:.0%}" if "acceptance" in r else "-")
     o.console().print(t)
 
 

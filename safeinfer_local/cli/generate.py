@@ -20,6 +20,7 @@ def generate(
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     layers: str | None = o.LayersOpt, positions: str | None = o.PositionsOpt, variant: str | None = o.VariantOpt,
     guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, raw: bool = o.RawOpt,
+    speculate: int = o.SpeculateOpt,
     frame: str | None = o.FrameOpt, stop: list[str] | None = o.StopOpt,
     max_tokens: int = o.MaxTokensOpt, temperature: float = o.TemperatureOpt, top_k: int = o.TopKOpt,
     top_p: float = o.TopPOpt, seed: int | None = o.SeedOpt,
@@ -34,7 +35,7 @@ def generate(
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
     fr = resolve_frame(raw, frame)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal)
+                variant, gate, gate_threshold, on_flag, refusal, speculate)
     if as_json:
         res = si.generate(text, frame=fr, **gen)
         out = res.to_dict() | {"model": si.model.name} | si.settings.describe()
@@ -119,7 +120,7 @@ def demo(
 def chat(
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     layers: str | None = o.LayersOpt, positions: str | None = o.PositionsOpt, variant: str | None = o.VariantOpt,
-    guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt,
+    guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, speculate: int = o.SpeculateOpt,
     system: str | None = typer.Option(None, "--system", help="System message."),
     stop: list[str] | None = o.StopOpt,
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens per reply."),
@@ -137,7 +138,7 @@ def chat(
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal)
+                variant, gate, gate_threshold, on_flag, refusal, speculate)
     sess = ChatSession(si, si.default_variant(), system, gen=gen)
     if tty:
         print(f"safeinfer chat — {si.model.name}, variant {sess.variant}. /help for commands, /quit to leave.")

@@ -25,6 +25,7 @@ from ..core.settings import (
     check_parallel,  # noqa: F401  (re-exported for the commands)
     check_sampling,
     check_seed,
+    check_speculate,
 )
 from ..errors import SettingError, UsageError
 
@@ -40,6 +41,9 @@ GuidanceOpt = typer.Option(None, "--guidance", help="sGDS guidance: prompt | neg
                            "model:PATH | lora:PATH (default: the vector's recommendation, else prompt).")
 LamOpt = typer.Option(None, "--lam", help="sGDS λ in [0, 1) (default: the vector's "
                       "recommendation, else 0.99, the paper's).")
+SpeculateOpt = typer.Option(0, "--speculate", help="Guided variants: the target drafts K tokens ahead while the "
+                            "guidance verifies the previous K in one batch (0 = off; on this 2-core CPU 0 measured "
+                            "fastest, see docs/RESULTS.md).")
 RawOpt = typer.Option(False, "--raw", help="No chat template: BOS + the prompt's tokens (= --frame none).")
 FrameOpt = typer.Option(None, "--frame", help=f"{' | '.join(FRAMES)}: the chat template (default), the prompt's "
                         "own tokens, or a plain 'Q: ...\\nA:' frame that stops at the next 'Q:' (for base models).")
@@ -140,7 +144,7 @@ def gen_options(max_tokens: int, temperature: float, top_k: int, top_p: float, s
 def load(model=None, vector=None, gamma=None, layers=None, positions=None, n_ctx: int = DEFAULT_N_CTX,
          threads: int | None = None, n_gpu_layers: int = 0, chat_format=None, guidance=None, lam=None,
          variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
-         on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL):
+         on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL, speculate: int = 0):
     """A SafeInfer from the common options; every value is checked before the model is loaded."""
     from ..api import SafeInfer
 
@@ -151,13 +155,27 @@ def load(model=None, vector=None, gamma=None, layers=None, positions=None, n_ctx
     if n_ctx < 16:
         raise UsageError(f"--n-ctx must be >= 16, not {n_ctx}")
     check_threads(threads)
+    check_speculate(speculate)
     vec = vector if vector is not None else "default"
     if vector in ("none", ""):
         vec = None
     return SafeInfer(model=model, vector=vec, gamma=gamma, layers=parse_layers(layers), positions=positions,
                      n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
                      guidance=guidance, lam=lam, variant=variant, gate=gate, gate_threshold=gate_threshold,
-                     on_flag=on_flag, refusal=refusal, warn=warn)
+                     on_flag=on_flag, refusal=refusal, speculate=speculate, warn=warn)
+
+
+def parse_speculate_list(text: str | None) -> tuple[int, ...]:
+    """``--speculate 2,4,8`` (a benchmark's list of K): each checked like ``--speculate``."""
+    if not text:
+        return ()
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(check_speculate(int(part.strip())))
+        except ValueError:
+            raise SettingError(f"--speculate takes comma-separated integers, not {text!r}") from None
+    return tuple(out)
 
 
 def read_prompt(prompt: str | None) -> str:

@@ -18,7 +18,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def serve(
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     layers: str | None = o.LayersOpt, positions: str | None = o.PositionsOpt, variant: str | None = o.VariantOpt,
-    guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt,
+    guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, speculate: int = o.SpeculateOpt,
     gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
     refusal: str = o.RefusalOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than loopback exposes "
@@ -53,7 +53,7 @@ def serve(
     if host not in LOOPBACK and not api_key:
         o.warn(f"listening on {host} without --api-key: anyone who can reach it can use the model")
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal)
+                variant, gate, gate_threshold, on_flag, refusal, speculate)
     from ..serve import create_app, run
 
     application = create_app(si, parallel, queue, api_key, name, max_tokens)

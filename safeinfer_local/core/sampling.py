@@ -122,6 +122,11 @@ class make_sampler:  # noqa: N801 - used like mlx-lm's make_sampler(...) factory
         self._buf: np.ndarray | None = None
         self.n_reference = 0  # calls that ran the full-vocabulary reference (a figure for tests and benches)
 
+    @property
+    def rng(self) -> np.random.Generator:
+        """The seeded generator behind every draw (speculative verification draws from it too)."""
+        return self._rng
+
     def draw(self) -> float:
         return 0.0 if self.greedy else float(self._rng.random())
 
@@ -176,7 +181,35 @@ class make_sampler:  # noqa: N801 - used like mlx-lm's make_sampler(...) factory
         return min(idx, len(probs) - 1)
 
     # -- fast path: everything on a candidate set; None means "ask the reference" ----------------------------
-    def _fast(self, r: np.ndarray, mx, top: float, k: int, u: float) -> int | None:
+    def kept(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution ``self(row)`` samples from, on its support: (token ids in id order, probabilities
+        summing to 1). The same kept set as :meth:`reference` (top-k by ``>= k-th``, the nucleus by a stable sort),
+        from the fast path's candidate window when it settles, else from the full row. Greedy has none."""
+        if self.greedy:
+            raise ValueError("a greedy sampler has no distribution (temperature 0)")
+        r = np.asarray(row)
+        n = r.shape[-1] if r.ndim else 0
+        k = self.top_k if 0 < self.top_k < n else 0
+        got = None
+        if r.ndim == 1 and n and (k or self.top_p < 1.0):  # a filter on: the candidate window
+            mx = r.max()
+            with np.errstate(over="ignore"):
+                top = np.float64(mx) / self.temperature
+            if np.isfinite(top):
+                got = self._kept_fast(r, mx, float(top), k)
+        if got is None:
+            x = np.asarray(row, dtype=np.float64) / self.temperature
+            x = apply_top_p(apply_top_k(x, self.top_k), self.top_p)
+            ids = np.flatnonzero(np.isfinite(x))
+            if not len(ids):
+                raise ValueError("no token has a finite score")
+            got = ids, x[ids]
+        ids, x = got
+        probs = np.exp(x - _lse(x, float(x.max())))
+        return ids, probs / probs.sum()
+
+    def _kept_fast(self, r: np.ndarray, mx, top: float, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The kept tokens and their x = score / T (token-id order), or None for "ask the reference"."""
         if k:
             got = self._top_k(r, mx, k)
             if got is None:
@@ -194,7 +227,11 @@ class make_sampler:  # noqa: N801 - used like mlx-lm's make_sampler(...) factory
             if ids_x is None:
                 return None
             ids, x = ids_x
-        return self._inverse_cdf(ids, x, u, r.shape[0])
+        return ids, x
+
+    def _fast(self, r: np.ndarray, mx, top: float, k: int, u: float) -> int | None:
+        got = self._kept_fast(r, mx, top, k)
+        return None if got is None else self._inverse_cdf(got[0], got[1], u, r.shape[0])
 
     def _window(self, r: np.ndarray, c) -> tuple[np.ndarray, np.ndarray]:
         ids = np.flatnonzero(r >= c)

@@ -28,6 +28,11 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_LAMBDA = 0.99
 """The paper's λ ("Union" from language-model arithmetic), chosen for 7B chat models; calibrate per model."""
 
+DEFAULT_SPECULATE = 0
+"""Tokens the target drafts ahead of the guidance side in guided decoding (``--speculate``; 0 = both sides step
+one token at a time together)."""
+MAX_SPECULATE = 32
+
 MAX_ABS_GAMMA = 1e4
 """|γ| beyond this overflows float32 activations on any model; it is refused rather than run."""
 
@@ -99,6 +104,13 @@ def check_seed(seed: int | None) -> int | None:
 
 
 MAX_PARALLEL = 64
+
+
+def check_speculate(k: int) -> int:
+    """``--speculate K``: 0 (off) or the number of tokens the target drafts per round."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SPECULATE:
+        raise SettingError(f"--speculate must be in 0..{MAX_SPECULATE}, not {k}")
+    return k
 
 
 def check_parallel(n: int) -> int:

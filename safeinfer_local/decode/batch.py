@@ -11,6 +11,12 @@ one token per step. The target side and the guidance side (for ``sgds``/``safein
 two decode at the same time on half the threads each. When the two sides would compute the same KV for a prompt
 head (same weights, no prefix, no vector on the head: ``negative`` guidance with ``generation``/``last``
 positions), the head is decoded once on the target with every thread and its KV copied to the guidance side.
+
+With ``speculate`` K > 0 (guided variants), the target keeps the same one-token layout but runs ahead: each round it
+drafts up to K tokens per slot (1, 2, 4 ... K while its drafts stand) while the guidance side decodes the previous
+round's draft in one batch and the guided distribution verifies it (``core.speculative``); a rejected token rolls
+both sides back (``seq_rm``) and the draft made meanwhile is dropped. Near the end of the context the loop verifies
+what is pending and goes on one token at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from ..core.settings import (
     check_max_tokens,
     check_sampling,
     check_seed,
+    check_speculate,
 )
+from ..core.speculative import verify_greedy, verify_sampled
 from ..errors import UsageError
 from ..llama.engine import Detokenizer, Model
 from .sides import Side
@@ -94,6 +102,10 @@ class Result:
     """The harm gate's score for the prompt (None: no gate ran)."""
     gated: bool = False
     """The gate judged the prompt benign and it was decoded plainly (no vector, no guidance)."""
+    drafted: int = 0
+    """Speculative guided decoding (``--speculate``): tokens the target drafted and the guidance then verified."""
+    accepted: int = 0
+    """Of those, the ones that stood."""
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "response": self.response, "variant": self.variant,
@@ -147,7 +159,17 @@ class _Slot:
     t_first: float | None = None
     n: int = 0
     guided: int = 0
+    drafted: int = 0
+    accepted: int = 0
     text: list[str] = field(default_factory=list)
+    # speculative decoding: the target's draft not yet verified, its rows, where its decoding began on the
+    # target, and the guidance side's pending token(s) (the target's pending token is ``last``)
+    draft: list[int] = field(default_factory=list)
+    draft_rows: list[np.ndarray] = field(default_factory=list)
+    t_start: int = 0
+    g_last: list[int] = field(default_factory=list)
+    g_fresh: bool = True
+    k_next: int = 1  # the next draft's length: 1, 2, 4 ... up to K while drafts stand; 1 again after a rejection
 
 
 Both = Callable[[Callable, Callable | None], tuple]
@@ -162,12 +184,15 @@ class BatchGenerator:
     ``context``). A prompt that cannot fit at all comes back as an error event, and the others go on."""
 
     def __init__(self, model: Model, target: Side, tbuf: Buffers, guide: Side | None, gbuf: Buffers | None,
-                 lam: float, both: Both, variant: str, head_threads: int | None = None) -> None:
+                 lam: float, both: Both, variant: str, head_threads: int | None = None, speculate: int = 0) -> None:
         if guide is not None and guide.slots != target.slots:
             raise ValueError("target and guidance sides need the same number of slots")
         self.model, self.target, self.tbuf, self.guide, self.gbuf = model, target, tbuf, guide, gbuf
         self.lam, self._both, self.variant = lam, both, variant
         self.head_threads = head_threads
+        self.speculate = check_speculate(speculate) if guide is not None else 0
+        """Tokens the target drafts per round before the guidance verifies them (0: one token per step on both
+        sides together; no effect without a guidance side)."""
         self._pending: deque[_Request] = deque()
         self._free = list(range(target.slots))
         self._active: dict[int, _Slot] = {}
@@ -267,10 +292,16 @@ class BatchGenerator:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _decode(self, side: Side, bufs: Buffers, normalise: bool) -> dict[int, np.ndarray]:
+        """One batched decode on a side for every running slot (see :meth:`_decode_items`)."""
+        return self._decode_items(side, bufs, [(i, s.last, s.fresh) for i, s in self._active.items()], normalise)
+
+    @staticmethod
+    def _decode_items(side: Side, bufs: Buffers, items: list[tuple[int, list[int], bool]],
+                      normalise: bool = False) -> dict[int, np.ndarray]:
         """One batched decode on a side: fresh slots' last prompt token (second-chunk vector state) and the
         other slots' new token (third-chunk state), in one batch when the two states are the same."""
-        fresh = [(i, s.last) for i, s in self._active.items() if s.fresh]
-        going = [(i, s.last) for i, s in self._active.items() if not s.fresh]
+        fresh = [(i, last) for i, last, f in items if f]
+        going = [(i, last) for i, last, f in items if not f]
         groups = [(fresh, bufs[1]), (going, bufs[2])]
         if fresh and going and (bufs[1] is bufs[2] or (bufs[1] is None and bufs[2] is None)):
             groups = [(fresh + going, bufs[1])]
@@ -282,11 +313,18 @@ class BatchGenerator:
         return out
 
     def step(self) -> list[Event]:
-        """Admit waiting requests, decode one token for every running one, and say what happened."""
+        """Admit waiting requests, decode one token for every running one (with ``speculate``, a round of up to
+        K tokens each), and say what happened."""
         events: list[Event] = []
         self._admit(events)
         if not self._active:
             return events
+        if self.speculate:
+            return self._speculative_step(events)
+        return self._plain_step(events)
+
+    def _plain_step(self, events: list[Event]) -> list[Event]:
+        """Both sides decode every running slot's pending token at the same time; one token each."""
         g = self.guide
         lt, lu = self._both(lambda: self._decode(self.target, self.tbuf, False),
                             (lambda: self._decode(g, self.gbuf, True)) if g is not None else None)
@@ -294,32 +332,46 @@ class BatchGenerator:
         done: dict[int, tuple] = {}
         going: list[int] = []
         for i, s in self._active.items():
-            cfg = s.req.cfg
             z, tok, guided = choose(s.sampler, lt[i], lu.get(i), self.lam)
-            lp = float(token_logprobs(z[None, :], [tok])[0]) if cfg.logprobs else 0.0
+            lp = float(token_logprobs(z[None, :], [tok])[0]) if s.req.cfg.logprobs else 0.0
             s.fresh = False
-            if self.model.is_eog(tok):
-                done[i] = (tok, "", lp, guided, "eos")
-                continue
-            text, stopped = s.stops.feed(s.detok.add(tok))
-            s.n += 1
-            s.guided += guided
-            if s.t_first is None:
-                s.t_first = time.perf_counter()
-            if stopped:
-                done[i] = (tok, text, lp, guided, "stop")
-            elif s.n >= cfg.max_tokens:
-                done[i] = (tok, text, lp, guided, "max_tokens")
-            else:
-                s.last = [tok]
-                s.text.append(text)
-                events.append(Event(s.req.key, Step(tok, text, lp, guided)))
+            if self._emit(i, s, tok, lp, guided, events, done):
                 going.append(i)
+        return self._close(events, done, going)
+
+    def _emit(self, i: int, s: _Slot, tok: int, lp: float, guided: bool, events: list[Event],
+              done: dict[int, tuple]) -> bool:
+        """Take one sampled token for slot ``i``: a step event (True: the request goes on, ``tok`` is decoded
+        next) or its end in ``done`` (end of generation, a stop string, ``max_tokens``)."""
+        if self.model.is_eog(tok):
+            done[i] = (tok, "", lp, guided, "eos")
+            return False
+        text, stopped = s.stops.feed(s.detok.add(tok))
+        s.n += 1
+        s.guided += guided
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        if stopped:
+            done[i] = (tok, text, lp, guided, "stop")
+        elif s.n >= s.req.cfg.max_tokens:
+            done[i] = (tok, text, lp, guided, "max_tokens")
+        else:
+            s.last = [tok]
+            s.text.append(text)
+            events.append(Event(s.req.key, Step(tok, text, lp, guided)))
+            return True
+        return False
+
+    def _close(self, events: list[Event], done: dict[int, tuple], going: list[int]) -> list[Event]:
+        """End the step: requests with no room for their next token stop (``context``), and every finished
+        request gets its last step and result."""
         # no room for the next token: the requests holding the most KV stop first ("context")
         while going and self._no_room(going):
-            i = max(going, key=lambda j: self.target.ctx.pos[self.target.slot_seq(j)])
+            i = max(going, key=lambda j: self.target.pos(j))
             going.remove(i)
-            ev = next(e for e in events if e.key == self._active[i].req.key)
+            ev = next((e for e in reversed(events) if e.key == self._active[i].req.key), None)
+            if ev is None:  # nothing emitted this step (a speculative draft waits): it stops at a later one
+                continue
             events.remove(ev)
             self._active[i].text.pop()
             done[i] = (ev.step.token, ev.step.text, ev.step.logprob, ev.step.guided, "context")
@@ -332,6 +384,150 @@ class BatchGenerator:
             self._release(i)
         return events
 
+    # -- speculative guided decoding ------------------------------------------------------------------------
+    def _speculative_step(self, events: list[Event]) -> list[Event]:
+        """One pipelined round. The target drafts up to K tokens per slot alone (one token per decode, the same
+        layout as without speculation) while, at the same time, the guidance side decodes the positions of the
+        slot's previous draft in one batch; that draft is then verified against the guided distribution
+        (``core.speculative``). When all of it stands, the new draft waits for the next round (and the next one
+        may be twice as long, up to K); at the first token that does not, both sides roll back past it, the new
+        draft is dropped and the next draft is one token (the guidance has nothing to verify meanwhile)."""
+        t, g = self.target, self.guide
+        assert g is not None
+        active = self._active
+        margin = 2 * self.speculate + 2
+        if any(t.room(i) < margin or g.room(i) < margin for i in active) or any(
+                side.used() + len(active) * margin > side.n_ctx for side in (t, g)):
+            # near the end of the context: verify what was drafted, then one token per step on both sides
+            if any(s.draft for s in active.values()):
+                return self._round(events, draft=False)
+            return self._plain_step(events)
+        return self._round(events, draft=True)
+
+    def _round(self, events: list[Event], draft: bool) -> list[Event]:
+        """A speculative round; ``draft=False`` only verifies the pending drafts (near the end of the context)."""
+        t, g = self.target, self.guide
+        active = self._active
+        k_of = {}
+        if draft:
+            for i, s in active.items():
+                if s.draft and self.model.is_eog(s.draft[-1]):
+                    continue  # the draft ends the request if it stands
+                k = min(s.k_next, s.req.cfg.max_tokens - s.n - len(s.draft))
+                if k > 0:
+                    k_of[i] = k
+        verify = [i for i, s in active.items() if s.draft]
+
+        def target_job():
+            """Draft: each slot's pending token first (a fresh slot's last prompt token, with the second chunk's
+            vector), then each drafted token but the last."""
+            drafts: dict[int, tuple[list[int], list[np.ndarray], int]] = {i: ([], [], t.pos(i)) for i in k_of}
+            live = [(i, active[i].last, active[i].fresh) for i in k_of]
+            while live:
+                out = self._decode_items(t, self.tbuf, live)
+                nxt = []
+                for i, _, _ in live:
+                    toks, rows, _ = drafts[i]
+                    rows.append(out[i])
+                    tok = active[i].sampler(out[i])
+                    toks.append(tok)
+                    if len(toks) < k_of[i] and not self.model.is_eog(tok):
+                        nxt.append((i, [tok], False))
+                live = nxt
+            return drafts
+
+        def guide_job():
+            """Verify: the guidance side's rows at each slot's previous draft, one batch."""
+            start = {i: g.pos(i) for i in verify}
+            items = [(i, active[i].g_last + active[i].draft[:-1], active[i].g_fresh) for i in verify]
+            return self._guide_rows(items), start
+
+        drafts, got = self._both(target_job if k_of else dict, guide_job if verify else None)
+        urows, gstart = got if got is not None else ({}, {})
+        done: dict[int, tuple] = {}
+        going: list[int] = []
+        for i, s in list(active.items()):
+            new = drafts.get(i)
+            if not s.draft:  # nothing to verify yet: the new draft waits for the next round
+                s.k_next = min(2 * s.k_next, self.speculate)
+                s.g_last, s.g_fresh = s.last, s.fresh
+                s.draft, s.draft_rows, s.t_start = new
+                s.last, s.fresh = [s.draft[-1]], False
+                continue
+            d = s.draft
+            lt = np.stack(s.draft_rows)
+            need_z = not s.sampler.greedy or s.req.cfg.logprobs
+            z = guided_logits(lt, urows[i], self.lam) if need_z else None
+            if s.sampler.greedy:
+                n, nxt_tok = verify_greedy(lt, urows[i], d, self.lam)
+            else:
+                n, nxt_tok = self._verify_sampled(s.sampler, lt, z, d)
+            s.drafted += len(d)
+            s.accepted += n
+            s.draft, s.draft_rows = [], []
+            if nxt_tok is not None:  # rejected: both sides keep the pending token and the tokens that stood
+                t.rollback(i, s.t_start + n + 1)
+                g.rollback(i, gstart[i] + n + 1)
+                new = None
+                s.k_next = 1
+            else:  # the guidance side is level with the target's pending token (the draft's last)
+                s.g_last, s.g_fresh = [d[-1]], False
+                s.k_next = min(2 * s.k_next, self.speculate)
+            emitted = [(tok, False, j) for j, tok in enumerate(d[:n])]
+            if nxt_tok is not None:
+                emitted.append((nxt_tok, True, n))
+            live = True
+            for tok, guided, j in emitted:
+                lp = float(token_logprobs(z[j][None, :], [tok])[0]) if s.req.cfg.logprobs else 0.0
+                if not self._emit(i, s, tok, lp, guided, events, done):
+                    live = False
+                    break
+            if not live:
+                continue
+            if new is not None:  # the draft made meanwhile from the last token that stood waits its turn
+                s.g_last, s.g_fresh = s.last, False
+                s.draft, s.draft_rows, s.t_start = new
+                s.last = [s.draft[-1]]
+            else:
+                s.g_last = s.last  # in step: both sides' next token is the pending one
+            going.append(i)
+        return self._close(events, done, going)
+
+    @staticmethod
+    def _verify_sampled(sam: make_sampler, lt: np.ndarray, z: np.ndarray, draft: list[int]) -> tuple[int, int | None]:
+        """(drafted tokens that stand, the token after them or None) by speculative sampling between the
+        target's distribution (the draft's) and the guided one, each after the request's temperature / top-k /
+        top-p, on the union of their supports."""
+        for j, a in enumerate(draft):
+            pid, pp = sam.kept(lt[j])
+            qid, qp = sam.kept(z[j])
+            ids = np.union1d(pid, qid)
+            p = np.zeros(len(ids))
+            q = np.zeros(len(ids))
+            p[np.searchsorted(ids, pid)] = pp
+            q[np.searchsorted(ids, qid)] = qp
+            n, nxt = verify_sampled(p[None, :], q[None, :], [int(np.searchsorted(ids, a))], sam.rng)
+            if n == 0:
+                return j, int(ids[nxt])
+        return len(draft), None
+
+    def _guide_rows(self, items: list[tuple[int, list[int], bool]]) -> dict[int, np.ndarray]:
+        """Every position's logits on the guidance side for each slot's tokens, in as few batches as the
+        vector states allow (a fresh slot's first token takes the second chunk's vector)."""
+        g, b = self.guide, self.gbuf
+        same = b[1] is b[2] or (b[1] is None and b[2] is None)
+        parts: dict[int, list[np.ndarray]] = {i: [] for i, _, _ in items}
+        first = [(i, toks[:1]) for i, toks, fresh in items if fresh and not same]
+        if first:
+            for (i, _), r in zip(first, g.decode_rows(first, b[1]), strict=True):
+                parts[i].append(r)
+        rest = [(i, toks[1:] if fresh and not same else toks) for i, toks, fresh in items]
+        rest = [(i, toks) for i, toks in rest if toks]
+        if rest:
+            for (i, _), r in zip(rest, g.decode_rows(rest, b[2]), strict=True):
+                parts[i].append(r)
+        return {i: np.concatenate(p) for i, p in parts.items()}
+
     def _no_room(self, going: list[int]) -> bool:
         sides = [self.target] + ([self.guide] if self.guide is not None else [])
         return any(side.used() + len(going) > side.n_ctx or any(side.room(i) < 1 for i in going) for side in sides)
@@ -343,4 +539,4 @@ class BatchGenerator:
         gen = t_end - (s.t_first or t_end)
         tps = (s.n - 1) / gen if s.n > 1 and gen > 0 else 0.0
         return Result(s.req.prompt, "".join(s.text), self.variant, s.n, tps, ttft, last.finish or "",
-                      guided_tokens=s.guided)
+                      guided_tokens=s.guided, drafted=s.drafted, accepted=s.accepted)

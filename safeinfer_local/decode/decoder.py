@@ -142,14 +142,16 @@ class Decoder:
 
     # -- generation -----------------------------------------------------------------------------------------
     def batch(self, variant: str, steering: Steering | None, guidance: GuidanceSpec, lam: float,
-              slots: int = 1) -> BatchGenerator:
-        """A batch generator with ``slots`` request slots for one variant and its settings."""
+              slots: int = 1, speculate: int = 0) -> BatchGenerator:
+        """A batch generator with ``slots`` request slots for one variant and its settings; ``speculate``: tokens
+        the target drafts per round before the guidance verifies them (guided variants only)."""
         check_parallel(slots)
         p = self.plan(variant, steering, guidance)
         target = self.side(p.target, guidance, slots)
         guide = self.side(p.guide, guidance, slots) if p.guide else None
         return BatchGenerator(self.model, target, p.tbuf, guide, p.gbuf, lam, self._both, variant,
-                              head_threads=self._all_threads if guide is not None else None)
+                              head_threads=self._all_threads if guide is not None else None,
+                              speculate=speculate if guide is not None else 0)
 
     def stream(self, gen: BatchGenerator, prompt_tokens: list[int], cfg: GenConfig, prompt: str = "",
                head_state: bytes | None = None) -> Iterator[tuple[Step, Result | None]]:

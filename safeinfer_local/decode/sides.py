@@ -100,6 +100,20 @@ class Side:
         self.ctx.set_control_vector(buffer)
         return self.ctx.decode_multi([(self.slot_seq(i), toks) for i, toks in items])
 
+    def decode_rows(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
+        """Decode tokens for several slots in one batch under one control vector; every position's logits
+        (``(len(tokens), n_vocab)`` per item)."""
+        self.ctx.set_control_vector(buffer)
+        return self.ctx.decode_multi([(self.slot_seq(i), toks) for i, toks in items], logits="all")
+
+    def pos(self, i: int) -> int:
+        """Slot ``i``'s next position (tokens in its sequence, the prefix included)."""
+        return self.ctx.pos[self.slot_seq(i)]
+
+    def rollback(self, i: int, pos: int) -> None:
+        """Drop slot ``i``'s tokens from position ``pos`` on (a rejected speculative draft)."""
+        self.ctx.truncate(self.slot_seq(i), pos)
+
     def rows(self, i: int, tokens: list[int], buffer: np.ndarray | None) -> np.ndarray:
         """Decode ``tokens`` on slot ``i`` in one batch; the logits of every position (teacher forcing)."""
         self.ctx.set_control_vector(buffer)

@@ -44,11 +44,26 @@ def _time_stream(chunks) -> tuple[int, float, float]:
     return n, t_first - t0, tps
 
 
-def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_PROMPT, progress=None) -> dict:
+SPECULATE_VARIANT = "safeinfer"
+"""The variant of the ``--speculate K`` rows (``sgds`` decodes the same two sides)."""
+
+
+def speculate_key(k: int) -> str:
+    return f"{SPECULATE_VARIANT}, speculate {k}"
+
+
+def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_PROMPT, progress=None,
+          speculate: tuple[int, ...] = ()) -> dict:
+    """Every row's figures (see the module's docstring). ``speculate``: for each K > 0, a greedy and a sampled
+    row of ``safeinfer`` with ``--speculate K``, with the share of drafted tokens that stood (``acceptance``)."""
     res: dict[str, dict] = {}
+    spec = [(k, si.with_(speculate=k)) for k in dict.fromkeys(speculate) if k > 0]
     # warm-up: builds every side and decodes the guidance prefix once, as a long-running process would
     for v in VARIANTS:
         for _ in si.stream(prompt, variant=v, raw=True, max_tokens=2, temperature=0):
+            pass
+    for _, sk in spec:
+        for _ in sk.stream(prompt, variant=SPECULATE_VARIANT, raw=True, max_tokens=2, temperature=0):
             pass
     gated = si.with_(gate="on") if si.gate is not None else None
     gated_rows = (("base, benign prompt", BENIGN_PROMPT), ("safeinfer, gated, benign prompt", BENIGN_PROMPT),
@@ -57,7 +72,7 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
         for _, p in gated_rows:
             for _ in gated.stream(p, variant="safeinfer", frame=GATED_FRAME, max_tokens=2, temperature=0):
                 pass
-    total = rounds * (len(MODES) * len(VARIANTS) + 1 + (len(gated_rows) if gated is not None else 0))
+    total = rounds * (len(MODES) * (len(VARIANTS) + len(spec)) + 1 + (len(gated_rows) if gated is not None else 0))
     done = 0
     for _ in range(rounds):
         n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.n_ctx,
@@ -80,6 +95,18 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
                 done += 1
                 if progress:
                     progress("bench", done, total)
+        for k, sk in spec:
+            for suffix, gen in MODES:
+                last: list = []
+                steps = list(_steps(sk, prompt, SPECULATE_VARIANT, tokens, gen, results=last))
+                r = last[0] if last else None
+                _keep(res, speculate_key(k) + suffix, {
+                    "tokens": len(steps), "ttft_s": steps[0][1] if steps else 0.0, "tokens_per_s": _tps(steps),
+                    "speculate": k, "drafted": r.drafted if r else 0, "accepted": r.accepted if r else 0,
+                    "acceptance": r.accepted / r.drafted if r and r.drafted else float("nan")})
+                done += 1
+                if progress:
+                    progress("bench", done, total)
         for key, p in gated_rows if gated is not None else ():
             steps = list(_steps(gated, p, key.split(",")[0], tokens, frame=GATED_FRAME))
             flagged = bool(gated.gate_scores([p], frame=GATED_FRAME)[0] >= gated.gate.frame(GATED_FRAME).threshold)
@@ -92,6 +119,9 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
     for key, r in res.items():
         sampled = key.endswith(SAMPLED_SUFFIX)
         b = res["base" + SAMPLED_SUFFIX] if sampled else res["base"]
+        if "speculate" in r:  # against speculation off, same variant and mode
+            r["vs_speculate_0"] = r["tokens_per_s"] / (
+                res[SPECULATE_VARIANT + (SAMPLED_SUFFIX if sampled else "")]["tokens_per_s"] or float("nan"))
         if key.endswith("benign prompt"):  # the gated row against base on the same prompt
             b = res.get("base, benign prompt", b)
         r["vs_reference"] = r["tokens_per_s"] / ref
@@ -102,14 +132,17 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
     return res
 
 
-def _steps(si: SafeInfer, prompt: str, variant: str, tokens: int, gen: dict = GREEDY, frame: str | None = None):
+def _steps(si: SafeInfer, prompt: str, variant: str, tokens: int, gen: dict = GREEDY, frame: str | None = None,
+           results: list | None = None):
     """(token, seconds since start, the decoder's decode seconds so far) per generated token; ``frame`` None: the
-    raw prompt."""
+    raw prompt. ``results``: a list the request's :class:`Result` is appended to."""
     t0 = time.perf_counter()
     raw = {"frame": frame} if frame else {"raw": True}
-    for st in si.stream(prompt, variant=variant, max_tokens=tokens, **raw, **gen):
+    for st, r in si.events(prompt, variant=variant, max_tokens=tokens, **raw, **gen):
         if not st.eog:
             yield st.token, time.perf_counter() - t0, si.decode_seconds
+        if r is not None and results is not None:
+            results.append(r)
 
 
 def _tps(steps: list[tuple[int, float]]) -> float:
