@@ -287,9 +287,9 @@ class SafeInfer:
         return render_stops(self.model, self.chat_format) if frame == "template" else frame_stops(frame)
 
     # -- verbs ----------------------------------------------------------------------------------------------
-    def _batch(self, variant: str, slots: int = 1):
+    def _batch(self, variant: str, slots: int = 1, layout: str = "auto"):
         s = self.settings
-        return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots, s.speculate)
+        return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots, s.speculate, layout)
 
     def batch(self, variant: str | None = None, slots: int = 1) -> BatchGenerator:
         """The one decode loop (:class:`BatchGenerator`: insert / step / remove) for ``variant`` under these
@@ -417,17 +417,19 @@ class SafeInfer:
         return result
 
     def generate_many(self, prompts: Iterable[tuple[Hashable, str | list[Message]]], variant: str | None = None,
-                      raw: bool = False, frame: str | None = None, n_parallel: int = 1, **gen
-                      ) -> Iterator[tuple[Hashable, Result | UsageError]]:
+                      raw: bool = False, frame: str | None = None, n_parallel: int = 1, layout: str = "auto",
+                      **gen) -> Iterator[tuple[Hashable, Result | UsageError]]:
         """Yield ``(key, Result or UsageError)`` for ``(key, prompt)`` pairs as each finishes, decoding up to
         ``n_parallel`` of them in the same batches. A prompt that cannot run yields its error, and the rest go
         on. With a harm gate, every prompt is scored first (many per decode), and the benign ones and the
-        flagged ones each go through their own batches."""
+        flagged ones each go through their own batches. ``layout``: where a guided variant's two sides decode
+        (``auto`` | ``split`` | ``shared``; see :meth:`Decoder.batch <safeinfer_local.decode.decoder.Decoder.batch>`):
+        ``split`` keeps each side's batches the same as an unguided variant's, for comparisons between variants."""
         variant = self._variant(variant)
         fr = resolve_frame(raw, frame)
         cfg = GenConfig(**{**gen, "stop": tuple(gen.get("stop", ())) + self.frame_stops(frame=fr)})
         if self.active_gate(variant) is None:
-            yield from self._many(variant, self._encoded(prompts, fr), cfg, n_parallel)
+            yield from self._many(variant, self._encoded(prompts, fr), cfg, n_parallel, layout)
             return
         enc = []
         for item in self._encoded(prompts, fr):
@@ -445,7 +447,7 @@ class SafeInfer:
                 groups.setdefault(d[0], []).append((key, text, toks, d[1], d[2]))
         for run, reqs in groups.items():
             info = {key: (sc, gated) for key, _, _, sc, gated in reqs}
-            for key, res in self._many(run, ((k, t, tk) for k, t, tk, _, _ in reqs), cfg, n_parallel):
+            for key, res in self._many(run, ((k, t, tk) for k, t, tk, _, _ in reqs), cfg, n_parallel, layout):
                 if isinstance(res, Result):
                     res.variant, (res.gate_score, res.gated) = variant, info[key]
                 yield key, res
@@ -459,7 +461,7 @@ class SafeInfer:
                 continue
             yield key, prompt if isinstance(prompt, str) else prompt[-1]["content"], tokens
 
-    def _many(self, variant: str, encoded, cfg: GenConfig, n_parallel: int):
+    def _many(self, variant: str, encoded, cfg: GenConfig, n_parallel: int, layout: str = "auto"):
         errors: list = []
 
         def requests():
@@ -469,7 +471,7 @@ class SafeInfer:
                 else:
                     yield item
 
-        for key, res in self._decoder.generate_many(self._batch(variant, n_parallel), requests(), cfg):
+        for key, res in self._decoder.generate_many(self._batch(variant, n_parallel, layout), requests(), cfg):
             while errors:
                 yield errors.pop(0)
             yield key, res

@@ -197,6 +197,11 @@ class BatchGenerator:
         self._free = list(range(target.slots))
         self._active: dict[int, _Slot] = {}
         self._room = min(target.n_ctx, guide.n_ctx if guide is not None else target.n_ctx)
+        self.shared = target.shared if guide is not None and target.shared is not None and \
+            guide.shared is target.shared else None
+        """Both sides in one context (:class:`~.sides.SharedContext`): one ``llama_decode`` per step for both."""
+        if self.shared is not None and self.speculate:
+            raise ValueError("speculative decoding needs the two-context layout")
 
     # -- requests -------------------------------------------------------------------------------------------
     def insert(self, key: Hashable, tokens: list[int], cfg: GenConfig, prompt: str = "",
@@ -241,7 +246,9 @@ class BatchGenerator:
     def _admit(self, events: list[Event]) -> None:
         while self._free and self._pending:
             req = self._pending[0]
-            if self._active and self._used() + len(req.tokens) + req.cfg.max_tokens > self._room:
+            # a shared context holds both sides' new tokens (the prompt head is shared)
+            new_cells = len(req.tokens) + req.cfg.max_tokens * (2 if self.shared is not None else 1)
+            if self._active and self._used() + new_cells > self._room:
                 return  # the shared KV is full: wait for a slot to finish
             self._pending.popleft()
             i = self._free.pop(0)
@@ -287,6 +294,10 @@ class BatchGenerator:
                 g.import_head(i, t, toks)
                 return last
             return self._both(head, None)[0]
+        if self.shared is not None:  # one context: one decode at a time, on every thread
+            last = self._both(lambda: t.begin(i, toks, self.tbuf[0]), None)[0]
+            self._both(lambda: g.begin(i, toks, self.gbuf[0]), None)
+            return last
         last, _ = self._both(lambda: t.begin(i, toks, self.tbuf[0]), lambda: g.begin(i, toks, self.gbuf[0]))
         return last
 
@@ -326,8 +337,11 @@ class BatchGenerator:
     def _plain_step(self, events: list[Event]) -> list[Event]:
         """Both sides decode every running slot's pending token at the same time; one token each."""
         g = self.guide
-        lt, lu = self._both(lambda: self._decode(self.target, self.tbuf, False),
-                            (lambda: self._decode(g, self.gbuf, True)) if g is not None else None)
+        if self.shared is not None:
+            lt, lu = self._both(self._decode_shared, None)[0]
+        else:
+            lt, lu = self._both(lambda: self._decode(self.target, self.tbuf, False),
+                                (lambda: self._decode(g, self.gbuf, True)) if g is not None else None)
         lu = lu or {}
         done: dict[int, tuple] = {}
         going: list[int] = []
@@ -338,6 +352,18 @@ class BatchGenerator:
             if self._emit(i, s, tok, lp, guided, events, done):
                 going.append(i)
         return self._close(events, done, going)
+
+    def _decode_shared(self) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Both sides' rows for every running slot in one ``llama_decode`` of a shared context, each row with its
+        side's vector for its chunk (second chunk for a fresh slot's last prompt token, third after)."""
+        t, g = self.target, self.guide
+        act = list(self._active.items())
+        items = [(t.slot_seq(i), s.last, self.tbuf[1] if s.fresh else self.tbuf[2]) for i, s in act] + \
+                [(g.slot_seq(i), s.last, self.gbuf[1] if s.fresh else self.gbuf[2]) for i, s in act]
+        rows = self.shared.decode(items)
+        n = len(act)
+        return ({i: rows[k] for k, (i, _) in enumerate(act)},
+                {i: log_softmax(rows[n + k]) for k, (i, _) in enumerate(act)})
 
     def _emit(self, i: int, s: _Slot, tok: int, lp: float, guided: bool, events: list[Event],
               done: dict[int, tuple]) -> bool:

@@ -21,8 +21,10 @@ from ..llama.engine import Model, default_threads
 from .batch import BatchGenerator, GenConfig, Result, Step
 from .gating import FeatureReader
 from .guidance import GuidanceSpec, prefix_text, safe_demos, unsafe_demos
-from .sides import Side, check_same_vocab
+from .sides import SharedContext, Side, check_same_vocab
 from .steering import NO_VECTOR, Buffers, Steering, check_plan_steerable, position_buffers
+
+LAYOUTS = ("auto", "split", "shared")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Decoder:
     def __init__(self, model: Model, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None) -> None:
         self.model = model
         self.n_ctx, self.n_threads = n_ctx, n_threads
-        self._sides: dict[tuple, Side] = {}
+        self._sides: dict[tuple, Side | tuple[Side, Side]] = {}
         self._guide_models: dict[str, Model] = {}
         self.decode_s = 0.0
         """Wall time spent in llama.cpp decoding so far (the speed benchmark's decode/Python split)."""
@@ -96,6 +98,22 @@ class Decoder:
             self._sides[full] = side
         return side
 
+    def _shared_sides(self, p: Plan, slots: int) -> tuple[Side, Side]:
+        """Target and guidance sides in one :class:`SharedContext`, steered at the blocks the plan's vectors use."""
+        blocks = set()
+        for buf in (*p.tbuf, *p.gbuf):
+            if buf is not None:
+                rows = buf.reshape(self.model.n_layer - 1, self.model.n_embd)
+                blocks.update(int(b) + 1 for b in np.flatnonzero(np.any(rows != 0, axis=1)))
+        key = ("shared", tuple(sorted(blocks)), slots)
+        pair = self._sides.get(key)
+        if pair is None:
+            sc = SharedContext(self.model, self.n_ctx, self._all_threads, slots, tuple(blocks))
+            pair = self._sides[key] = (Side(self.model, self.n_ctx, self._all_threads, slots=slots, shared=sc),
+                                       Side(self.model, self.n_ctx, self._all_threads, slots=slots, shared=sc,
+                                            base=slots))
+        return pair
+
     def _guide_model(self, guidance: GuidanceSpec) -> Model:
         gm = self._guide_models.get(str(guidance.path))
         if gm is None:
@@ -142,13 +160,27 @@ class Decoder:
 
     # -- generation -----------------------------------------------------------------------------------------
     def batch(self, variant: str, steering: Steering | None, guidance: GuidanceSpec, lam: float,
-              slots: int = 1, speculate: int = 0) -> BatchGenerator:
+              slots: int = 1, speculate: int = 0, layout: str = "auto") -> BatchGenerator:
         """A batch generator with ``slots`` request slots for one variant and its settings; ``speculate``: tokens
-        the target drafts per round before the guidance verifies them (guided variants only)."""
+        the target drafts per round before the guidance verifies them (guided variants only).
+
+        ``layout`` of a guided variant's two sides: ``split``, a context each, decoding at the same time on half
+        the threads; ``shared``, one context for both, one decode per step on every thread, the vector added per
+        row (:class:`~.sides.SharedContext`: only where both sides run the same weights with no prefix and no
+        LoRA, i.e. ``negative`` guidance); ``auto``: ``shared`` where it applies with 2 or more slots and no
+        speculation, else ``split`` (measured on a 2-core CPU: benchmarks/batch_layout.py, docs/RESULTS.md)."""
         check_parallel(slots)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
         p = self.plan(variant, steering, guidance)
-        target = self.side(p.target, guidance, slots)
-        guide = self.side(p.guide, guidance, slots) if p.guide else None
+        can_share = p.target == "target-plain" and p.guide == "guide-plain" and not speculate
+        if layout == "shared" and not can_share:
+            raise UsageError("the shared layout needs --guidance negative and no --speculate")
+        if layout == "shared" or (layout == "auto" and can_share and slots >= 2):
+            target, guide = self._shared_sides(p, slots)
+        else:
+            target = self.side(p.target, guidance, slots)
+            guide = self.side(p.guide, guidance, slots) if p.guide else None
         return BatchGenerator(self.model, target, p.tbuf, guide, p.gbuf, lam, self._both, variant,
                               head_threads=self._all_threads if guide is not None else None,
                               speculate=speculate if guide is not None else 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..llama.engine import Context, Model
+from ..llama.engine import ActivationHook, Context, Model
 
 
 def check_same_vocab(target: Model, guide: Model) -> None:
@@ -30,28 +30,93 @@ def check_same_vocab(target: Model, guide: Model) -> None:
                              f"({x!r} vs {y!r})")
 
 
+class SharedContext:
+    """One llama.cpp context that holds both sides of guided decoding on the same weights: target slot ``i`` in KV
+    sequence ``i``, guidance slot ``i`` in ``slots + i``, so that a step decodes both sides' rows in one
+    ``llama_decode``. llama.cpp's control vector belongs to a whole context, so here the vector is added per row
+    instead: a ``cb_eval`` patch adds each row's block ``B`` direction to ``l_out-B`` (where llama.cpp adds its
+    control vector), per decoded row, from the buffer its item asks for. No control vector is ever set on it."""
+
+    def __init__(self, model: Model, n_ctx: int, n_threads: int | None, slots: int, blocks: tuple[int, ...]) -> None:
+        self.model, self.slots, self.n_threads = model, slots, n_threads
+        self.blocks = tuple(sorted(set(blocks)))
+        self.hook = ActivationHook({f"l_out-{b}" for b in self.blocks}, self._patch)
+        self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=2 * slots, n_threads=n_threads, capture=self.hook)
+        self.sides: list[Side] = []
+        self._deltas: dict[int, np.ndarray] | None = None
+
+    def decode(self, items: list[tuple[int, list[int], np.ndarray | None]], logits: str = "last") -> list[np.ndarray]:
+        """Decode ``(sequence, tokens, control-vector buffer or None)`` items in one batch (or as few as
+        ``n_batch`` allows), each row steered by its item's buffer."""
+        steered = [(k, b) for k, (_, _, b) in enumerate(items) if b is not None]
+        if not steered:
+            self._deltas = None
+        else:
+            counts = np.array([len(t) for _, t, _ in items])
+            per_row_item = np.repeat(np.arange(len(items)), counts)
+            n_embd, n_layer = self.model.n_embd, self.model.n_layer
+            self._deltas = {}
+            for blk in self.blocks:
+                by_item = np.zeros((len(items), n_embd), np.float32)
+                for k, b in steered:
+                    by_item[k] = b.reshape(n_layer - 1, n_embd)[blk - 1]
+                self._deltas[blk] = by_item[per_row_item] if by_item.any() else None
+        return self.ctx.decode_multi([(seq, toks) for seq, toks, _ in items], logits=logits)
+
+    def _patch(self, name: str, rows: np.ndarray) -> np.ndarray | None:
+        if self._deltas is None:
+            return None
+        d = self._deltas.get(int(name.rsplit("-", 1)[1]))
+        if d is None:
+            return None
+        a, b = self.hook.rows
+        return rows + d[a:b]
+
+    def used(self) -> int:
+        """KV cells in use by both sides (a head the guidance copied from the target counted once)."""
+        return sum(side.own_used() for side in self.sides)
+
+
 class Side:
-    """One context with ``slots`` request slots, an optional cached prefix, and control-vector switching."""
+    """One context with ``slots`` request slots, an optional cached prefix, and control-vector switching; or one
+    side's half of a :class:`SharedContext` (``shared``: its sequences start at ``base``)."""
 
     def __init__(self, model: Model, n_ctx: int, n_threads: int | None, prefix: list[int] | None = None,
-                 lora: Path | None = None, slots: int = 1) -> None:
+                 lora: Path | None = None, slots: int = 1, shared: SharedContext | None = None,
+                 base: int = 0) -> None:
         self.model = model
         self.prefix = list(prefix or [])
         self.slots = slots
         self.n_threads = n_threads
-        self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=slots + (1 if self.prefix else 0),
-                                          n_threads=n_threads)
+        self.shared = shared
+        self.base = base
+        if shared is not None:
+            if self.prefix or lora is not None:
+                raise ValueError("a side in a shared context has no prefix and no LoRA")
+            self.ctx: Context = shared.ctx
+            shared.sides.append(self)
+        else:
+            self.ctx = model.context(n_ctx=n_ctx, n_seq_max=slots + (1 if self.prefix else 0), n_threads=n_threads)
         self.lora = lora
         if lora is not None:
             self.ctx.set_lora(lora)
         self._prefix_decoded = False
+        self._borrowed = [0] * slots  # head cells copied from the other side of a shared context, per slot
 
     @property
     def n_ctx(self) -> int:
         return self.ctx.n_ctx
 
     def slot_seq(self, i: int) -> int:
-        return i + (1 if self.prefix else 0)
+        return self.base + i + (1 if self.prefix else 0)
+
+    def _decode(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None, logits: str) -> list[np.ndarray]:
+        """Decode ``(sequence, tokens)`` items under one control vector: the context's own, or per row in a
+        shared context."""
+        if self.shared is not None:
+            return self.shared.decode([(seq, toks, buffer) for seq, toks in items], logits)
+        self.ctx.set_control_vector(buffer)
+        return self.ctx.decode_multi(items, logits=logits)
 
     def begin(self, i: int, prompt_tokens: list[int], head_buffer: np.ndarray | None,
               decode_head: bool = True) -> list[int]:
@@ -78,9 +143,9 @@ class Side:
             ctx.truncate(seq, 0)
             raise UsageError(f"prompt is {len(toks)} tokens (+{len(self.prefix)} of guidance prefix) but the "
                              f"context holds {ctx.n_ctx} (shorten it or raise --n-ctx)")
+        self._borrowed[i] = 0
         if toks[:-1] and decode_head:
-            ctx.set_control_vector(head_buffer)
-            ctx.decode(toks[:-1], seq=seq, logits="none")
+            self._decode([(seq, toks[:-1])], head_buffer, "none")
         return toks[-1:]
 
     def shares_head_with(self, other: Side, buffers, other_buffers) -> bool:
@@ -92,19 +157,22 @@ class Side:
     def import_head(self, i: int, other: Side, prompt_tokens: list[int]) -> None:
         """Take slot ``i``'s prompt head KV from the same slot of ``other`` (decoded there) instead of decoding
         it again (``llama_state_seq_get/set_data``)."""
-        if len(prompt_tokens) > 1:
+        if len(prompt_tokens) <= 1:
+            return
+        if self.ctx is other.ctx:  # one shared context: the cells are shared, nothing is copied
+            self.ctx.copy_seq(other.slot_seq(i), self.slot_seq(i))
+            self._borrowed[i] = len(prompt_tokens) - 1
+        else:
             self.ctx.import_seq(other.ctx.export_seq(other.slot_seq(i)), self.slot_seq(i), len(prompt_tokens) - 1)
 
     def decode_slots(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
         """Decode tokens for several slots in one batch under one control vector; the last logits of each."""
-        self.ctx.set_control_vector(buffer)
-        return self.ctx.decode_multi([(self.slot_seq(i), toks) for i, toks in items])
+        return self._decode([(self.slot_seq(i), toks) for i, toks in items], buffer, "last")
 
     def decode_rows(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
         """Decode tokens for several slots in one batch under one control vector; every position's logits
         (``(len(tokens), n_vocab)`` per item)."""
-        self.ctx.set_control_vector(buffer)
-        return self.ctx.decode_multi([(self.slot_seq(i), toks) for i, toks in items], logits="all")
+        return self._decode([(self.slot_seq(i), toks) for i, toks in items], buffer, "all")
 
     def pos(self, i: int) -> int:
         """Slot ``i``'s next position (tokens in its sequence, the prefix included)."""
@@ -116,17 +184,21 @@ class Side:
 
     def rows(self, i: int, tokens: list[int], buffer: np.ndarray | None) -> np.ndarray:
         """Decode ``tokens`` on slot ``i`` in one batch; the logits of every position (teacher forcing)."""
-        self.ctx.set_control_vector(buffer)
-        return self.ctx.decode(tokens, seq=self.slot_seq(i), logits="all")
+        return self._decode([(self.slot_seq(i), list(tokens))], buffer, "all")[0]
 
     def release(self, i: int) -> None:
         self.ctx.truncate(self.slot_seq(i), 0)
+        self._borrowed[i] = 0
 
     def room(self, i: int) -> int:
         """Positions left in slot ``i``'s sequence."""
         return self.ctx.n_ctx - self.ctx.pos[self.slot_seq(i)]
 
     def used(self) -> int:
-        """KV cells in use by the slots (the prefix's cells are shared, counted once)."""
+        """KV cells in use in this side's context (the prefix's cells are shared, counted once; a shared context
+        counts both sides)."""
+        return self.shared.used() if self.shared is not None else self.own_used()
+
+    def own_used(self) -> int:
         n = len(self.prefix)
-        return n + sum(max(0, self.ctx.pos[self.slot_seq(i)] - n) for i in range(self.slots))
+        return n + sum(max(0, self.ctx.pos[self.slot_seq(i)] - n - self._borrowed[i]) for i in range(self.slots))

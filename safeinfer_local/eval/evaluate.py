@@ -271,7 +271,8 @@ class HarmBench:
                     continue
                 reqs = ((k, self._text(u)) for k, u in todo.items())
                 si, variant = self.runners[v]
-                for k, res in si.generate_many(reqs, variant=variant, n_parallel=self.cfg.parallel,
+                # split layout: a guided variant's target rows batch exactly as an unguided variant's do
+                for k, res in si.generate_many(reqs, variant=variant, n_parallel=self.cfg.parallel, layout="split",
                                                **self._gen_kw(self.cfg.max_tokens)):
                     self._write(app, self._gen_record(todo[k], v, res))
 

@@ -285,6 +285,9 @@ class ActivationHook:
         self.patch = patch
         self.captured: dict[str, np.ndarray] = {}
         self.error: BaseException | None = None
+        self.rows: tuple[int, int] = (0, 0)
+        """The flat token range (start, stop) of the ``decode_multi`` input that the running ``llama_decode``
+        holds (its rows, in order), so a patch can tell which row belongs to which sequence."""
         # keep the ctypes callback object referenced as long as llama.cpp may call it
         self._cfunc = _L.ggml_backend_sched_eval_callback(self._callback)
 
@@ -493,6 +496,7 @@ class Context:
             b.n_tokens = len(chunk)
             if self.hook is not None:
                 self.hook.error = None
+                self.hook.rows = (start, start + len(chunk))
             rc = _L.llama_decode(self._ctx, b)
             raise_deferred_interrupt()  # a Ctrl-C that arrived inside llama.cpp's log callback
             if rc != 0:
