@@ -86,3 +86,21 @@ def test_shared_layout_refused_where_it_cannot_apply(neg):
     # auto falls back to split for prompt guidance and for speculation
     assert p._decoder.batch("safeinfer", p.steering, p.guidance, p.lam, 2, 0, "auto").shared is None
     assert neg._decoder.batch("safeinfer", neg.steering, neg.guidance, neg.lam, 2, 4, "auto").shared is None
+
+
+@pytest.mark.model
+def test_shared_context_end(model):
+    """Each side keeps the room it has in a context of its own; many slots near the end stop with `context`
+    (KV accounting counts both sides' new tokens), never with a failed decode."""
+    from safeinfer_local.api import SafeInfer
+
+    small = SafeInfer(model=model, vector="default", n_ctx=256, gate="off")
+    _, a = run(small, "split", 1, PROMPTS[:1], max_tokens=400)
+    g, b = run(small, "shared", 2, PROMPTS[:1], max_tokens=400)
+    assert a[0].stop_reason == b[0].stop_reason == "context"
+    assert b[0].n_tokens == a[0].n_tokens and b[0].response == a[0].response
+    g, out = run(small, "shared", 3, PROMPTS * 2, max_tokens=150)
+    assert sorted(out) == list(range(6))
+    assert all(not isinstance(r, Exception) for r in out.values()), out
+    assert {r.stop_reason for r in out.values()} <= {"context", "max_tokens", "stop", "eos"}
+    assert any(r.stop_reason == "context" for r in out.values())

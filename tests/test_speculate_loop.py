@@ -158,3 +158,15 @@ def test_kept_is_the_reference_distribution():
             assert s(row) in set(ids)
     with pytest.raises(ValueError):
         make_sampler(0.0).kept(np.zeros(3))
+
+
+@pytest.mark.model
+def test_many_slots_reach_the_context_end_with_speculation(model):
+    from safeinfer_local.api import SafeInfer
+
+    small = SafeInfer(model=model, vector="default", n_ctx=256, gate="off", speculate=4)
+    out = dict(small.generate_many(list(enumerate(PROMPTS)), variant="safeinfer", frame="qa", n_parallel=3,
+                                   max_tokens=150, temperature=0))
+    assert sorted(out) == list(range(len(PROMPTS)))
+    assert all(not isinstance(r, Exception) for r in out.values()), out
+    assert any(r.stop_reason == "context" for r in out.values())

@@ -196,7 +196,7 @@ class BatchGenerator:
         self._pending: deque[_Request] = deque()
         self._free = list(range(target.slots))
         self._active: dict[int, _Slot] = {}
-        self._room = min(target.n_ctx, guide.n_ctx if guide is not None else target.n_ctx)
+        self._room = min(target.capacity, guide.capacity if guide is not None else target.capacity)
         self.shared = target.shared if guide is not None and target.shared is not None and \
             guide.shared is target.shared else None
         """Both sides in one context (:class:`~.sides.SharedContext`): one ``llama_decode`` per step for both."""
@@ -423,7 +423,7 @@ class BatchGenerator:
         active = self._active
         margin = 2 * self.speculate + 2
         if any(t.room(i) < margin or g.room(i) < margin for i in active) or any(
-                side.used() + len(active) * margin > side.n_ctx for side in (t, g)):
+                side.used() + len(active) * margin > side.capacity for side in (t, g)):
             # near the end of the context: verify what was drafted, then one token per step on both sides
             if any(s.draft for s in active.values()):
                 return self._round(events, draft=False)
@@ -475,6 +475,8 @@ class BatchGenerator:
         for i, s in list(active.items()):
             new = drafts.get(i)
             if not s.draft:  # nothing to verify yet: the new draft waits for the next round
+                if new is None:  # verifying only (near the end of the context): nothing was drafted
+                    continue
                 s.k_next = min(2 * s.k_next, self.speculate)
                 s.g_last, s.g_fresh = s.last, s.fresh
                 s.draft, s.draft_rows, s.t_start = new
@@ -556,7 +558,9 @@ class BatchGenerator:
 
     def _no_room(self, going: list[int]) -> bool:
         sides = [self.target] + ([self.guide] if self.guide is not None else [])
-        return any(side.used() + len(going) > side.n_ctx or any(side.room(i) < 1 for i in going) for side in sides)
+        per_slot = 2 if self.shared is not None else 1  # a shared context takes both sides' next tokens
+        return any(side.used() + per_slot * len(going) > side.capacity or any(side.room(i) < 1 for i in going)
+                   for side in sides)
 
     def _result(self, s: _Slot, last: Step) -> Result:
         t_end = time.perf_counter()

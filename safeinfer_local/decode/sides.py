@@ -41,7 +41,10 @@ class SharedContext:
         self.model, self.slots, self.n_threads = model, slots, n_threads
         self.blocks = tuple(sorted(set(blocks)))
         self.hook = ActivationHook({f"l_out-{b}" for b in self.blocks}, self._patch)
-        self.ctx: Context = model.context(n_ctx=n_ctx, n_seq_max=2 * slots, n_threads=n_threads, capture=self.hook)
+        # twice the cells: each side keeps the room it has in a context of its own (n_ctx positions per sequence)
+        self.ctx: Context = model.context(n_ctx=2 * n_ctx, n_seq_max=2 * slots, n_threads=n_threads,
+                                          capture=self.hook)
+        self.n_ctx = min(n_ctx, self.ctx.n_ctx)
         self.sides: list[Side] = []
         self._deltas: dict[int, np.ndarray] | None = None
 
@@ -105,6 +108,12 @@ class Side:
 
     @property
     def n_ctx(self) -> int:
+        """Positions a sequence may hold (a request's prompt and reply)."""
+        return self.shared.n_ctx if self.shared is not None else self.ctx.n_ctx
+
+    @property
+    def capacity(self) -> int:
+        """KV cells the context holds, what :meth:`used` counts against (both sides' in a shared context)."""
         return self.ctx.n_ctx
 
     def slot_seq(self, i: int) -> int:
@@ -139,10 +148,10 @@ class Side:
             ctx.truncate(seq, 0)
         if not toks:
             raise UsageError("empty prompt")
-        if len(self.prefix) + len(toks) >= ctx.n_ctx:
+        if len(self.prefix) + len(toks) >= self.n_ctx:
             ctx.truncate(seq, 0)
             raise UsageError(f"prompt is {len(toks)} tokens (+{len(self.prefix)} of guidance prefix) but the "
-                             f"context holds {ctx.n_ctx} (shorten it or raise --n-ctx)")
+                             f"context holds {self.n_ctx} (shorten it or raise --n-ctx)")
         self._borrowed[i] = 0
         if toks[:-1] and decode_head:
             self._decode([(seq, toks[:-1])], head_buffer, "none")
@@ -192,7 +201,7 @@ class Side:
 
     def room(self, i: int) -> int:
         """Positions left in slot ``i``'s sequence."""
-        return self.ctx.n_ctx - self.ctx.pos[self.slot_seq(i)]
+        return self.n_ctx - self.ctx.pos[self.slot_seq(i)]
 
     def used(self) -> int:
         """KV cells in use in this side's context (the prefix's cells are shared, counted once; a shared context
