@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +192,35 @@ def record(item: Item, variant: str, response: str | None = None, n_tokens: int 
             "tokens_per_s": round(tokens_per_s, 2), "guided_tokens": guided_tokens}
 
 
+def result_record(item: Item, variant: str, r, judge=None) -> dict:
+    """The record of an item from its generation ``r`` (a :class:`~safeinfer_local.decode.batch.Result`, or the
+    error that stopped it) and the optional ``--judge-model`` classifier."""
+    if isinstance(r, Exception):
+        return record(item, variant, error=str(r))
+    rec = record(item, variant, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
+    rec["gate_score"] = None if r.gate_score is None else round(r.gate_score, 4)
+    rec["gated"] = r.gated
+    if r.stop_reason == "refused":
+        rec["verdict"] = "refused"
+    if judge is not None:
+        rec["judge"] = judge.classify(item.prompt, r.response)
+    return rec
+
+
+def generate_records(si, items: list[Item], frame: str | None = None, parallel: int = 1, judge=None,
+                     **gen) -> Iterator[dict]:
+    """The record of every item: unreadable ones first, then the others as their generations finish (up to
+    ``parallel`` in the same batches)."""
+    variant = si.default_variant()
+    for it in items:
+        if it.error is not None:
+            yield record(it, variant)
+    runs = {it.id: it for it in items if it.error is None}
+    for key, r in si.generate_many(((it.id, it.prompt) for it in runs.values()), frame=frame, n_parallel=parallel,
+                                   **gen):
+        yield result_record(runs[key], variant, r, judge)
+
+
 def finalize(out: Path, items: list[Item], split_dir: Path | None) -> dict[str, int]:
     """Once every wanted item has a record: rewrite the output in input order (atomically) and write the
     split files. Returns the counts per verdict."""
@@ -329,14 +358,16 @@ def header(si, items: list[Item], shard: tuple[int, int] | None, frame: str | No
 def run(si, items: list[Item], out: Path | None = None, split: Path | None = None,
         shard: tuple[int, int] | None = None, parallel: int = 1, frame: str | None = None, judge=None,
         progress: Callable[[str, int, int], None] | None = None,
-        on_resume: Callable[[int, int], None] | None = None, force: bool = False, **gen) -> Summary:
+        on_resume: Callable[[int, int], None] | None = None, force: bool = False,
+        records: Callable[[list[Item]], Iterable[dict]] | None = None, **gen) -> Summary:
     """``safeinfer filter``: generate a reply for every wanted item with ``si``'s settings and judge it, one
     record per item appended to ``out`` (flushed as each finishes; a rerun resumes) or written to stdout in input
-    order. ``gen``: the fields of a generation (max_tokens, temperature, ..., stop).
+    order. ``gen``: the fields of a generation (max_tokens, temperature, ..., stop). ``records``: what makes the
+    records of the items still to do, in any order (default: :func:`generate_records` here, in this process;
+    ``safeinfer_local.ray`` passes Ray Data actors that run it).
 
     ``out`` starts with a header naming the input and the settings: a rerun into it resumes only with the same
     ones, and a file that is not a filter output is never written; ``force`` starts either over."""
-    variant = si.default_variant()
     head = header(si, items, shard, frame, judge, gen)
     wanted, todo, app = start(items, out, head, "filter output", shard, force, on_resume)
     written: list[dict] = []
@@ -358,24 +389,9 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
             progress("filter", len(written), len(todo))
 
     try:
-        runs = [it for it in todo if it.error is None]
-        for it in todo:
-            if it.error is not None:
-                emit(record(it, variant))
-        by_id = {it.id: it for it in runs}
-        for key, r in si.generate_many(((it.id, it.prompt) for it in runs), frame=frame, n_parallel=parallel,
-                                       **gen):
-            it = by_id[key]
-            if isinstance(r, Exception):
-                rec = record(it, variant, error=str(r))
-            else:
-                rec = record(it, variant, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
-                rec["gate_score"] = None if r.gate_score is None else round(r.gate_score, 4)
-                rec["gated"] = r.gated
-                if r.stop_reason == "refused":
-                    rec["verdict"] = "refused"
-                if judge is not None:
-                    rec["judge"] = judge.classify(it.prompt, r.response)
+        source = (records(todo) if records is not None
+                  else generate_records(si, todo, frame=frame, parallel=parallel, judge=judge, **gen))
+        for rec in source:
             emit(rec)
     except KeyboardInterrupt:
         app.close()

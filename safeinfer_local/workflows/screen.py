@@ -25,43 +25,56 @@ def header(si, items: list[Item], shard, frame: str, threshold: float) -> dict:
                          "block": g.block, "frame": frame, "threshold": threshold}}
 
 
-def run(si, items: list[Item], out: Path | None = None, split: Path | None = None, shard=None,
-        frame: str | None = None, progress: Callable[[str, int, int], None] | None = None,
-        on_resume: Callable[[int, int], None] | None = None, force: bool = False) -> Summary:
+def _gate(si):
     gate = si.active_gate("safeinfer")
     if gate is None:
         raise UsageError("screen needs a vector with a harm gate (build one with `safeinfer vectors gate`)")
+    return gate
+
+
+def score_records(si, items: list[Item], frame: str) -> dict[int, dict]:
+    """The record of each item, by its index: the gate's scores of all of them from one decode (one at a time
+    when that one fails, so that a prompt the gate cannot read is an error of its own)."""
+    gate = _gate(si)
+    fg = gate.frame(frame)
+    recs: dict[int, dict] = {}
+    ok = []
+    for it in items:
+        if it.error is not None:
+            recs[it.index] = _record(it, None, None, it.error)
+            continue
+        try:
+            ok.append((it, si.encode_prompt(it.prompt, frame=frame)[0]))
+        except UsageError as e:
+            recs[it.index] = _record(it, None, None, str(e))
+    if ok:
+        try:
+            scores = list(fg.score(si.features(gate.block, [t for _, t in ok], gate.tail)))
+        except UsageError:
+            scores = []
+            for _, t in ok:
+                try:
+                    scores.append(fg.score(si.features(gate.block, [t], gate.tail))[0])
+                except UsageError as e:
+                    scores.append(e)
+        for (it, _), sc in zip(ok, scores, strict=True):
+            recs[it.index] = (_record(it, None, None, str(sc)) if isinstance(sc, UsageError)
+                              else _record(it, float(sc), bool(sc >= fg.threshold)))
+    return recs
+
+
+def run(si, items: list[Item], out: Path | None = None, split: Path | None = None, shard=None,
+        frame: str | None = None, progress: Callable[[str, int, int], None] | None = None,
+        on_resume: Callable[[int, int], None] | None = None, force: bool = False) -> Summary:
     fr = resolve_frame(False, frame)
-    fg = gate.frame(fr)
+    fg = _gate(si).frame(fr)
     head = header(si, items, shard, fr, fg.threshold)
     wanted, todo, app = start(items, out, head, "screen output", shard, force, on_resume)
     written: list[dict] = []
     try:
         for at in range(0, len(todo), CHUNK):
             chunk = todo[at:at + CHUNK]
-            recs: dict[int, dict] = {}
-            ok = []
-            for it in chunk:
-                if it.error is not None:
-                    recs[it.index] = _record(it, None, None, it.error)
-                    continue
-                try:
-                    ok.append((it, si.encode_prompt(it.prompt, frame=fr)[0]))
-                except UsageError as e:
-                    recs[it.index] = _record(it, None, None, str(e))
-            if ok:
-                try:
-                    scores = list(fg.score(si.features(gate.block, [t for _, t in ok], gate.tail)))
-                except UsageError:
-                    scores = []
-                    for _, t in ok:
-                        try:
-                            scores.append(fg.score(si.features(gate.block, [t], gate.tail))[0])
-                        except UsageError as e:
-                            scores.append(e)
-                for (it, _), sc in zip(ok, scores, strict=True):
-                    recs[it.index] = (_record(it, None, None, str(sc)) if isinstance(sc, UsageError)
-                                      else _record(it, float(sc), bool(sc >= fg.threshold)))
+            recs = score_records(si, chunk, fr)
             for it in chunk:
                 app.write(recs[it.index])
                 written.append(recs[it.index])
