@@ -83,3 +83,10 @@ def test_the_server_goes_through_the_api():
                                              "safeinfer_local.decode.decoder", "safeinfer_local.decode.gating",
                                              "safeinfer_local.cli", "typer"])
     assert "safeinfer_local.api" in _imports(PKG / "serve" / "scheduler.py")
+
+
+def test_only_the_ray_module_imports_ray():
+    # Ray is an optional extra: safeinfer_local/ray.py imports it lazily, and nothing else imports it at all
+    files = [f for f in _files() if f != PKG / "ray.py"]
+    assert not _violations(files, ["ray"])
+    assert "ray" in _imports(PKG / "ray.py")
