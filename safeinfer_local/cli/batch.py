@@ -33,6 +33,13 @@ def filter_cmd(
     gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
     refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt,
+    ray: str | None = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
+                                   help="Generate on Ray actors, one model each (needs safeinfer_local[ray]): local "
+                                   "(a Ray instance of this command), auto (the Ray running on this machine) or a "
+                                   "cluster's address (e.g. ray://head:10001). --threads is per actor (default 1), "
+                                   "--parallel per actor; the output is the same as without --ray."),
+    ray_actors: int | None = typer.Option(None, "--ray-actors", help="Ray actors (default: the cluster's CPUs // "
+                                          "--threads)."),
 ) -> None:
     """Generate a reply for every prompt in a file and judge it (refused / answered / error)."""
     from ..workflows import filter as flt
@@ -41,6 +48,17 @@ def filter_cmd(
     fr = resolve_frame(raw, frame)
     o.check_parallel(parallel)
     sh = flt.parse_shard(shard)
+    if ray is None and ray_actors is not None:
+        raise UsageError("--ray-actors needs --ray local|auto|ADDRESS")
+    if ray is not None:
+        if not ray.strip():
+            raise UsageError("--ray takes local, auto or a Ray address, not an empty string")
+        if ray_actors is not None and ray_actors < 1:
+            raise UsageError(f"--ray-actors must be >= 1, not {ray_actors}")
+        from .. import ray as sray
+
+        sray.check()
+        threads = 1 if threads is None else threads
     if out is not None:
         o.check_writable(out)
     if out is not None and input != "-" and Path(input).exists() and (out.exists() or out.is_symlink()):
@@ -61,8 +79,13 @@ def filter_cmd(
 
     try:
         with o.progress(quiet) as prog:
-            res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming,
-                          force=force, **gen)
+            if ray is None:
+                res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming,
+                              force=force, **gen)
+            else:
+                res = sray.filter_run(si, items, out, split, sh, parallel, fr, judge, progress=prog,
+                                      on_resume=resuming, force=force, address=ray.strip(), actors=ray_actors,
+                                      threads=threads, **gen)
     except flt.Interrupted as e:
         print(e.message, file=sys.stderr)
         raise typer.Exit(130) from None
