@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,7 +179,7 @@ class Session:
         if self.quiet:
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors come back as one exception
         return ray
 
     def cpus(self) -> int:
@@ -196,13 +197,22 @@ def _line(e: BaseException) -> str:
 
 
 def _cause(e: BaseException) -> BaseException | None:
-    """Our own error behind Ray's wrappers, if any."""
+    """Our own error behind Ray's wrappers, if any: in the exception chain, or (an actor that died in its
+    constructor) only as the last line of the worker's traceback in the message."""
+    from . import errors
+
     seen = set()
+    first = e
     while e is not None and id(e) not in seen:
         if isinstance(e, SafeInferError):
             return e
         seen.add(id(e))
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    found = re.findall(r"^safeinfer_local\.errors\.(\w+): (.+)$", str(first), re.M)
+    if found:
+        name, msg = found[-1]
+        cls = getattr(errors, name, None)
+        return (cls if isinstance(cls, type) and issubclass(cls, SafeInferError) else SafeInferError)(msg)
     return None
 
 

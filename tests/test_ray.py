@@ -195,3 +195,13 @@ def test_screen_batch_equals_screen(ray_local, si, prompts, tmp_path):
     print(f"screen: {len(want)} records, flagged decisions identical; largest gate-score difference {worst:.4f}",
           file=sys.stderr)
     assert worst < 0.02
+
+
+def test_actor_setup_error_is_ours(ray_local, si, prompts):
+    """An actor that cannot load what the driver did (here: another model hash) fails the run with our one error."""
+    from safeinfer_local.errors import UsageError
+
+    kw = {"settings": sray.settings_of(si, 1), "gen": {"max_tokens": 2},
+          "fingerprint": si.fingerprint() | {"model_sha256_head": "another"}}
+    with pytest.raises(UsageError, match="loaded another model or vector than the driver"):
+        list(sray.map_items(sray.Session(), flt.read_items(str(prompts))[:2], sray.FilterBatch, kw, actors=1))
