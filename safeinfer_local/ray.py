@@ -25,10 +25,12 @@ Only this module imports ``ray`` (lazily: without it, one :class:`UsageError` sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,8 +263,12 @@ def filter_run(si, items: list[Item], out: Path | None = None, split: Path | Non
         return map_items(session, todo, FilterBatch, kwargs, actors, threads, max(batch_size, parallel),
                          max_restarts)
 
-    try:
-        return flt.run(si, items, out, split, shard, parallel, frame, judge, progress, on_resume, force,
-                       records=records, **gen)
-    finally:
-        session.close()
+    # Ray's driver prints the errors its raylets report (a dead actor, a retried task) on sys.stdout: with the
+    # records on standard output, they go to stderr for the run, and the records to the real stdout
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr if out is None else stdout):
+        try:
+            return flt.run(si, items, out, split, shard, parallel, frame, judge, progress, on_resume, force,
+                           records=records, stream=stdout if out is None else None, **gen)
+        finally:
+            session.close()

@@ -205,3 +205,13 @@ def test_actor_setup_error_is_ours(ray_local, si, prompts):
           "fingerprint": si.fingerprint() | {"model_sha256_head": "another"}}
     with pytest.raises(UsageError, match="loaded another model or vector than the driver"):
         list(sray.map_items(sray.Session(), flt.read_items(str(prompts))[:2], sray.FilterBatch, kw, actors=1))
+
+
+def test_stdout_gets_only_the_records(ray_local, si, single, prompts, capsys):
+    """To standard output, in input order, with an actor killed: Ray's own notes about it go to stderr."""
+    marker = ray_local
+    marker.unlink(missing_ok=True)
+    sray.filter_run(si, flt.read_items(str(prompts)), None, actors=2, threads=1, **GEN)
+    assert marker.exists(), "the hook never fired"
+    lines = capsys.readouterr().out.splitlines()
+    compare(single, [json.loads(x) for x in lines], "ray, to stdout")

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from .. import jsonl
 from ..core.judge import is_refusal
@@ -324,9 +325,10 @@ KIND = "safeinfer filter"
 
 
 def start(items: list[Item], out: Path | None, head: dict, what: str, shard, force: bool,
-          on_resume: Callable[[int, int], None] | None) -> tuple[list[Item], list[Item], jsonl.Appender]:
+          on_resume: Callable[[int, int], None] | None, stream: TextIO | None = None
+          ) -> tuple[list[Item], list[Item], jsonl.Appender]:
     """Claim ``out`` for a run (refusing a foreign or mismatched file), and say what is left: (the items of this
-    shard, those without a record yet, the appender for the records)."""
+    shard, those without a record yet, the appender for the records: ``out``, else ``stream`` or stdout)."""
     done: dict[str, dict] = {}
     if out is not None:
         done = claim(out, head, what=what, force=force, key=_id).by_key(_id)
@@ -334,7 +336,7 @@ def start(items: list[Item], out: Path | None, head: dict, what: str, shard, for
     wanted = [it for it in items if in_shard(it.id, shard)]
     if done and on_resume:
         on_resume(len(wanted) - len(todo), len(wanted))
-    return wanted, todo, jsonl.Appender(out, header=head if out is not None else None)
+    return wanted, todo, jsonl.Appender(out, header=head if out is not None else None, stream=stream)
 
 
 def items_hash(items: list[Item]) -> str:
@@ -359,17 +361,19 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
         shard: tuple[int, int] | None = None, parallel: int = 1, frame: str | None = None, judge=None,
         progress: Callable[[str, int, int], None] | None = None,
         on_resume: Callable[[int, int], None] | None = None, force: bool = False,
-        records: Callable[[list[Item]], Iterable[dict]] | None = None, **gen) -> Summary:
+        records: Callable[[list[Item]], Iterable[dict]] | None = None, stream: TextIO | None = None,
+        **gen) -> Summary:
     """``safeinfer filter``: generate a reply for every wanted item with ``si``'s settings and judge it, one
     record per item appended to ``out`` (flushed as each finishes; a rerun resumes) or written to stdout in input
     order. ``gen``: the fields of a generation (max_tokens, temperature, ..., stop). ``records``: what makes the
     records of the items still to do, in any order (default: :func:`generate_records` here, in this process;
-    ``safeinfer_local.ray`` passes Ray Data actors that run it).
+    ``safeinfer_local.ray`` passes Ray Data actors that run it); ``stream``: where records go without ``out``
+    (default: stdout).
 
     ``out`` starts with a header naming the input and the settings: a rerun into it resumes only with the same
     ones, and a file that is not a filter output is never written; ``force`` starts either over."""
     head = header(si, items, shard, frame, judge, gen)
-    wanted, todo, app = start(items, out, head, "filter output", shard, force, on_resume)
+    wanted, todo, app = start(items, out, head, "filter output", shard, force, on_resume, stream)
     written: list[dict] = []
     held: dict[int, dict] = {}  # stdout: records waiting for an earlier one, so the output keeps input order
     order = [it.index for it in todo]
