@@ -291,12 +291,13 @@ class SafeInfer:
         s = self.settings
         return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots, s.speculate, layout)
 
-    def batch(self, variant: str | None = None, slots: int = 1) -> BatchGenerator:
+    def batch(self, variant: str | None = None, slots: int = 1, layout: str = "auto") -> BatchGenerator:
         """The one decode loop (:class:`BatchGenerator`: insert / step / remove) for ``variant`` under these
         settings, with ``slots`` request slots. Generators run on the decoder's sides (llama.cpp contexts kept per
         role, guidance and slot count, shared by every settings copy): two generators whose ``target`` or
-        ``guide`` side is the same object must not hold requests at the same time."""
-        return self._batch(self._variant(variant), slots)
+        ``guide`` side is the same object must not hold requests at the same time. ``layout``: see
+        :meth:`generate_many` (``auto`` suits slots that are mostly full; ``split`` a request often alone)."""
+        return self._batch(self._variant(variant), slots, layout)
 
     # -- the harm gate ---------------------------------------------------------------------------------------
     def active_gate(self, variant: str | None = None) -> Gate | None:

@@ -106,7 +106,8 @@ class FakeSI:
     def route(self, tokens, variant=None, frame="template"):
         return Route(variant or self.settings.variant)
 
-    def batch(self, variant, slots):
+    def batch(self, variant, slots, layout="auto"):
+        assert layout == "split"  # the server keeps the two-context layout (see scheduler._group)
         return FakeGen(variant, [self.sides[n] for n in SIDES[variant]], slots)
 
     def with_(self, variant):

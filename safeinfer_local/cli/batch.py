@@ -25,6 +25,7 @@ def filter_cmd(
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     layers: str | None = o.LayersOpt, positions: str | None = o.PositionsOpt, variant: str | None = o.VariantOpt,
     guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, raw: bool = o.RawOpt,
+    speculate: int = o.SpeculateOpt,
     frame: str | None = o.FrameOpt, stop: list[str] | None = o.StopOpt,
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens per reply."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default here)."),
@@ -66,7 +67,7 @@ def filter_cmd(
             raise UsageError(f"-o {out} is the input file; write the output elsewhere")
     items = flt.read_items(input, fmt, field)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal)
+                variant, gate, gate_threshold, on_flag, refusal, speculate)
     judge = None
     if judge_model is not None:
         from ..eval.judge_model import ModelJudge
