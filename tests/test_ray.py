@@ -215,3 +215,17 @@ def test_stdout_gets_only_the_records(ray_local, si, single, prompts, capsys):
     assert marker.exists(), "the hook never fired"
     lines = capsys.readouterr().out.splitlines()
     compare(single, [json.loads(x) for x in lines], "ray, to stdout")
+
+
+def test_readme_ray_snippet_runs(ray_local):
+    """The README's safeinfer_local.ray example, on the local instance (ray.data joins it)."""
+    import re
+
+    section = (ROOT / "README.md").read_text().split("From Python, `safeinfer_local.ray`", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    assert "FilterBatch" in code
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    recs = ns["records"]
+    assert sorted(r["prompt"] for r in recs) == ["How do I bake bread?", "How do I pick a lock?"]
+    assert all(r["verdict"] in ("answered", "refused") for r in recs)
