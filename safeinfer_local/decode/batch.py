@@ -197,8 +197,7 @@ class BatchGenerator:
         self._free = list(range(target.slots))
         self._active: dict[int, _Slot] = {}
         self._room = min(target.capacity, guide.capacity if guide is not None else target.capacity)
-        self.shared = target.shared if guide is not None and target.shared is not None and \
-            guide.shared is target.shared else None
+        self.shared = target.shared if guide is not None and guide.shared is target.shared else None
         """Both sides in one context (:class:`~.sides.SharedContext`): one ``llama_decode`` per step for both."""
         if self.shared is not None and self.speculate:
             raise ValueError("speculative decoding needs the two-context layout")
@@ -314,7 +313,7 @@ class BatchGenerator:
         fresh = [(i, last) for i, last, f in items if f]
         going = [(i, last) for i, last, f in items if not f]
         groups = [(fresh, bufs[1]), (going, bufs[2])]
-        if fresh and going and (bufs[1] is bufs[2] or (bufs[1] is None and bufs[2] is None)):
+        if fresh and going and bufs[1] is bufs[2]:  # the same buffer (or both None)
             groups = [(fresh + going, bufs[1])]
         out: dict[int, np.ndarray] = {}
         for items, buf in groups:
@@ -475,12 +474,9 @@ class BatchGenerator:
         for i, s in list(active.items()):
             new = drafts.get(i)
             if not s.draft:  # nothing to verify yet: the new draft waits for the next round
-                if new is None:  # verifying only (near the end of the context): nothing was drafted
-                    continue
-                s.k_next = min(2 * s.k_next, self.speculate)
-                s.g_last, s.g_fresh = s.last, s.fresh
-                s.draft, s.draft_rows, s.t_start = new
-                s.last, s.fresh = [s.draft[-1]], False
+                if new is not None:  # (None: verifying only, near the end of the context)
+                    s.k_next = min(2 * s.k_next, self.speculate)
+                    self._adopt(s, new)
                 continue
             d = s.draft
             lt = np.stack(s.draft_rows)
@@ -513,13 +509,19 @@ class BatchGenerator:
             if not live:
                 continue
             if new is not None:  # the draft made meanwhile from the last token that stood waits its turn
-                s.g_last, s.g_fresh = s.last, False
-                s.draft, s.draft_rows, s.t_start = new
-                s.last = [s.draft[-1]]
+                self._adopt(s, new)
             else:
                 s.g_last = s.last  # in step: both sides' next token is the pending one
             going.append(i)
         return self._close(events, done, going)
+
+    @staticmethod
+    def _adopt(s: _Slot, new: tuple[list[int], list[np.ndarray], int]) -> None:
+        """Slot ``s`` takes a new draft (tokens, target rows, where its decoding began) to verify next round: the
+        guidance's next token is the one the draft was made from, the target's the draft's last."""
+        s.g_last, s.g_fresh = s.last, s.fresh
+        s.draft, s.draft_rows, s.t_start = new
+        s.last, s.fresh = [s.draft[-1]], False
 
     @staticmethod
     def _verify_sampled(sam: make_sampler, lt: np.ndarray, z: np.ndarray, draft: list[int]) -> tuple[int, int | None]:
@@ -543,7 +545,7 @@ class BatchGenerator:
         """Every position's logits on the guidance side for each slot's tokens, in as few batches as the
         vector states allow (a fresh slot's first token takes the second chunk's vector)."""
         g, b = self.guide, self.gbuf
-        same = b[1] is b[2] or (b[1] is None and b[2] is None)
+        same = b[1] is b[2]  # the same buffer (or both None)
         parts: dict[int, list[np.ndarray]] = {i: [] for i, _, _ in items}
         first = [(i, toks[:1]) for i, toks, fresh in items if fresh and not same]
         if first:

@@ -193,7 +193,7 @@ class Side:
 
     def rows(self, i: int, tokens: list[int], buffer: np.ndarray | None) -> np.ndarray:
         """Decode ``tokens`` on slot ``i`` in one batch; the logits of every position (teacher forcing)."""
-        return self._decode([(self.slot_seq(i), list(tokens))], buffer, "all")[0]
+        return self.decode_rows([(i, list(tokens))], buffer)[0]
 
     def release(self, i: int) -> None:
         self.ctx.truncate(self.slot_seq(i), 0)
@@ -201,7 +201,7 @@ class Side:
 
     def room(self, i: int) -> int:
         """Positions left in slot ``i``'s sequence."""
-        return self.n_ctx - self.ctx.pos[self.slot_seq(i)]
+        return self.n_ctx - self.pos(i)
 
     def used(self) -> int:
         """KV cells in use in this side's context (the prefix's cells are shared, counted once; a shared context
@@ -210,4 +210,4 @@ class Side:
 
     def own_used(self) -> int:
         n = len(self.prefix)
-        return n + sum(max(0, self.ctx.pos[self.slot_seq(i)] - n - self._borrowed[i]) for i in range(self.slots))
+        return n + sum(max(0, self.pos(i) - n - self._borrowed[i]) for i in range(self.slots))
