@@ -9,7 +9,8 @@ back: ``bench report``, ``merge``). Pure I/O: no model.
   trailing newline, or not valid JSON / UTF-8); ``repair=True`` (resuming, to append again) cuts it off the file,
   ``repair=False`` (a read-only reader such as a report) skips it and leaves the file as it is. Any other bad line
   is an error naming it, in both modes: whole records after it are never thrown away.
-- :func:`write_records` / :func:`write_text` replace a whole file atomically (a temporary file, fsync, rename).
+- :func:`write_records` replaces a whole file atomically (:func:`safeinfer_local.files.replace`: a temporary file,
+  fsync, rename, fsync of the folder).
 
 Header: a first line ``{"_header": {...}}`` (what wrote the file: input hash, settings) is kept apart from the
 records by :func:`load` (``Loaded.header``) and written first into a new file by ``Appender(..., header=...)``.
@@ -21,21 +22,20 @@ Files are written through symbolic links (to their target), never replacing the 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from . import files
 from .errors import OutputError, UsageError
 
 HEADER = "_header"
 """The key of a header record (the first line of a file, never a record)."""
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def dumps(rec: dict) -> str:
@@ -48,12 +48,7 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
-def _reason(e: OSError) -> str:
-    return e.strerror or str(e)
-
-
-def _hint(e: OSError) -> str:
-    return "free space" if e.errno in _NO_SPACE else "fix that"
+_reason, _hint = files.reason, files.hint
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -178,7 +173,7 @@ def claim(path: Path, header: dict, *, what: str, force: bool = False,
     has, old = first_header(path)
     if not has:
         if path.exists() and path.stat().st_size:
-            write_text(path, "")  # blank lines only
+            files.replace(path, "")  # blank lines only
         return Loaded()
     if old is None or old.get("kind") != header.get("kind"):
         if not force:
@@ -189,8 +184,48 @@ def claim(path: Path, header: dict, *, what: str, force: bool = False,
                              "output, or --force to start over")
     else:
         return load(path, repair=True, key=key)
-    write_text(path, "")
+    files.replace(path, "")
     return Loaded()
+
+
+@contextmanager
+def locked(path: Path | None, what: str) -> Iterator[None]:
+    """Hold ``path``'s writer lock for the block (nothing when ``path`` is None): a second run writing the same
+    file meanwhile, in this process or another, is refused with one line instead of appending the same records
+    again. The lock is an advisory ``flock`` on the file itself (made empty if missing), released when the block
+    ends or the process dies; a file replaced meanwhile (a finished run's final rewrite) is locked anew."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    p = files.real(path)
+    while True:
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except PermissionError:
+                fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {_reason(e)}; {_hint(e)} and rerun the same command") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"{path} is being written by another run (a {what} in progress); wait for it to end, "
+                             "or use another output") from None
+        try:
+            same = os.stat(p).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # replaced between open and lock: lock the file that is there now
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------- appending
@@ -304,28 +339,4 @@ def _scan(path: Path) -> tuple[int, int]:
 def write_records(path: Path, records: Iterable[dict], header: dict | None = None) -> None:
     """Replace ``path`` with these records (and the header first, when given), atomically."""
     head = dumps({HEADER: header}) if header is not None else ""
-    write_text(path, head + "".join(dumps(r) for r in records))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (a temporary file next to it, fsync, rename): a failed write
-    leaves the old file as it was and raises :class:`OutputError`."""
-    path = Path(os.path.realpath(path))  # through a symbolic link to its target; the link stays
-    tmp = path.with_name(path.name + ".tmp")
-    data = memoryview(_encode(text))
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise OutputError(f"cannot write {path}: {_reason(e)} ({'left as it was' if path.exists() else 'not written'})"
-                          f"; {_hint(e)} and rerun the same command") from None
+    files.replace(path, head + "".join(dumps(r) for r in records))

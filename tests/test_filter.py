@@ -194,7 +194,7 @@ def test_judge_model_labels_every_reply(tmp_path, model):
     assert all(r["judge"] in ("safe", "unsafe", "unknown") for r in recs if r["verdict"] != "error")
     assert_one_line_error(run_cli("filter", f, "--judge-model", tmp_path / "nope.gguf"), contains="not found")
     flt.write_split([{"verdict": "answered", "judge": "unsafe", "id": "a"},
-                     {"verdict": "answered", "judge": "safe", "id": "b"}], tmp_path / "s2")
+                     {"verdict": "answered", "judge": "safe", "id": "b"}], tmp_path / "s2", flt.filter_blocked)
     assert '"a"' in (tmp_path / "s2" / "blocked.jsonl").read_text()
     assert '"b"' in (tmp_path / "s2" / "allowed.jsonl").read_text()
 

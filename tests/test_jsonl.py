@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from safeinfer_local import jsonl
+from safeinfer_local import files, jsonl
 from safeinfer_local.errors import OutputError, UsageError
 
 
@@ -147,10 +147,10 @@ def test_atomic_rewrite_failure_leaves_the_old_file(tmp_path, monkeypatch):
     def enospc(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(jsonl.os, "write", enospc)
-    with pytest.raises(OutputError, match="left as it was"):
+    monkeypatch.setattr(files.os, "write", enospc)
+    with pytest.raises(OutputError, match="No space left on device; the previous file is untouched"):
         jsonl.write_records(p, [{"id": "2"}])
-    assert p.read_text() == '{"id": "1"}\n' and not (tmp_path / "o.jsonl.tmp").exists()
+    assert p.read_text() == '{"id": "1"}\n' and sorted(x.name for x in tmp_path.iterdir()) == ["o.jsonl"]
 
 
 def test_a_real_full_disk(tmp_path):

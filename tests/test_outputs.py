@@ -88,7 +88,7 @@ def test_filter_never_clobbers_and_never_keeps_stale_records(tmp_path):
     notes.write_text('{"my": "data"}\n')
     assert_one_line_error(run_cli("filter", a, "-o", notes, *BASE), 2, "not a filter output")
     assert notes.read_text() == '{"my": "data"}\n'  # untouched
-    assert_one_line_error(run_cli("filter", a, "-o", a, *BASE), 2, "is the input file")
+    assert_one_line_error(run_cli("filter", a, "-o", a, *BASE), 2, "it is the input file, an input of this command")
     assert a.read_text().startswith("What is 1 plus 1?")
     out = tmp_path / "out.jsonl"
     assert run_cli("filter", a, "-o", out, *BASE).returncode == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -60,11 +59,9 @@ def filter_cmd(
 
         sray.check()
         threads = 1 if threads is None else threads
-    if out is not None:
-        o.check_writable(out)
-    if out is not None and input != "-" and Path(input).exists() and (out.exists() or out.is_symlink()):
-        if os.path.realpath(out) == os.path.realpath(input):
-            raise UsageError(f"-o {out} is the input file; write the output elsewhere")
+    if out is not None:  # what is in it is checked by its header (jsonl.claim), once the settings are known
+        o.check_out(out, inputs=[("input file", input)], force=force, flag="-o")
+    flt.check_split(split, force, inputs=[("input file", input)])
     items = flt.read_items(input, fmt, field)
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
                 variant, gate, gate_threshold, on_flag, refusal, speculate)
@@ -118,7 +115,7 @@ def merge_cmd(
     """Join shard outputs in input order; duplicates or gaps are refused."""
     from ..workflows.filter import merge
 
-    o.check_writable(out)
+    o.check_out(out, inputs=[("shard", p) for p in shards], force=False, flag="OUT")
     n = merge(out, shards, force=force)
     print(f"wrote {out} ({n} records)", file=sys.stderr)
 
@@ -141,9 +138,8 @@ def screen_cmd(
     fr = resolve_frame(raw, frame)
     sh = flt.parse_shard(shard)
     if out is not None:
-        o.check_writable(out)
-        if input != "-" and Path(input).exists() and os.path.realpath(out) == os.path.realpath(input):
-            raise UsageError(f"-o {out} is the input file; write the output elsewhere")
+        o.check_out(out, inputs=[("input file", input)], force=force, flag="-o")
+    flt.check_split(split, force, inputs=[("input file", input)])
     items = flt.read_items(input, fmt, field)
     si = o.load(model, vector, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
                 gate="on", gate_threshold=gate_threshold)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from .. import jsonl
 from ..core.frames import resolve_frame
 from ..errors import SafeInferError, UsageError
 from . import options as o
@@ -84,13 +85,13 @@ def bench_harm(
     gate: str = typer.Option("off", "--gate", help="auto | on | off (default off here: the protocol's variants "
                              "as the paper runs them; auto gates sa, sgds and safeinfer with the vector's gate)."),
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
-    chat_format: str | None = o.ChatFmtOpt,
+    chat_format: str | None = o.ChatFmtOpt, force: bool = o.ForceOpt,
 ) -> None:
     """The HarmEval protocol: attack success rate per category, over-refusal, and refusal likelihood, per
     variant, with a report (tables and charts). Rerunning the same command resumes it."""
     from ..core.harm import resolve_sets
     from ..eval.evaluate import RESULTS, HarmBench, HarmConfig, check_out, folder_records, read_config
-    from ..eval.report import write_report
+    from ..eval.report import check_report, write_report
 
     cfg = HarmConfig(datasets=o.csv_list(dataset) or ["catqa", "advbench", "xstest"],
                      variants=o.csv_list([variants]), prompt_types=o.csv_list([prompt_types]),
@@ -100,6 +101,7 @@ def bench_harm(
     cfg.check_names()
     sets = resolve_sets(cfg.datasets, limit, sample_seed, warn=o.warn)
     check_out(out)
+    check_report(out, force)
     if judge_model is not None and not judge_model.is_file():
         raise UsageError(f"judge model not found: {judge_model}")
     si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
@@ -109,7 +111,7 @@ def bench_harm(
         from ..eval.judge_model import ModelJudge
 
         judge = ModelJudge(judge_model, n_threads=threads)
-    with o.progress(quiet) as prog:
+    with jsonl.locked(out / RESULTS, "bench harm run"), o.progress(quiet) as prog:
         hb = HarmBench(si, cfg, sets, out, progress=prog, judge=judge)
         hb.write_config(o.command_line())
         if hb.n_done and not quiet:
@@ -120,21 +122,22 @@ def bench_harm(
             print(f"interrupted: {hb.n_done} of {hb.total} records done; rerun the same command to resume",
                   file=sys.stderr)
             raise typer.Exit(130) from None
-    # the report covers the whole folder (every run into it had the same settings), as `bench report` does
-    paths = write_report(out, read_config(out), folder_records(out))
+        # the report covers the whole folder (every run into it had the same settings), as `bench report` does
+        paths = write_report(out, read_config(out), folder_records(out), force=force)
     if not quiet:
         print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
 
 
 @bench_app.command("report")
-def bench_report(out: Path = typer.Argument(..., help="A bench harm output folder.")) -> None:
+def bench_report(out: Path = typer.Argument(..., help="A bench harm output folder."),
+                 force: bool = o.ForceOpt) -> None:
     """Rewrite report.md, report.json and the charts from a bench harm folder's results.jsonl."""
     from ..eval.evaluate import folder_records, read_config
     from ..eval.report import write_report
 
     if not out.is_dir():
         raise UsageError(f"{out} is not a folder (give a bench harm --out folder)")
-    paths = write_report(out, read_config(out), folder_records(out))
+    paths = write_report(out, read_config(out), folder_records(out), force=force)
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
 
 
@@ -158,6 +161,7 @@ def calibrate_cmd(
     threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
     gate: str = typer.Option("auto", "--gate", help="auto | off: with auto and a vector that has a harm gate, a "
                              "setting is judged on the prompts the gate sends to it (the others decode plainly)."),
+    force: bool = o.ForceOpt,
 ) -> None:
     """Sweep γ, λ (and the block) on a dev split; pick the best refusal-margin gain minus benign utility loss;
     record it in the vector's metadata."""
@@ -173,8 +177,10 @@ def calibrate_cmd(
     target = out
     if target is None and not dry_run:
         target = Path(vector) if vector is not None else default_vector_path()
-    if target is not None and not dry_run:
-        o.check_writable(target)
+    if target is not None and not dry_run:  # the --vector itself may be updated in place when it is ours
+        from ..core.vectors import VECTOR_FILE
+
+        o.check_out(target, VECTOR_FILE, inputs=[o.model_input(model)], force=force)
     check_choice("--gate", gate, ("auto", "off"))
     si = o.load(model, vector, positions=positions, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance,
                 gate=gate)

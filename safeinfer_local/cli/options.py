@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -69,8 +68,9 @@ FormatOpt = typer.Option(None, "--format", help="jsonl | csv | txt (default: fro
 FieldOpt = typer.Option(None, "--field", help="JSONL field / CSV column holding the prompt (default: prompt).")
 SplitOpt = typer.Option(None, "--split", help="Also write DIR/allowed.jsonl and DIR/blocked.jsonl.")
 ShardOpt = typer.Option(None, "--shard", help="I/N: take a deterministic 1/N of the input (by id).")
-ForceOpt = typer.Option(False, "--force", help="Overwrite an output that is not this run's (another input, other "
-                        "settings, or not a filter output at all) instead of refusing it.")
+ForceOpt = typer.Option(False, "--force", help="Overwrite an output that is not this command's to overwrite (one of "
+                        "its inputs, a file it did not write, or a run of another input or other settings) instead "
+                        "of refusing it.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or summary.")
 ParallelOpt = typer.Option(1, "--parallel", "-p", help="Prompts decoded in the same batch.")
 MaxTokensOpt = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per reply.")
@@ -210,17 +210,18 @@ def console():
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def check_writable(path: Path) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UsageError(f"output {path} is a directory")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create the output folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}: permission denied")
+def check_out(path: Path, kind=None, *, inputs=(), force: bool = False, flag: str = "--out") -> Path:
+    """Before any work: may this command write ``path`` (a ``files.Kind`` file, default any)? One line and exit 2
+    when it is a folder, unwritable, one of ``inputs`` ((option, path) pairs) or a file of another kind
+    (``--force`` allows the last two). See ``safeinfer_local.files.check_target``."""
+    from .. import files
+
+    return files.check_target(path, kind or files.ANY, inputs=inputs, force=force, flag=flag)
+
+
+def model_input(model: str | None) -> tuple[str, str | None]:
+    """The --model input as an (option, path) pair for :func:`check_out` (None for the default model)."""
+    return ("--model file", model if model and Path(model).exists() else None)
 
 
 def duration(seconds: float) -> str:

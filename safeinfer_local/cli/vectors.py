@@ -32,13 +32,14 @@ def vectors_build(
     gamma: float = typer.Option(1.0, "--gamma", help="Recommended γ to record in the file."),
     positions: str = typer.Option("generation", "--positions", help="Recommended positions to record."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
+    threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt, force: bool = o.ForceOpt,
 ) -> None:
     """Build a safety vector from the model's activations on safe demonstrations."""
+    from ..core.vectors import VECTOR_FILE
     from ..workflows.build import build_file
 
     o.check_threads(threads)
-    o.check_writable(out)
+    o.check_out(out, VECTOR_FILE, inputs=[("--demos file", demos), o.model_input(model)], force=force)
     with o.Progress() as prog:
         v = build_file(demos, out, model, method, layer, heads, prompts, shots, aie_prompts, gamma, positions, seed,
                        threads, n_gpu_layers, command=o.command_line(), progress=prog, max_heads=max_heads,
@@ -64,11 +65,12 @@ def vectors_gate(
                                       "positions + the project's benign requests)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sweep and the choice; write nothing."),
     model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
-    as_json: bool = o.JsonOpt,
+    as_json: bool = o.JsonOpt, force: bool = o.ForceOpt,
 ) -> None:
     """Fit a harm gate (condition direction, centre and threshold per frame, read from one block's output) on dev
     prompts and record it in the vector's metadata; llama.cpp still loads the file as a control vector."""
     from ..core.gate import check_fpr
+    from ..core.vectors import VECTOR_FILE
     from ..workflows.gatebuild import build_gate, check_tail_option
 
     check_fpr(fpr)
@@ -77,8 +79,9 @@ def vectors_gate(
         if path is not None and path != "-" and not Path(path).is_file():
             raise UsageError(f"{what} file not found: {path}")
     target = out or vector
-    if not dry_run:
-        o.check_writable(target)
+    if not dry_run:  # VECTOR itself may be updated in place when it is a vector of ours
+        o.check_out(target, VECTOR_FILE, force=force,
+                    inputs=[("--harmful file", harmful), ("--benign file", benign), o.model_input(model)])
     si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers, gate="off")
     with o.Progress() as prog:
         gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog, tail=tail)
@@ -130,13 +133,14 @@ def vectors_convert(
     positions: str | None = typer.Option(None, "--positions", help="Recommended positions to record."),
     guidance: str | None = typer.Option(None, "--guidance", help="Recommended sGDS guidance to record."),
     lam: float | None = typer.Option(None, "--lam", help="Recommended sGDS λ to record."),
+    force: bool = o.ForceOpt,
 ) -> None:
     """Convert a vector to our GGUF (loads in llama.cpp as a control vector), optionally setting metadata."""
     from ..core.settings import check_lambda
-    from ..core.vectors import SafetyVector
+    from ..core.vectors import VECTOR_FILE, SafetyVector
     from ..decode.guidance import GuidanceSpec
 
-    o.check_writable(out)
+    o.check_out(out, VECTOR_FILE, inputs=[("source file", src)], force=force)
     sgds = {}
     if guidance is not None:
         sgds["guidance"] = str(GuidanceSpec.parse(guidance))
@@ -161,18 +165,18 @@ def vectors_sweep(
     n_benign: int = typer.Option(40, "--benign", help="Benign dev prompts (XSTest safe, every other one)."),
     model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
     out: Path | None = typer.Option(None, "--out", help="Also write the rows as JSON Lines."),
-    as_json: bool = o.JsonOpt,
+    as_json: bool = o.JsonOpt, force: bool = o.ForceOpt,
 ) -> None:
     """Sweep layer × γ × positions: how each raises the refusal continuation's log-probability over base on
     harmful dev prompts, and how much refusal pressure lands on benign ones."""
     from ..core.settings import check_gamma, check_positions
-    from ..eval.sweep import dev_prompts, pick_best, sweep_sa
+    from ..eval.sweep import SWEEP_ROWS, dev_prompts, pick_best, sweep_sa
 
     lay = o.parse_layers(layers)
     gs = o.parse_floats("--gammas", gammas, check_gamma)
     pos = tuple(check_positions(p) for p in positions.split(","))
     if out:
-        o.check_writable(out)
+        o.check_out(out, SWEEP_ROWS, inputs=[("VECTOR file", vector), o.model_input(model)], force=force)
     if n_harmful < 1 or n_benign < 1:
         raise UsageError("--harmful and --benign must be >= 1")
     si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers)
@@ -180,7 +184,9 @@ def vectors_sweep(
     with o.Progress() as prog:
         rows = sweep_sa(si, lay, gs, pos, harmful, benign, progress=prog)
     if out:
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        from .. import files
+
+        files.replace(out, "".join(json.dumps(r) + "\n" for r in rows))
     best = pick_best(rows)
     if as_json:
         print(json.dumps({"rows": rows, "best": best}))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
+from .. import files
 from ..errors import ModelError
 
 DEFAULT_VECTOR_NAME = "gemma-3-270m-safety.gguf"
@@ -36,10 +36,8 @@ def default_model_path() -> Path:
         expected = sum(p.stat().st_size for p in pkg.chunk_paths())
         if target.is_file() and target.stat().st_size == expected:
             return target
-        # assemble beside the target and rename, so an interrupted first run never leaves a torn model
-        tmp = target.with_name(target.name + f".part-{os.getpid()}")
-        pkg.assemble(output_path=tmp, overwrite=True)
-        os.replace(tmp, target)
+        # assembled beside the target and renamed, so an interrupted first run never leaves a torn model
+        files.replace(target, lambda tmp: pkg.assemble(output_path=tmp, overwrite=True))
         return target
     except Exception as e:
         raise ModelError(f"could not assemble the default model: {e}") from None

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import files
 from ..errors import SettingError, VectorError
 from .settings import POSITIONS, check_gamma, check_positions  # noqa: F401  (POSITIONS re-exported)
 
@@ -27,6 +28,9 @@ ARCH = "controlvector"
 reference semantics), ``last`` = the last prompt token only, ``all`` = every token."""
 
 _DIRECTION_RE = re.compile(r"^direction\.(\d+)$")
+
+PROVENANCE_KEY = "safeinfer.method"
+"""Every vector this tool writes carries it; a control vector without it is someone else's file."""
 
 
 @dataclass
@@ -134,34 +138,33 @@ class SafetyVector:
         return buf.reshape(-1)
 
     def save(self, path: str | Path) -> Path:
-        """Write a llama.cpp control-vector GGUF with our provenance keys."""
+        """Write a llama.cpp control-vector GGUF with our provenance keys, atomically (:func:`files.replace`: a
+        failure leaves any previous file at ``path`` as it was). Check the target first with
+        ``files.check_target(path, VECTOR_FILE, ...)``: this writes wherever it is told."""
         import gguf
 
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            w = gguf.GGUFWriter(str(path), ARCH)
-        except OSError as e:
-            raise VectorError(f"cannot write {path}: {e.strerror or e}") from None
-        w.add_string("controlvector.model_hint", self.model_hint)
-        w.add_uint32("controlvector.layer_count", len(self.directions))
-        w.add_string("safeinfer.method", self.method)
-        w.add_float32("safeinfer.recommended_gamma", float(self.gamma))
-        w.add_array("safeinfer.recommended_layers", [int(x) for x in self.layers])
-        w.add_string("safeinfer.positions", self.positions)
-        w.add_string("safeinfer.source_model", self.source_model)
-        w.add_uint32("safeinfer.n_embd", self.n_embd)
-        w.add_string("safeinfer.demos_sha256", self.demos_sha256)
-        w.add_string("safeinfer.meta_json", json.dumps(self.meta, sort_keys=True))
-        for i, a in sorted(self.directions.items()):
-            w.add_tensor(f"direction.{i}", np.ascontiguousarray(a, dtype=np.float32))
-        try:
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-        finally:
-            w.close()
-        return path
+        def write(tmp: Path) -> None:
+            w = gguf.GGUFWriter(str(tmp), ARCH)
+            w.add_string("controlvector.model_hint", self.model_hint)
+            w.add_uint32("controlvector.layer_count", len(self.directions))
+            w.add_string(PROVENANCE_KEY, self.method)
+            w.add_float32("safeinfer.recommended_gamma", float(self.gamma))
+            w.add_array("safeinfer.recommended_layers", [int(x) for x in self.layers])
+            w.add_string("safeinfer.positions", self.positions)
+            w.add_string("safeinfer.source_model", self.source_model)
+            w.add_uint32("safeinfer.n_embd", self.n_embd)
+            w.add_string("safeinfer.demos_sha256", self.demos_sha256)
+            w.add_string("safeinfer.meta_json", json.dumps(self.meta, sort_keys=True))
+            for i, a in sorted(self.directions.items()):
+                w.add_tensor(f"direction.{i}", np.ascontiguousarray(a, dtype=np.float32))
+            try:
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file()
+            finally:
+                w.close()
+
+        return files.replace(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> SafetyVector:
@@ -192,6 +195,34 @@ class SafetyVector:
             "meta": {k: v for k, v in self.meta.items() if k != "gate"},
             "gate": _gate_summary(self.meta.get("gate")),
         }
+
+
+def foreign_vector(path: Path) -> str | None:
+    """Why the file at ``path`` is not a vector this tool wrote (a model GGUF, another tool's control vector, not
+    a GGUF at all), or None when it is one (so a command may replace it)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if magic != b"GGUF":
+        return "it is not a GGUF file"
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # a damaged GGUF: still not ours to overwrite
+        return f"it is not a readable GGUF file ({type(e).__name__})"
+    arch = _field_value(reader, "general.architecture")
+    if arch != ARCH:
+        return f"it is a model GGUF (general.architecture {arch!r})"
+    if reader.fields.get(PROVENANCE_KEY) is None:
+        return "it is a control vector without safeinfer provenance (another tool's)"
+    return None
+
+
+VECTOR_FILE = files.Kind("safety vector", foreign_vector)
+"""What the commands that write a vector may overwrite: a vector of ours (``files.check_target``)."""
 
 
 def _gate_summary(gate: Any) -> dict | None:

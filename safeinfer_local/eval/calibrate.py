@@ -190,8 +190,5 @@ def run(si: SafeInfer, gammas: tuple[float, ...], lams: tuple[float, ...], layer
     best = pick(rows, max_loss)
     res = Calibration(rows, best, len(harmful), len(benign), gate=gate or None)
     if best is not None and save_to is not None:
-        try:
-            res.saved = record(si, best, rows, len(harmful), len(benign), frame, max_loss, gate).save(save_to)
-        except OSError as e:
-            raise UsageError(f"cannot write {save_to}: {e.strerror or e}") from None
+        res.saved = record(si, best, rows, len(harmful), len(benign), frame, max_loss, gate).save(save_to)
     return res

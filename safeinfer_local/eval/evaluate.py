@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import files
 from ..api import SafeInfer
 from ..core.frames import check_frame, frame_cont
 from ..core.harm import (
@@ -37,7 +39,7 @@ from ..core.harm import (
 from ..core.judge import is_refusal
 from ..core.settings import VARIANTS, check_parallel
 from ..errors import UsageError
-from ..jsonl import Appender, load, write_text
+from ..jsonl import Appender, load
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
@@ -107,11 +109,10 @@ def check_out(out: Path) -> None:
         raise UsageError(f"--out {out} is a file; give a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to the output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the output folder {out}: permission denied")
 
 
 def prepare_out(out: Path, current: dict) -> dict[tuple, dict]:
@@ -125,7 +126,7 @@ def prepare_out(out: Path, current: dict) -> dict[tuple, dict]:
             k = diff[0]
             raise UsageError(f"{out} holds a run with other settings ({k}: {old.get(k)!r}, now {current[k]!r}); "
                              "use another --out or remove it")
-    elif (out / RESULTS).exists():
+    elif (out / RESULTS).exists() and (out / RESULTS).stat().st_size:  # (empty: made by the run's writer lock)
         raise UsageError(f"{out} has a {RESULTS} but no {CONFIG}: not a bench harm folder; use another --out")
     return load_results(out / RESULTS)
 
@@ -227,7 +228,7 @@ class HarmBench:
                "prompt_types": union("prompt_types", self.cfg.prompt_types),
                "measures": union("measures", self.cfg.measures), "config": asdict(self.cfg),
                "created": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        write_text(self.out / CONFIG, json.dumps(doc, indent=1, ensure_ascii=False))
+        files.replace(self.out / CONFIG, json.dumps(doc, indent=1, ensure_ascii=False))
 
     def run(self) -> int:
         """Run every pending record; returns how many were written. KeyboardInterrupt propagates after the

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .. import jsonl
+from .. import files, jsonl
 from ..core.gate import auroc
 from ..core.harm import MEASURES, PROMPT_TYPES, bench_variants, rate_table, wilson
 from ..errors import UsageError
@@ -38,6 +38,12 @@ ROW_LABELS = {"gated": "gated", "refuse": "gate + refuse"}
 CHARTS = ("asr_per_category.png", "margin_per_category.png", "refusal_vs_overrefusal.png",
           "refusal_vs_overrefusal_likelihood.png")
 DPI = 110
+
+TITLE = "# SafeInfer HarmEval report"
+"""report.md's first line (how a report of ours is told from a file of the user's)."""
+
+SOFTWARE = "safeinfer_local bench report"
+"""The PNG ``Software`` text of our charts."""
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -290,7 +296,7 @@ def _has_categories(ds: str, d: dict) -> bool:
 def render_markdown(config: dict, summary: dict, charts: list[tuple[str, str]] | None = None,
                     chart_note: str | None = None) -> str:
     """``report.md``'s text; ``charts`` are (title, file name) pairs to embed."""
-    lines = ["# SafeInfer HarmEval report", "", "## Settings", ""]
+    lines = [TITLE, "", "## Settings", ""]
     flat = {k: v for k, v in config.items() if k not in ("settings", "config")} | dict(config.get("settings") or {})
     lines += [f"- **{_md(k)}**: {_md(_value(v))}" for k, v in flat.items()] or ["- (no settings recorded)"]
     lines += ["", f"Records: {summary.get('records', 0)}; with an error: {summary.get('errors', 0)} "
@@ -480,10 +486,14 @@ def _category_chart(plt: Any, path: Path, m: dict, value: Callable[[dict, str], 
             ax.grid(axis="x", alpha=0.3)
         fig.suptitle(title)
         fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=len(variants))
-        fig.savefig(path, dpi=DPI)
+        _save(fig, path)
     finally:
         plt.close(fig)
     return True
+
+
+def _save(fig: Any, path: Path) -> None:
+    files.replace(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": SOFTWARE}))
 
 
 def _tradeoff_chart(plt: Any, path: Path, points: list[tuple[str, dict, dict]], xlabel: str, ylabel: str,
@@ -505,7 +515,7 @@ def _tradeoff_chart(plt: Any, path: Path, points: list[tuple[str, dict, dict]], 
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-        fig.savefig(path, dpi=DPI)
+        _save(fig, path)
     finally:
         plt.close(fig)
     return True
@@ -560,10 +570,45 @@ def write_charts(out_dir: Path, summary: dict) -> list[tuple[str, Path]]:
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def write_report(out_dir: Path, config: dict, records: list[dict]) -> list[Path]:
-    """Write ``report.md``, ``report.json`` and the charts into ``out_dir``; the paths written, in that order."""
+def _foreign_json(path: Path) -> str | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "it is not a JSON file"
+    return None if isinstance(doc, dict) and {"config", "summary"} <= doc.keys() else "it holds other JSON"
+
+
+def _foreign_chart(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    if not data.startswith(b"\x89PNG"):
+        return "it is not a PNG image"
+    # ours say so; charts written before they did carry Matplotlib's own Software text
+    return None if any(b"Software\x00" + w in data for w in (SOFTWARE.encode(), b"Matplotlib")) else \
+        "it is an image of another program"
+
+
+REPORT_FILES: dict[str, files.Kind] = {
+    "report.md": files.Kind("bench report", files.starts_with(TITLE.encode(), "a bench harm report")),
+    "report.json": files.Kind("bench report", _foreign_json),
+    **{name: files.Kind("bench chart", _foreign_chart) for name in CHARTS}}
+"""The files a report owns in its folder, each with how it is told from a file of the user's."""
+
+
+def check_report(out_dir: Path, force: bool = False) -> None:
+    """Refuse (one line, exit 2) a folder whose report.md, report.json or chart names hold files of the user's,
+    before a run spends its time; ``force`` replaces them."""
+    for name, kind in REPORT_FILES.items():
+        files.check_target(Path(out_dir) / name, kind, force=force)
+
+
+def write_report(out_dir: Path, config: dict, records: list[dict], force: bool = False) -> list[Path]:
+    """Write ``report.md``, ``report.json`` and the charts into ``out_dir`` (each atomically; a file of the same
+    name that is not ours is refused unless ``force``); the paths written, in that order."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_report(out_dir, force)
     summary = summarize(records)
     note = None
     try:
@@ -573,10 +618,9 @@ def write_report(out_dir: Path, config: dict, records: list[dict]) -> list[Path]
     made = {p.name for _, p in charts}
     for name in CHARTS:
         if name not in made:
-            (out_dir / name).unlink(missing_ok=True)
-    md = out_dir / "report.md"
-    md.write_text(render_markdown(config, summary, [(t, p.name) for t, p in charts], note), encoding="utf-8")
-    js = out_dir / "report.json"
-    js.write_text(json.dumps({"config": config, "summary": summary}, indent=2, ensure_ascii=False, default=str)
-                  + "\n", encoding="utf-8")
+            (out_dir / name).unlink(missing_ok=True)  # a chart of an earlier report (checked above)
+    md = files.replace(out_dir / "report.md", render_markdown(config, summary, [(t, p.name) for t, p in charts],
+                                                              note))
+    js = files.replace(out_dir / "report.json", json.dumps({"config": config, "summary": summary}, indent=2,
+                                                           ensure_ascii=False, default=str) + "\n")
     return [md, js, *(p for _, p in charts)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import files
 from ..api import SafeInfer
 from ..core.datasets import dev_split
 from ..core.demos import REFUSAL_PROBE
@@ -53,6 +54,11 @@ def grid_logprobs(si: SafeInfer, items: Sequence[Item], grid: Sequence[dict], la
                 progress()
         out.append(per_lam)
     return out
+
+
+SWEEP_ROWS = files.Kind("vectors sweep output", files.owned_by_lines(
+    lambda r: {"layer", "gamma", "positions", "score"} <= r.keys(), "a vectors sweep row"))
+"""What ``vectors sweep --out`` may overwrite: rows of an earlier sweep."""
 
 
 def dev_prompts(n_harmful: int = 40, n_benign: int = 40) -> tuple[list[str], list[str]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import jsonl
+from .. import files, jsonl
 from ..core.judge import is_refusal
 from ..errors import UsageError
 from ..jsonl import claim
@@ -222,32 +222,74 @@ def generate_records(si, items: list[Item], frame: str | None = None, parallel: 
         yield result_record(runs[key], variant, r, judge)
 
 
-def finalize(out: Path, items: list[Item], split_dir: Path | None) -> dict[str, int]:
-    """Once every wanted item has a record: rewrite the output in input order (atomically) and write the
-    split files. Returns the counts per verdict."""
+def finalize(out: Path, items: list[Item], split_dir: Path | None, blocked: Callable[[dict], bool | None]
+             ) -> list[dict]:
+    """Once every wanted item has a record: rewrite the output in input order, one record per id (the last one
+    written wins; atomically), and write the split files. Returns the records."""
     loaded = jsonl.load(out, repair=True, key=_id)
     done = loaded.by_key(_id)
     order = {it.id: it.index for it in items}
     recs = sorted((r for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
     jsonl.write_records(out, recs, header=loaded.header)
     if split_dir is not None:
-        write_split(recs, split_dir)
-    counts: dict[str, int] = {}
-    for r in recs:
-        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    return counts
+        write_split(recs, split_dir, blocked)
+    return recs
 
 
-def write_split(recs: list[dict], split_dir: Path) -> None:
+def finish(out: Path | None, wanted: list[Item], written: list[dict], split_dir: Path | None,
+           blocked: Callable[[dict], bool | None]) -> list[dict]:
+    """The end of a filter or screen run: :func:`finalize` the output (or, to stdout, take this run's records in
+    input order) and write the split files; returns the records."""
+    if out is not None:
+        return finalize(out, wanted, split_dir, blocked)
+    recs = sorted(written, key=lambda r: r["index"])
+    if split_dir is not None:
+        write_split(recs, split_dir, blocked)
+    return recs
+
+
+def filter_blocked(r: dict) -> bool | None:
+    """Where a filter record goes in --split: blocked when the model refused or --judge-model judged the reply
+    unsafe; None (neither file) for an error."""
+    if r["verdict"] == "error":
+        return None
+    return r["verdict"] == "refused" or r.get("judge") == "unsafe"
+
+
+SPLIT_FILES = {"allowed.jsonl": False, "blocked.jsonl": True}
+"""The files of a --split folder and which records each holds (blocked or not)."""
+
+SPLIT_FILE = files.Kind("split file", files.owned_by_lines(
+    lambda r: {"id", "index", "prompt"} <= r.keys() and ("verdict" in r or "flagged" in r),
+    "a filter or screen record"))
+
+
+def check_split(split_dir: Path | None, force: bool = False, inputs=()) -> None:
+    """Before a run: the --split folder is a folder (made if missing) and its allowed/blocked files, if there, are
+    split files of ours (``force``: overwrite them anyway). One line and exit 2 otherwise."""
+    if split_dir is None:
+        return
+    if split_dir.exists() and not split_dir.is_dir():
+        raise UsageError(f"--split {split_dir} is a file; give a folder")
+    for name in SPLIT_FILES:
+        files.check_target(split_dir / name, SPLIT_FILE, inputs=inputs, force=force, flag="--split")
+
+
+def write_split(recs: list[dict], split_dir: Path, blocked: Callable[[dict], bool | None]) -> None:
     try:
         split_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create --split folder {split_dir}: {e.strerror}") from None
-    def blocked(r: dict) -> bool:  # refused by the model, or judged unsafe by --judge-model
-        return r["verdict"] == "refused" or r.get("judge") == "unsafe"
+    for name, want in SPLIT_FILES.items():
+        jsonl.write_records(split_dir / name, (r for r in recs if blocked(r) is want))
 
-    for name, want in (("allowed.jsonl", False), ("blocked.jsonl", True)):
-        jsonl.write_records(split_dir / name, (r for r in recs if r["verdict"] != "error" and blocked(r) == want))
+
+def count(recs: Iterable[dict], field: str) -> dict[str, int]:
+    """How many records have each value of ``field``."""
+    out: dict[str, int] = {}
+    for r in recs:
+        out[str(r[field])] = out.get(str(r[field]), 0) + 1
+    return out
 
 
 def merge(out: Path, shards: list[Path], force: bool = False) -> int:
@@ -372,43 +414,37 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
 
     ``out`` starts with a header naming the input and the settings: a rerun into it resumes only with the same
     ones, and a file that is not a filter output is never written; ``force`` starts either over."""
-    head = header(si, items, shard, frame, judge, gen)
-    wanted, todo, app = start(items, out, head, "filter output", shard, force, on_resume, stream)
-    written: list[dict] = []
-    held: dict[int, dict] = {}  # stdout: records waiting for an earlier one, so the output keeps input order
-    order = [it.index for it in todo]
-    nxt = 0
+    with jsonl.locked(out, "filter run"):
+        head = header(si, items, shard, frame, judge, gen)
+        wanted, todo, app = start(items, out, head, "filter output", shard, force, on_resume, stream)
+        written: list[dict] = []
+        held: dict[int, dict] = {}  # stdout: records waiting for an earlier one, so the output keeps input order
+        order = [it.index for it in todo]
+        nxt = 0
 
-    def emit(rec: dict) -> None:
-        nonlocal nxt
-        written.append(rec)
-        if out is not None:
-            app.write(rec)
-        else:
-            held[rec["index"]] = rec
-            while nxt < len(order) and order[nxt] in held:
-                app.write(held.pop(order[nxt]))
-                nxt += 1
-        if progress:
-            progress("filter", len(written), len(todo))
+        def emit(rec: dict) -> None:
+            nonlocal nxt
+            written.append(rec)
+            if out is not None:
+                app.write(rec)
+            else:
+                held[rec["index"]] = rec
+                while nxt < len(order) and order[nxt] in held:
+                    app.write(held.pop(order[nxt]))
+                    nxt += 1
+            if progress:
+                progress("filter", len(written), len(todo))
 
-    try:
-        source = (records(todo) if records is not None
-                  else generate_records(si, todo, frame=frame, parallel=parallel, judge=judge, **gen))
-        for rec in source:
-            emit(rec)
-    except KeyboardInterrupt:
+        try:
+            source = (records(todo) if records is not None
+                      else generate_records(si, todo, frame=frame, parallel=parallel, judge=judge, **gen))
+            for rec in source:
+                emit(rec)
+        except KeyboardInterrupt:
+            app.close()
+            n_done = len(wanted) - len(todo) + (len(written) if out is not None else nxt)
+            where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
+            raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts done; {where}") from None
         app.close()
-        n_done = len(wanted) - len(todo) + (len(written) if out is not None else nxt)
-        where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
-        raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts done; {where}") from None
-    app.close()
-    if out is not None:
-        counts = finalize(out, wanted, split)
-    else:
-        if split is not None:
-            write_split(sorted(written, key=lambda r: r["index"]), split)
-        counts = {}
-        for r in written:
-            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    return Summary(len(wanted), len(wanted) - len(todo), written, counts)
+        counts = count(finish(out, wanted, written, split, filter_blocked), "verdict")
+        return Summary(len(wanted), len(wanted) - len(todo), written, counts)

@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import jsonl
 from ..core.frames import resolve_frame
 from ..errors import UsageError
-from .filter import Item, Summary, _id, items_hash, start
+from .filter import Item, Summary, finish, items_hash, start
 
 KIND = "safeinfer screen"
 CHUNK = 64
@@ -68,40 +68,37 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
         on_resume: Callable[[int, int], None] | None = None, force: bool = False) -> Summary:
     fr = resolve_frame(False, frame)
     fg = _gate(si).frame(fr)
-    head = header(si, items, shard, fr, fg.threshold)
-    wanted, todo, app = start(items, out, head, "screen output", shard, force, on_resume)
-    written: list[dict] = []
-    try:
-        for at in range(0, len(todo), CHUNK):
-            chunk = todo[at:at + CHUNK]
-            recs = score_records(si, chunk, fr)
-            for it in chunk:
-                app.write(recs[it.index])
-                written.append(recs[it.index])
-            if progress:
-                progress("screen", len(written), len(todo))
-    except KeyboardInterrupt:
-        app.close()
-        from .filter import Interrupted
+    with jsonl.locked(out, "screen run"):
+        head = header(si, items, shard, fr, fg.threshold)
+        wanted, todo, app = start(items, out, head, "screen output", shard, force, on_resume)
+        written: list[dict] = []
+        try:
+            for at in range(0, len(todo), CHUNK):
+                chunk = todo[at:at + CHUNK]
+                recs = score_records(si, chunk, fr)
+                for it in chunk:
+                    app.write(recs[it.index])
+                    written.append(recs[it.index])
+                if progress:
+                    progress("screen", len(written), len(todo))
+        except KeyboardInterrupt:
+            app.close()
+            from .filter import Interrupted
 
-        n_done = len(wanted) - len(todo) + len(written)
-        where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
-        raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts screened; {where}") from None
-    app.close()
-    recs_all = written
-    if out is not None:
-        loaded = jsonl.load(out, repair=True, key=_id)
-        order = {it.id: it.index for it in wanted}
-        recs_all = sorted((r for r in loaded.records if r["id"] in order), key=lambda r: order[r["id"]])
-        jsonl.write_records(out, recs_all, header=loaded.header)
-    if split is not None:
-        split.mkdir(parents=True, exist_ok=True)
-        for name, want in (("allowed.jsonl", False), ("blocked.jsonl", True)):
-            jsonl.write_records(split / name, (r for r in recs_all if r["error"] is None and r["flagged"] == want))
-    counts = {"flagged": sum(1 for r in recs_all if r["flagged"]),
-              "passed": sum(1 for r in recs_all if r["flagged"] is False),
-              "error": sum(1 for r in recs_all if r["error"] is not None)}
-    return Summary(len(wanted), len(wanted) - len(todo), written, counts)
+            n_done = len(wanted) - len(todo) + len(written)
+            where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
+            raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts screened; {where}") from None
+        app.close()
+        recs = finish(out, wanted, written, split, screen_blocked)
+        counts = {"flagged": sum(1 for r in recs if r["flagged"]),
+                  "passed": sum(1 for r in recs if r["flagged"] is False),
+                  "error": sum(1 for r in recs if r["error"] is not None)}
+        return Summary(len(wanted), len(wanted) - len(todo), written, counts)
+
+
+def screen_blocked(r: dict) -> bool | None:
+    """Where a screen record goes in --split: blocked when flagged; None (neither file) for an error."""
+    return None if r["error"] is not None else r["flagged"]
 
 
 def _record(it: Item, score: float | None, flagged: bool | None, error: str | None = None) -> dict:
