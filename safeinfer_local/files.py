@@ -54,13 +54,18 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
 
 
-def replace(path: str | Path, content: bytes | str | Callable[[Path], object]) -> Path:
+def replace(path: str | Path, content: bytes | str | Callable[[Path], object],
+            check: Callable[[Path], object] | None = None) -> Path:
     """Replace ``path`` with ``content`` atomically and durably; returns the path written (links resolved).
 
     ``content`` is the file's bytes, its text (UTF-8), or a function that writes the file at the path it is given
     (a GGUF writer, ``savefig``): it is given the temporary file's path (which ends in ``.tmp``, so pass a format
     explicitly where a library guesses it from the name). A new file gets the usual permissions (0666 less the
-    umask); a replaced one keeps its mode."""
+    umask); a replaced one keeps its mode.
+
+    ``check(tmp)``, when given, reads the written file back before it replaces anything and raises if it is not
+    what was meant: some writers lose a failed write silently (numpy's ``tofile``, behind the GGUF writer, drops
+    the error of its last buffered write on a full disk)."""
     target = real(path)
     existed = target.exists()
     tmp = temp_name(target)
@@ -69,6 +74,14 @@ def replace(path: str | Path, content: bytes | str | Callable[[Path], object]) -
         if callable(content):
             content(tmp)
             fd = os.open(tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            if check is not None:
+                try:
+                    check(tmp)
+                except Exception as e:
+                    os.close(fd)
+                    if _full(target.parent):
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+                    raise OSError(errno.EIO, f"what was written does not read back ({e})") from None
         else:
             data = content.encode("utf-8", "backslashreplace") if isinstance(content, str) else bytes(content)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)

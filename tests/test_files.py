@@ -95,13 +95,17 @@ def test_ctrl_c_or_a_writer_error_mid_write_leaves_the_previous_file(tmp_path):
     _no_temp(tmp_path)
 
 
-def test_a_real_full_disk_while_replacing_a_vector_keeps_the_previous_one(tmp_path):
-    with tiny_disk(tmp_path / "disk", "16k") as disk:
+@pytest.mark.parametrize("free", [4096, 8192, 12288])
+def test_a_real_full_disk_while_replacing_a_vector_keeps_the_previous_one(tmp_path, free):
+    """However much room is left, a vector that does not fit is an error and the previous one stays. (With 8 KiB
+    free, the GGUF writer's numpy ``tofile`` loses its last buffered write without an error: the file read back
+    is what catches it; before, the command said "wrote" and left a torn 8 KiB vector.)"""
+    with tiny_disk(tmp_path / "disk", "64k") as disk:
         old = _vector(disk / "sv.gguf")
         before = old.read_bytes()
-        (disk / "filler").write_bytes(b"\0" * (16384 - 2 * len(before) - 4096))
-        with pytest.raises(OutputError, match="the previous file is untouched"):
-            _vector(disk / "sv.gguf", n=2048, layers=(4, 8, 12))
+        (disk / "filler").write_bytes(b"\0" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - free))
+        with pytest.raises(OutputError, match="No space left on device; the previous file is untouched"):
+            _vector(disk / "sv.gguf", n=640, layers=tuple(range(1, 18)))
         assert old.read_bytes() == before and SafetyVector.load(old).layers == (12,)
         _no_temp(disk)
 

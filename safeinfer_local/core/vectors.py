@@ -164,7 +164,13 @@ class SafetyVector:
             finally:
                 w.close()
 
-        return files.replace(path, write)
+        def read_back(tmp: Path) -> None:
+            back = _load_gguf(tmp)
+            if sorted(back.directions) != sorted(self.directions) or not all(
+                    np.array_equal(back.directions[i], a) for i, a in self.directions.items()):
+                raise VectorError("the directions differ")
+
+        return files.replace(path, write, check=read_back)
 
     @classmethod
     def load(cls, path: str | Path) -> SafetyVector:
