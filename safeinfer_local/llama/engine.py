@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import ContextOverflowError, EngineError, ModelError, UsageError
-from .interrupts import raise_deferred_interrupt
+from .interrupts import defer_in, pending, raise_deferred_interrupt
 
 try:
     import llama_cpp as _L
@@ -118,6 +118,7 @@ class Model:
         self.n_gpu_layers = n_gpu_layers
         params.n_gpu_layers = 10**6 if n_gpu_layers == -1 else n_gpu_layers
         self._model = _api.load_model(str(self.path).encode(), params)
+        raise_deferred_interrupt()  # a Ctrl-C that arrived inside llama.cpp's log callback while loading
         if not self._model:
             raise ModelError(f"llama.cpp could not load {self.path} (corrupt file or unsupported architecture)")
         self._vocab = _L.llama_model_get_vocab(self._model)
@@ -292,7 +293,11 @@ class ActivationHook:
         self._cfunc = _L.ggml_backend_sched_eval_callback(self._callback)
 
     def _callback(self, tensor: int, ask: bool, user_data: int) -> bool:
+        # llama.cpp calls this through ctypes, which drops exceptions: Ctrl-C is deferred here (registered with
+        # interrupts.defer_in below) and raised after the llama_decode
         try:
+            if pending() or self.error is not None:  # a deferred Ctrl-C or an error: cut this decode short
+                return ask  # (ask: "want this node", then False: llama.cpp's scheduler stops the graph)
             name = _ggml.ggml_get_name(tensor).decode()
             if ask:
                 return name in self.names
@@ -317,9 +322,12 @@ class ActivationHook:
                     arr = new
             self.captured[name] = arr
             return True
-        except BaseException as e:  # never let an exception cross the C boundary
+        except BaseException as e:  # never let an exception cross the C boundary (decode_multi re-raises it)
             self.error = e
             return True
+
+
+defer_in(ActivationHook._callback)
 
 
 class Context:
@@ -346,6 +354,7 @@ class Context:
             p.cb_eval = capture._cfunc
             p.cb_eval_user_data = None
         self._ctx = _api.new_context(model._model, p)
+        raise_deferred_interrupt()  # a Ctrl-C that arrived inside llama.cpp's log callback (context set-up logs)
         if not self._ctx:
             raise ModelError(f"llama.cpp could not create a context (n_ctx={n_ctx}) for {model.path}")
         self.n_ctx: int = _L.llama_n_ctx(self._ctx)
@@ -498,7 +507,7 @@ class Context:
                 self.hook.error = None
                 self.hook.rows = (start, start + len(chunk))
             rc = _L.llama_decode(self._ctx, b)
-            raise_deferred_interrupt()  # a Ctrl-C that arrived inside llama.cpp's log callback
+            raise_deferred_interrupt()  # a Ctrl-C that arrived inside a ctypes callback (log, cb_eval)
             if rc != 0:
                 raise EngineError(f"llama_decode failed with code {rc}")
             if self.hook is not None and self.hook.error is not None:
@@ -527,6 +536,7 @@ def reference_stream(model_path: str | os.PathLike, prompt: str, max_tokens: int
                    n_gpu_layers=n_gpu_layers, verbose=False)
     try:
         for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+            raise_deferred_interrupt()  # llama-cpp-python decoded it: a Ctrl-C deferred in its log callback
             yield chunk["choices"][0]["text"]
     finally:
         llm.close()
