@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core.frames import frame_cont, frame_prompt, frame_stops, resolve_frame
-from .core.gate import DEFAULT_REFUSAL, GATE_MODES, ON_FLAG, Gate
+from .core.gate import DEFAULT_REFUSAL, GATE_MODES, ON_FLAG, Gate, Read
 from .core.models import default_vector_path, resolve_model
 from .core.settings import (
     DEFAULT_LAMBDA,
@@ -311,10 +311,10 @@ class SafeInfer:
             return None
         return self.gate if s.gate_threshold is None else self.gate.with_threshold(s.gate_threshold)
 
-    def features(self, block: int, token_lists: list[list[int]], tail: int = 0):
-        """Gate features (mean ``l_out-block`` over each prompt head, or its last ``tail`` tokens), many prompts
-        per decode."""
-        return self._decoder.features(block, token_lists, tail)
+    def features(self, read: Read, token_lists: list[list[int]]):
+        """Gate features (``read``'s rows of each prompt, pooled: a gate's :attr:`Gate.read`), many prompts per
+        decode."""
+        return self._decoder.features(read, token_lists)
 
     def gate_scores(self, prompts: list[str | list[Message]], raw: bool = False, frame: str | None = None):
         """The gate's score for each prompt (numpy array); a prompt is flagged at or above the threshold."""
@@ -323,7 +323,7 @@ class SafeInfer:
             raise UsageError("this vector has no harm gate (build one with `safeinfer vectors gate`)")
         fr = resolve_frame(raw, frame)
         toks = [self.encode_prompt(p, frame=fr)[0] for p in prompts]
-        return g.frame(fr).score(self._decoder.features(g.block, toks, g.tail))
+        return g.frame(fr).score(self._decoder.features(g.read, toks))
 
     def decide(self, variant: str, token_lists: list[list[int]], frame: str) -> list[tuple]:
         """Per prompt: (variant to run, gate score, gated, refuse). A prompt the gate cannot read (too long)
@@ -333,12 +333,12 @@ class SafeInfer:
             return [(variant, None, False, False)] * len(token_lists)
         fg = g.frame(frame)
         try:
-            feats = list(self._decoder.features(g.block, token_lists, g.tail))
+            feats = list(self._decoder.features(g.read, token_lists))
         except UsageError:
             feats = []
             for t in token_lists:
                 try:
-                    feats.append(self._decoder.features(g.block, [t], g.tail)[0])
+                    feats.append(self._decoder.features(g.read, [t])[0])
                 except UsageError as e:
                     feats.append(e)
         out: list = []
@@ -391,7 +391,7 @@ class SafeInfer:
         if g is None:
             return Route(variant)
         fg = g.frame(frame)
-        feat, head = self._decoder.features_and_head(g.block, tokens, g.tail)
+        feat, head = self._decoder.features_and_head(g.read, tokens)
         score = float(fg.score(feat)[0])
         flagged = score >= fg.threshold
         return Route(variant if flagged else "base", score, not flagged,

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from safeinfer_local.core.gate import Gate, auroc, check_fpr, cv_scores, fit_frame
+from safeinfer_local.core.gate import Gate, Read, auroc, check_fpr, cv_scores, fit_frame
 from safeinfer_local.errors import SettingError, VectorError
 
 from .conftest import assert_one_line_error, run_cli
@@ -129,6 +129,28 @@ def test_gate_metadata_round_trip_and_bad_gates():
             check_fpr(bad_fpr)
 
 
+def test_a_gate_reading_several_blocks_and_the_final_token_round_trips():
+    rng = np.random.default_rng(3)
+    fg = fit_frame(rng.normal(size=(10, 16)) + 1, rng.normal(size=(12, 16)), "lda")
+    g = Gate(4, "lda", {"qa": fg}, {}, 4, (4, 9), True, "max")
+    meta = json.loads(json.dumps(g.to_meta()))
+    assert (meta["blocks"], meta["final"], meta["pool"]) == ([4, 9], True, "max")
+    back = Gate.from_meta(meta)
+    assert back.read == Read((4, 9), 4, True, "max") and back.with_threshold(0.2).read == back.read
+    back.check_fits(8, 18)  # two blocks of n_embd 8
+    with pytest.raises(VectorError, match="2 block"):
+        back.check_fits(16, 18)
+    with pytest.raises(VectorError, match="block 9"):
+        back.check_fits(8, 9)
+    for bad in ({"pool": "median"}, {"final": "yes"}, {"blocks": [-1]}):
+        with pytest.raises(VectorError, match="malformed"):
+            Gate.from_meta(meta | bad)
+    # a gate of before 0.2 (one block, the head) writes no new keys: its digest, and so resumed files, stay
+    old = Gate(4, "lda", {"qa": fit_frame(rng.normal(size=(10, 8)) + 1, rng.normal(size=(12, 8)))}, {}, 16)
+    assert not {"blocks", "final", "pool"} & old.to_meta().keys() and old.read == Read((4,), 16)
+    assert Read((4, 9), 4).rows(10, 1) == slice(6, 10) and Read((4,)).rows(10, 1) == slice(1, 10)
+
+
 # -- with the real model ------------------------------------------------------------------------------------------
 
 
@@ -157,12 +179,79 @@ def test_features_are_the_same_alone_or_batched(si):
     model.context(n_ctx=512, capture=hook).decode(toks[1][:-1], logits="none")
     assert _cos(hook.captured["l_out-16"][1:].mean(0), r.features_by_block([toks[1]])[16][0]) > 0.99999
     # a tail pools the head's last K rows only; longer than the head (minus BOS) is the whole head
-    grid = r.features_grid([toks[1]], (0, 3, 500))
-    assert _cos(hook.captured["l_out-16"][-3:].mean(0), grid[16, 3][0]) > 0.99999
-    np.testing.assert_allclose(grid[16, 500], grid[16, 0])
-    assert _cos(grid[16, 3][0], grid[16, 0][0]) < 0.999  # it is a different feature
+    grid = r.features_grid([toks[1]], (Read((16,)), Read((16,), 3), Read((16,), 500)))
+    assert _cos(hook.captured["l_out-16"][-3:].mean(0), grid[Read((16,), 3)][0]) > 0.99999
+    np.testing.assert_allclose(grid[Read((16,), 500)], grid[Read((16,))])
+    assert _cos(grid[Read((16,), 3)][0], grid[Read((16,))][0]) < 0.999  # it is a different feature
     with pytest.raises(SettingError, match="tail"):
-        r.features_grid([toks[1]], (-1,))
+        r.features_grid([toks[1]], (Read((16,), -1),))
+
+
+@pytest.mark.model
+def test_final_token_features_are_the_l_out_rows_of_a_plain_decode(si):
+    """A ``final`` read pools the whole prompt's rows, the final token's included (max or mean, blocks
+    concatenated), exactly the ``l_out`` rows a plain decode of the prompt computes; the head it hands on is the
+    prompt minus its last token."""
+    from safeinfer_local.decode.gating import FeatureReader
+    from safeinfer_local.llama.engine import ActivationHook
+
+    model = si.model
+    r = FeatureReader(model, (4, 12), n_ctx=512)
+    toks = [model.tokenize(t) for t in (HARMFUL, BENIGN)]
+    hook = ActivationHook({"l_out-4", "l_out-12"})
+    ctx = model.context(n_ctx=512, capture=hook)
+    reads = (Read((12,), 1, True), Read((4, 12), 4, True, "max"), Read((12,), 0, True), Read((12,), 3))
+    grid = r.features_grid(toks, reads)
+    for i, t in enumerate(toks):
+        ctx.clear()
+        ctx.decode(t, logits="none")
+        rows4, rows12 = hook.captured["l_out-4"], hook.captured["l_out-12"]
+        assert len(rows12) == len(t)
+        assert _cos(rows12[-1], grid[reads[0]][i]) > 0.99999  # the final token's own row
+        want = np.concatenate([rows4[-4:].max(0), rows12[-4:].max(0)])
+        assert _cos(want, grid[reads[1]][i]) > 0.99999
+        assert _cos(rows12[1:].mean(0), grid[reads[2]][i]) > 0.99999  # all but BOS
+        assert _cos(rows12[-4:-1].mean(0), grid[reads[3]][i]) > 0.99999  # a head read of the same decode
+    feat, state = r.features_and_head(toks[0], reads[1])
+    assert _cos(feat, grid[reads[1]][0]) > 0.9999
+    ctx.clear()
+    ctx.import_seq(state, 0, len(toks[0]) - 1)  # the head alone: the last token is the steered side's to decode
+    assert ctx.decode(toks[0][-1:]).shape == (model.n_vocab,)
+
+
+@pytest.mark.model
+def test_a_final_token_gate_flags_and_decodes_exactly_as_gate_off(si, tmp_path):
+    """A gate reading the final prompt token routes from the reader's own decode of the whole prompt; a flagged
+    prompt's greedy output equals --gate off token for token (the side imports the head and decodes the last
+    prompt token with its vector), a passed one equals base; the gate round-trips through the vector file."""
+    from safeinfer_local.api import SafeInfer
+    from safeinfer_local.core.gate import FrameGate, Gate
+    from safeinfer_local.core.vectors import SafetyVector
+
+    rd = Read((8, 12), 4, True, "mean")
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal(2 * si.model.n_embd)
+    thr = {"flag": -2.0, "pass": 2.0}  # cosines lie in [-1, 1]: flag every prompt, or none
+    kw = dict(max_tokens=10, temperature=0)
+    off = SafeInfer(model=si.model, vector="default").with_(gate="off")
+    for name, t in thr.items():
+        g = Gate(rd.blocks[0], "mean-diff", {f: FrameGate(d, np.zeros_like(d), t) for f in ("template", "none", "qa")},
+                 {}, rd.tail, rd.blocks, rd.final, rd.pool)
+        path = SafetyVector.load(_default_vector()).recommend(gate=g.to_meta()).save(tmp_path / f"{name}.gguf")
+        gated = SafeInfer(model=si.model, vector=str(path))
+        assert gated.gate.read == rd
+        for prompt in (HARMFUL, BENIGN):
+            r = gated.generate(prompt, **kw)
+            want = off.generate(prompt, variant=None if name == "flag" else "base", **kw)
+            assert r.response == want.response and r.gated == (name == "pass")
+            many = dict(gated.generate_many([("a", prompt)], **kw))
+            assert many["a"].response == want.response
+
+
+def _default_vector():
+    from safeinfer_local.core.models import default_vector_path
+
+    return default_vector_path()
 
 
 @pytest.mark.model
@@ -343,3 +432,41 @@ def test_bench_speed_has_gated_rows_in_the_frame_the_gate_is_calibrated_for():
     assert res["safeinfer, gated, harmful prompt"]["flagged"] is True
     for key in ("base, benign prompt", "safeinfer, gated, benign prompt", "safeinfer, gated, harmful prompt"):
         assert res[key]["tokens"] == 3 and res[key]["tokens_per_s"] > 0 and res[key]["ttft_s"] > 0
+
+
+def test_leave_one_source_out_holds_each_source_out_and_reads_its_style():
+    """Synthetic features: harm is one shared direction, and each source adds a style direction of its own. A
+    source whose harm signal is missing (only its style moves) is found by leave-one-source-out but not by the
+    fit that saw it; a held-out benign source that looks like harmful style is flagged there too."""
+    from safeinfer_local.core.gate import Source, loso_scores
+
+    rng = np.random.default_rng(5)
+    d = 32
+    harm = np.zeros(d)
+    harm[0] = 5.0
+
+    def src(name, harmful, n, style, signal=1.0):
+        s = np.zeros(d)
+        s[style] = 2.0
+        x = rng.normal(size=(n, d)) + s + (harm * signal if harmful else 0)
+        return Source(name, harmful, x)
+
+    good = [src("h1", True, 60, 1), src("h2", True, 60, 2), src("h3", True, 60, 3),
+            src("b1", False, 80, 4), src("b2", False, 80, 5), src("b3", False, 80, 6)]
+    res = loso_scores(good, "lda", 0.05)
+    assert [r["source"] for r in res["sources"]] == ["h1", "h2", "h3", "b1", "b2", "b3"]
+    assert res["worst_auroc"] > 0.99 and res["worst_tpr"] > 0.95 and res["worst_fpr"] < 0.15
+    # a harmful source with no harm signal, only its own style: held out, nothing flags it
+    weak = good[:2] + [src("h3", True, 60, 3, signal=0.0)] + good[3:]
+    res = loso_scores(weak, "lda", 0.05)
+    row = {r["source"]: r for r in res["sources"]}
+    assert row["h3"]["flagged"] < 0.3 and res["worst_tpr"] == row["h3"]["flagged"]
+    assert row["h1"]["flagged"] > 0.8
+    # wrappers: each fold also holds one wrapping out (features as 2 copies, wrapper-major)
+    two = [Source(s.name, s.harmful, np.concatenate([s.feats, s.feats + 0.01])) for s in good]
+    res2 = loso_scores(two, "mean-diff", 0.05, groups=2)
+    assert all(r["n"] == len(s.feats) for r, s in zip(res2["sources"], good, strict=True))
+    with pytest.raises(SettingError, match="2 harmful and 2 benign"):
+        loso_scores(good[:1] + good[3:], "lda")
+    with pytest.raises(SettingError, match="copies"):
+        loso_scores([Source("x", True, np.zeros((3, d)))] + good[1:], "lda", groups=2)

@@ -16,6 +16,7 @@ linear discriminant: c = (Σ + αI)⁻¹ (μ_h − μ_b) with the pooled covaria
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,6 +28,8 @@ from ..errors import SettingError, VectorError
 from .frames import FRAMES
 
 METHODS = ("mean-diff", "lda")
+POOLS = ("mean", "max")
+"""How a feature pools the rows it reads: their mean, or their element-wise max."""
 TAILS = (0, 8, 16)
 """The poolings ``--tail auto`` chooses from: 0 = the mean over the whole prompt head, K = over its last K tokens."""
 DEFAULT_FPR = 0.05
@@ -59,6 +62,39 @@ def check_tail(tail: int) -> int:
     if isinstance(tail, bool) or not isinstance(tail, int) or tail < 0:
         raise SettingError(f"a gate's tail must be a whole number >= 0 (0: every prompt token), not {tail!r}")
     return tail
+
+
+@dataclass(frozen=True)
+class Read:
+    """Which rows of the prompt a gate feature is made of: the output of each of ``blocks`` (concatenated, in
+    that order), over the prompt's last ``tail`` tokens (0: all but a leading BOS), pooled by ``pool``.
+
+    ``final`` False (every gate before 0.2): the rows of the prompt *head*, the prompt minus its last token, which
+    the decode layout runs without the vector, so the reader's decode is the head's. ``final`` True: the whole
+    prompt, the final token's row included (where harm is most linearly readable); the reader decodes the whole
+    prompt in its own context and hands on the head's KV only, so the steered side still decodes the last prompt
+    token with its vector."""
+
+    blocks: tuple[int, ...]
+    tail: int = 0
+    final: bool = False
+    pool: str = "mean"
+
+    def __post_init__(self) -> None:
+        if not self.blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in self.blocks):
+            raise SettingError(f"a gate reads one or more blocks >= 0, not {self.blocks!r}")
+        check_tail(self.tail)
+        if self.pool not in POOLS:
+            raise SettingError(f"a gate's pooling is one of {', '.join(POOLS)}, not {self.pool!r}")
+
+    def rows(self, n: int, skip: int) -> slice:
+        """The rows to pool among ``n`` decoded rows of which the first ``skip`` (a BOS) never count."""
+        return slice(skip if not self.tail else max(skip, n - self.tail), n)
+
+    def describe(self) -> str:
+        where = "+".join(str(b) for b in self.blocks)
+        span = f"last {self.tail}" if self.tail else "all"
+        return f"block {where}, {span} {'prompt' if self.final else 'head'} tokens, {self.pool}"
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -171,6 +207,16 @@ class Gate:
     provenance: dict = field(default_factory=dict)
     tail: int = 0
     """Pool the feature over the prompt head's last ``tail`` tokens (0: all of them; gates before 0.1 had no tail)."""
+    blocks: tuple[int, ...] = ()
+    """Every block read, concatenated (default: ``block`` alone; gates before 0.2 read one)."""
+    final: bool = False
+    """Read the whole prompt, its final token included (see :class:`Read`; gates before 0.2 read the head)."""
+    pool: str = "mean"
+
+    @property
+    def read(self) -> Read:
+        """What the reader decodes and pools for this gate's feature."""
+        return Read(self.blocks or (self.block,), self.tail, self.final, self.pool)
 
     def frame(self, frame: str) -> FrameGate:
         g = self.frames.get(frame)
@@ -179,15 +225,21 @@ class Gate:
         return g
 
     def check_fits(self, n_embd: int, n_layer: int) -> None:
-        if not 0 <= self.block < n_layer:
-            raise VectorError(f"the gate reads block {self.block}, but the model has blocks 0..{n_layer - 1}")
+        blocks = self.read.blocks
+        for b in blocks:
+            if not 0 <= b < n_layer:
+                raise VectorError(f"the gate reads block {b}, but the model has blocks 0..{n_layer - 1}")
+        width = n_embd * len(blocks)
         for name, g in self.frames.items():
-            if g.direction.shape != (n_embd,) or g.centre.shape != (n_embd,):
+            if g.direction.shape != (width,) or g.centre.shape != (width,):
                 raise VectorError(f"the gate's {name} direction has {g.direction.shape[0]} dimensions but the model "
-                                  f"has n_embd {n_embd}: it was built for another model")
+                                  f"has n_embd {n_embd} ({len(blocks)} block(s) read): it was built for another "
+                                  "model")
 
     def to_meta(self) -> dict:
-        return {"block": self.block, "method": self.method, "tail": self.tail, "provenance": self.provenance,
+        read = {} if self.read == Read((self.block,), self.tail) else {  # a gate of before 0.2 stays as it was
+            "blocks": list(self.read.blocks), "final": self.final, "pool": self.pool}
+        return {"block": self.block, "method": self.method, "tail": self.tail, **read, "provenance": self.provenance,
                 "frames": {k: {"direction": [float(x) for x in g.direction.astype(np.float32)],
                                "centre": [float(x) for x in g.centre.astype(np.float32)],
                                "threshold": g.threshold, "dev": g.dev} for k, g in self.frames.items()}}
@@ -209,8 +261,13 @@ class Gate:
                 frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}))
             if not frames:
                 raise ValueError("no frame")
+            blocks = tuple(int(b) for b in d.get("blocks") or (d["block"],))
+            final, pool = d.get("final", False), d.get("pool", "mean")
+            if not isinstance(final, bool):
+                raise ValueError(f"final must be true or false, not {final!r}")
+            read = Read(blocks, check_tail(d.get("tail", 0)), final, pool)  # SettingError is a ValueError
             return cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
-                       check_tail(d.get("tail", 0)))  # SettingError is a ValueError
+                       read.tail, read.blocks, read.final, read.pool)
         except (KeyError, TypeError, ValueError) as e:
             raise VectorError(f"the vector's gate is malformed ({e})") from None
 
@@ -221,8 +278,8 @@ class Gate:
     def with_threshold(self, threshold: float) -> Gate:
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise SettingError(f"--gate-threshold must be a finite number, not {threshold}")
-        return Gate(self.block, self.method, {k: FrameGate(g.direction, g.centre, float(threshold), g.dev)
-                                              for k, g in self.frames.items()}, self.provenance, self.tail)
+        return dataclasses.replace(self, frames={k: FrameGate(g.direction, g.centre, float(threshold), g.dev)
+                                                 for k, g in self.frames.items()})
 
 
 def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float = DEFAULT_FPR, k: int = 5,
@@ -261,3 +318,65 @@ def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float =
                            f"{len(benign) // groups} benign)")
     return {"auroc": float(np.mean(au)), "tpr": float(np.mean(tpr)), "fpr": float(np.mean(fp)),
             "objective": float(np.mean(per)), "worst": float(np.min(per))}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of dev prompts for leave-one-source-out cross-validation: its name, its class, and its
+    features, ``groups`` wrapped copies of each prompt, wrapper-major (copy w of prompt i at row w * n + i)."""
+
+    name: str
+    harmful: bool
+    feats: np.ndarray
+
+
+def _quantile_tpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
+    return float(np.mean(pos >= np.quantile(neg, 1.0 - fpr))) if len(pos) and len(neg) else float("nan")
+
+
+def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, groups: int = 1,
+                shrinkage: float = 0.1) -> dict:
+    """Leave-one-source-out cross-validation. Each source in turn is held out: a gate is fitted on every other
+    source (both classes) and scores the held-out one, so every figure is that of a source the fit never saw.
+    With ``groups`` > 1 (each prompt in ``groups`` wrappings) the fold also holds one wrapping out, a different one
+    per source in turn: it fits on the other wrappings and scores the held-out source in that one.
+
+    The threshold is the (1 − ``fpr``) quantile of the benign sources' out-of-source scores (each scored by the fit
+    that held it out; for a held-out benign source, those of the *other* benign sources). Per source: ``auroc``
+    against the other class's out-of-source scores, ``tpr_1``/``tpr_5`` (harmful: flagged at 1% and 5% FPR of the
+    benign reference), ``flagged`` (share at the threshold: TPR for a harmful source, FPR for a benign one).
+    ``worst_tpr`` is the lowest held-out harmful source's ``flagged``, ``worst_fpr`` the highest benign one's: the
+    objective a gate is chosen by is ``worst_tpr`` (the source it does worst on, not the average)."""
+    check_fpr(fpr)
+    if sum(s.harmful for s in sources) < 2 or sum(not s.harmful for s in sources) < 2:
+        raise SettingError("leave-one-source-out needs at least 2 harmful and 2 benign sources")
+    for s in sources:
+        if len(s.feats) % groups or len(s.feats) < groups:
+            raise SettingError(f"source {s.name}: {len(s.feats)} features are not {groups} copies of each prompt")
+    wrapper = {s.name: np.repeat(np.arange(groups), len(s.feats) // groups) for s in sources}
+    oos: dict[str, np.ndarray] = {}
+    for k, s in enumerate(sources):
+        w = k % groups
+        keep = {o.name: wrapper[o.name] != w if groups > 1 else slice(None) for o in sources}
+        h = np.concatenate([o.feats[keep[o.name]] for o in sources if o is not s and o.harmful])
+        b = np.concatenate([o.feats[keep[o.name]] for o in sources if o is not s and not o.harmful])
+        g = _direction(np.asarray(h, np.float64), np.asarray(b, np.float64), method, shrinkage)
+        test = s.feats[wrapper[s.name] == w] if groups > 1 else s.feats
+        oos[s.name] = g.score(test)
+    rows = []
+    for s in sources:
+        ben = np.concatenate([oos[o.name] for o in sources if not o.harmful and o is not s])
+        harm = np.concatenate([oos[o.name] for o in sources if o.harmful and o is not s])
+        thr = float(np.quantile(ben, 1.0 - fpr))
+        sc = oos[s.name]
+        row = {"source": s.name, "harmful": s.harmful, "n": len(s.feats) // groups,
+               "auroc": auroc(sc, ben) if s.harmful else auroc(harm, sc),
+               "flagged": float(np.mean(sc >= thr))}
+        if s.harmful:
+            row |= {"tpr_1": _quantile_tpr(sc, ben, 0.01), "tpr_5": _quantile_tpr(sc, ben, 0.05)}
+        rows.append(row)
+    ben_all = np.concatenate([oos[s.name] for s in sources if not s.harmful])
+    return {"sources": rows, "threshold": float(np.quantile(ben_all, 1.0 - fpr)),
+            "worst_tpr": min(r["flagged"] for r in rows if r["harmful"]),
+            "worst_auroc": min(r["auroc"] for r in rows),
+            "worst_fpr": max(r["flagged"] for r in rows if not r["harmful"])}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.gate import Read
 from ..core.sampling import guided_logits, token_logprobs
 from ..core.settings import DEFAULT_N_CTX, GUIDED_VARIANTS, SA_VARIANTS, check_parallel
 from ..errors import UsageError
@@ -54,23 +55,22 @@ class Decoder:
         self._all_threads = total
         self._half_threads = max(1, total // 2)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="guide") if total >= 2 else None
-        self._readers: dict[int, FeatureReader] = {}
+        self._readers: dict[tuple[int, ...], FeatureReader] = {}
 
     # -- the harm gate's features ---------------------------------------------------------------------------
-    def _reader(self, block: int) -> FeatureReader:
-        r = self._readers.get(block)
+    def _reader(self, read: Read) -> FeatureReader:
+        r = self._readers.get(read.blocks)
         if r is None:
-            r = self._readers[block] = FeatureReader(self.model, block, self.n_ctx, self.n_threads)
+            r = self._readers[read.blocks] = FeatureReader(self.model, read.blocks, self.n_ctx, self.n_threads)
         return r
 
-    def features(self, block: int, token_lists: list[list[int]], tail: int = 0) -> np.ndarray:
-        """Gate features (mean ``l_out-block`` over each prompt head, or its last ``tail`` tokens), many prompts
-        per decode."""
-        return self._reader(block).features(token_lists, tail)
+    def features(self, read: Read, token_lists: list[list[int]]) -> np.ndarray:
+        """Gate features (``read``'s rows, pooled), many prompts per decode."""
+        return self._reader(read).features(token_lists, read)
 
-    def features_and_head(self, block: int, tokens: list[int], tail: int = 0) -> tuple[np.ndarray, bytes]:
+    def features_and_head(self, read: Read, tokens: list[int]) -> tuple[np.ndarray, bytes]:
         """One prompt's gate feature and its head's KV state (see :meth:`FeatureReader.features_and_head`)."""
-        return self._reader(block).features_and_head(tokens, tail)
+        return self._reader(read).features_and_head(tokens, read)
 
     # -- sides ----------------------------------------------------------------------------------------------
     def target_demos(self) -> list:

@@ -1,13 +1,16 @@
-"""Reading a prompt's gate feature from the model: the mean of ``l_out-B`` over the prompt's tokens minus the
-last one (and minus a leading BOS, the same row for every prompt), or over the last ``tail`` of those, captured
-with ``cb_eval`` while the prompt head is decoded without a control vector. Many prompts share one ``llama_decode``
-(one KV sequence each), which is what makes ``screen`` fast. Only that one tensor is asked for."""
+"""Reading a prompt's gate feature from the model (:class:`~safeinfer_local.core.gate.Read`): ``l_out-B`` of one
+or more blocks, pooled (mean or max) over the prompt's tokens or the last ``tail`` of them, leaving out a leading
+BOS (the same row for every prompt), captured with ``cb_eval`` while the prompt is decoded without a control
+vector. A head read (every gate before 0.2) covers the prompt minus its last token and decodes just that head; a
+``final`` read decodes the whole prompt, the final token included. Many prompts share one ``llama_decode`` (one KV
+sequence each), which is what makes ``screen`` fast. Only the blocks read are asked for.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..core.gate import check_tail
+from ..core.gate import Read
 from ..errors import UsageError
 from ..llama.engine import ActivationHook, Model
 
@@ -32,86 +35,100 @@ class FeatureReader:
         self._rows.setdefault(self.names[name], []).append(rows.copy())
         return None
 
-    def _head(self, tokens: list[int]) -> tuple[list[int], int]:
-        """The tokens to decode (the prompt minus its last token, BOS kept so that the rows are the ones the
-        real decode computes) and how many leading rows to leave out of the mean (a BOS row, the same for every
-        prompt)."""
-        head = list(tokens[:-1]) or list(tokens)
-        return head, int(len(head) > 1 and head[0] == self.model.bos)
+    def _span(self, tokens: list[int], final: bool) -> tuple[int, int]:
+        """(rows, skip): how many of a prompt's first rows a read covers (the head: the prompt minus its last
+        token, as the real decode runs it without the vector; or, ``final``, the whole prompt) and how many
+        leading rows never count (a BOS row, the same for every prompt)."""
+        n = len(tokens) if final else (len(tokens) - 1 or len(tokens))
+        return n, int(n > 1 and tokens[0] == self.model.bos)
 
-    def features(self, token_lists: list[list[int]], tail: int = 0) -> np.ndarray:
-        """One (n_embd,) feature per prompt at the (first) block, as an (n, n_embd) float64 array; ``tail``: the
-        mean over the head's last ``tail`` tokens only (0: all of them)."""
-        return self.features_by_block(token_lists, tail)[self.blocks[0]]
+    def features(self, token_lists: list[list[int]], read: Read | int = 0) -> np.ndarray:
+        """One feature per prompt, as an (n, width) float64 array: ``read`` (a :class:`Read` of this reader's
+        blocks), or a tail (an int) at the (first) block over the prompt head, as gates before 0.2 read."""
+        if not isinstance(read, Read):
+            read = Read((self.blocks[0],), read)
+        return self.features_grid(token_lists, (read,))[read]
 
     def features_by_block(self, token_lists: list[list[int]], tail: int = 0) -> dict[int, np.ndarray]:
-        """Every block's (n, n_embd) features, from one decode of each prompt."""
-        grid = self.features_grid(token_lists, (tail,))
-        return {b: grid[b, tail] for b in self.blocks}
+        """Every block's (n, n_embd) head features over the last ``tail`` tokens, from one decode of each prompt."""
+        reads = {b: Read((b,), tail) for b in self.blocks}
+        grid = self.features_grid(token_lists, tuple(reads.values()))
+        return {b: grid[r] for b, r in reads.items()}
 
-    def features_grid(self, token_lists: list[list[int]], tails: tuple[int, ...] = (0,)
-                      ) -> dict[tuple[int, int], np.ndarray]:
-        """The (n, n_embd) features for every block × tail, from one decode of each prompt."""
-        for t in tails:
-            check_tail(t)
-        heads = [self._head(t) for t in token_lists]
-        for h, _ in heads:
+    def features_grid(self, token_lists: list[list[int]], reads: tuple[Read, ...]) -> dict[Read, np.ndarray]:
+        """The features of every ``read`` (blocks of this reader), from one decode of each prompt: the whole prompt
+        when a read wants the final token (the head's rows are the same rows), else the head alone."""
+        for r in reads:
+            if any(b not in self.names.values() for b in r.blocks):
+                raise UsageError(f"this reader captures blocks {self.blocks}, not {r.blocks}")
+        whole = any(r.final for r in reads)
+        heads = [list(t[:self._span(t, whole)[0]]) for t in token_lists]
+        for h in heads:
             if not h:
                 raise UsageError("empty prompt")
-            if len(h) + 1 > self.ctx.n_ctx:
-                raise UsageError(f"prompt is {len(h) + 1} tokens but the context holds {self.ctx.n_ctx}")
-        out: dict[tuple[int, int], list[np.ndarray]] = {(b, t): [] for b in self.blocks for t in tails}
+            if len(h) + (not whole) > self.ctx.n_ctx:
+                raise UsageError(f"prompt is {len(h) + (not whole)} tokens but the context holds {self.ctx.n_ctx}")
+        out: dict[Read, list[np.ndarray]] = {r: [] for r in reads}
         i = 0
         while i < len(heads):
-            group: list[tuple[list[int], int]] = []
+            group: list[list[int]] = []
             used = 0
             while (i < len(heads) and len(group) < self.n_seq
-                   and (not group or used + len(heads[i][0]) <= self.ctx.n_ctx)):
+                   and (not group or used + len(heads[i]) <= self.ctx.n_ctx)):
                 group.append(heads[i])
-                used += len(heads[i][0])
+                used += len(heads[i])
                 i += 1
-            for key, feats in self._decode(group, tails).items():
+            for key, feats in self._decode(group, reads, [token_lists[j] for j in range(i - len(group), i)]).items():
                 out[key].extend(feats)
-        return {k: np.stack(v) if v else np.zeros((0, self.model.n_embd)) for k, v in out.items()}
+        return {r: np.stack(v) if v else np.zeros((0, self.model.n_embd * len(r.blocks))) for r, v in out.items()}
 
-    def features_and_head(self, tokens: list[int], tail: int = 0) -> tuple[np.ndarray, bytes]:
-        """One prompt's feature at the first block, and the KV state of its head (prompt minus the last token,
-        decoded without a vector): a side that would decode the same head can import it instead."""
-        head = self._head(tokens)
-        if len(head[0]) + 1 > self.ctx.n_ctx:
-            raise UsageError(f"prompt is {len(head[0]) + 1} tokens but the context holds {self.ctx.n_ctx}")
-        check_tail(tail)
-        feats = self._decode([head], (tail,), keep=True)
+    def features_and_head(self, tokens: list[int], read: Read | int = 0) -> tuple[np.ndarray, bytes]:
+        """One prompt's feature and the KV state of its head (the prompt minus the last token, decoded without a
+        vector): a side that would decode the same head imports it and decodes the last token itself. With a
+        ``final`` read the whole prompt is decoded and the last token's cell dropped before the export."""
+        if not isinstance(read, Read):
+            read = Read((self.blocks[0],), read)
+        n, _ = self._span(tokens, read.final)
+        if n + (not read.final) > self.ctx.n_ctx:
+            raise UsageError(f"prompt is {n + (not read.final)} tokens but the context holds {self.ctx.n_ctx}")
+        feats = self._decode([list(tokens[:n])], (read,), [tokens], keep=True)
         try:
+            if read.final:  # hand on the head only: the side decodes the last prompt token (with its vector)
+                self.ctx.truncate(0, self._span(tokens, False)[0])
             state = self.ctx.export_seq(0)
         finally:
             self.ctx.clear()
-        return feats[self.blocks[0], tail][0], state
+        return feats[read][0], state
 
-    def _decode(self, group: list[tuple[list[int], int]], tails: tuple[int, ...], keep: bool = False
-                ) -> dict[tuple[int, int], list[np.ndarray]]:
+    def _decode(self, group: list[list[int]], reads: tuple[Read, ...], prompts: list[list[int]],
+                keep: bool = False) -> dict[Read, list[np.ndarray]]:
+        """Decode ``group`` (each prompt's decoded tokens, one KV sequence each) and pool every read's rows;
+        ``prompts``: the whole prompts they come from."""
         self.ctx.clear()
         self.ctx.set_control_vector(None)
         self._rows = {}
-        self.hook.names = set(self.names)
+        wanted = {b for r in reads for b in r.blocks}
+        self.hook.names = {n for n, b in self.names.items() if b in wanted}
         try:
-            self.ctx.decode_multi([(k, h) for k, (h, _) in enumerate(group)], logits="none")
+            self.ctx.decode_multi(list(enumerate(group)), logits="none")
         finally:
             self.hook.names = set()
             if not keep:
                 self.ctx.clear()
-        n = sum(len(h) for h, _ in group)
-        out: dict[tuple[int, int], list[np.ndarray]] = {}
-        for b in self.blocks:
-            rows = np.concatenate(self._rows.get(b, [np.zeros((0, self.model.n_embd), np.float32)]))
-            if len(rows) != n:
-                raise UsageError(f"captured {len(rows)} rows of l_out-{b} for {n} tokens")
-            rows = rows.astype(np.float64)
-            for t in tails:
-                feats, at = [], 0
-                for h, skip in group:
-                    start = at + skip if not t else max(at + skip, at + len(h) - t)
-                    feats.append(rows[start:at + len(h)].mean(0))
-                    at += len(h)
-                out[b, t] = feats
+        n = sum(len(h) for h in group)
+        rows: dict[int, np.ndarray] = {}
+        for b in wanted:
+            r = np.concatenate(self._rows.get(b, [np.zeros((0, self.model.n_embd), np.float32)]))
+            if len(r) != n:
+                raise UsageError(f"captured {len(r)} rows of l_out-{b} for {n} tokens")
+            rows[b] = r.astype(np.float64)
+        out: dict[Read, list[np.ndarray]] = {}
+        for rd in reads:
+            feats, at = [], 0
+            for h, t in zip(group, prompts, strict=True):
+                sel = rd.rows(*self._span(t, rd.final))  # a head read of a whole decode: the head's rows
+                parts = [rows[b][at + sel.start:at + sel.stop] for b in rd.blocks]
+                feats.append(np.concatenate([p.mean(0) if rd.pool == "mean" else p.max(0) for p in parts]))
+                at += len(h)
+            out[rd] = feats
         return out

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from ..api import SafeInfer
 from ..core.datasets import advbench, catqa, xstest
 from ..core.frames import FRAMES, check_frame
-from ..core.gate import METHODS, TAILS, WRAPPERS, Gate, check_fpr, check_tail, cv_scores, fit_frame
+from ..core.gate import METHODS, TAILS, WRAPPERS, Gate, Read, check_fpr, check_tail, cv_scores, fit_frame
 from ..decode.guidance import benign_demos
 from ..errors import UsageError
 from .filter import read_items
@@ -95,8 +95,10 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
     def wrapped(prompts: list[str], frame: str) -> list[list[int]]:  # wrapper-major: copy w of prompt i at w*n + i
         return [si.encode_prompt(w.replace("{q}", q), frame=frame)[0] for w in wrappers for q in prompts]
 
+    reads = {(blk, t): Read((blk,), t) for blk in blocks for t in tails}
     for k, f in enumerate(frames):
-        feats[f] = (reader.features_grid(wrapped(h, f), tails), reader.features_grid(wrapped(b, f), tails))
+        hg, bg = (reader.features_grid(wrapped(x, f), tuple(reads.values())) for x in (h, b))
+        feats[f] = ({key: hg[r] for key, r in reads.items()}, {key: bg[r] for key, r in reads.items()})
         if progress:
             progress("gate features", k + 1, len(frames))
     rows = []

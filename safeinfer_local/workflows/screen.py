@@ -49,12 +49,12 @@ def score_records(si, items: list[Item], frame: str) -> dict[int, dict]:
             recs[it.index] = _record(it, None, None, str(e))
     if ok:
         try:
-            scores = list(fg.score(si.features(gate.block, [t for _, t in ok], gate.tail)))
+            scores = list(fg.score(si.features(gate.read, [t for _, t in ok])))
         except UsageError:
             scores = []
             for _, t in ok:
                 try:
-                    scores.append(fg.score(si.features(gate.block, [t], gate.tail))[0])
+                    scores.append(fg.score(si.features(gate.read, [t]))[0])
                 except UsageError as e:
                     scores.append(e)
         for (it, _), sc in zip(ok, scores, strict=True):
