@@ -84,3 +84,29 @@ def dev_split(n_harmful: int, n_benign: int) -> tuple[list[Prompt], list[Prompt]
     """The dev prompts that sweeps and calibration tune on, kept out of every evaluation set: AdvBench ``dev``
     and the XSTest ``safe`` prompts at odd positions (``bench harm --dataset xstest`` uses the even ones)."""
     return advbench("dev")[:n_harmful], xstest("safe")[1::2][:n_benign]
+
+
+GATE_WRITTEN = {
+    "harmful": "gate_harmful_requests", "benign": "gate_benign_requests", "contrast": "gate_contrast_benign"}
+"""The harm gate's project-written prompt sets (MIT, see ``SOURCE_gate_written.md``), by kind."""
+GATE_LABEL = {"harmful": "category", "benign": "domain", "contrast": "topic"}
+
+
+def _jsonl(name: str) -> list[dict[str, str]]:
+    with open(DATA / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def gate_written(kind: str, field: str | None = None) -> list[Prompt]:
+    """``harmful`` requests, ordinary ``benign`` requests or benign ``contrast`` prompts (harm-adjacent words),
+    written for the harm gate; ``Prompt.category`` is the row's category / domain / topic, or ``field`` (e.g.
+    ``"form"``, ``"lang"``; empty where a row has none)."""
+    if kind not in GATE_WRITTEN:
+        raise ValueError(f"gate_written kind must be one of {', '.join(GATE_WRITTEN)}, not {kind!r}")
+    key = field or GATE_LABEL[kind]
+    return [Prompt(r["id"], r["prompt"], r.get(key, "")) for r in _jsonl(GATE_WRITTEN[kind])]
+
+
+def pyrit_harmful() -> list[Prompt]:
+    """Harmful objectives from PyRIT's package data (MIT, see ``SOURCE_pyrit_harmful.md``), PyRIT's category."""
+    return [Prompt(r["id"], r["prompt"], r["category"]) for r in _jsonl("pyrit_harmful")]
