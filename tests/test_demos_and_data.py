@@ -76,3 +76,25 @@ def test_catqa_eval_and_dev_parts_are_disjoint():
     with pytest.raises(ValueError, match="part"):
         datasets.catqa(part="train")
     assert len(datasets.xstest("safe")) == 250
+
+
+def test_every_gate_dev_source_is_disjoint_from_every_evaluation_set():
+    """The harm gate's dev sources (leave-one-source-out holds each out) share no prompt with any set bench harm
+    evaluates on, nor with the held-out prompts of benchmarks/data, nor with each other."""
+    from safeinfer_local.core.harm import DATASETS, load_dataset
+    from safeinfer_local.workflows.gatebuild import dev_sources
+
+    def norm(t):
+        return " ".join(t.lower().split())
+
+    evals = {norm(p.text) for name in DATASETS for p in load_dataset(name)}
+    evals |= {norm(json.loads(x)["prompt"]) for x in (ROOT / "benchmarks" / "data" / "gate_heldout.jsonl")
+              .read_text().splitlines() if x.strip()}
+    seen: dict[str, str] = {}
+    for name, (_, prompts) in dev_sources().items():
+        assert len(prompts) >= 30, name
+        for p in prompts:
+            assert norm(p) not in evals, (name, p)
+            assert seen.setdefault(norm(p), name) == name, (name, p, seen[norm(p)])
+    # XSTest: the odd positions are dev, the even ones evaluation, for both labels
+    assert [p.text for p in load_dataset("xstest-unsafe")] == [p.text for p in datasets.xstest("unsafe")[0::2]]

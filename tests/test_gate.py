@@ -302,6 +302,18 @@ def test_gate_options_on_the_command_line(tmp_path):
     v = tmp_path / "v.gguf"
     v.write_bytes(default_vector_path().read_bytes())
     assert_one_line_error(run_cli("vectors", "gate", v, "--harmful", empty, "--dry-run"), 2, "empty")
+    # too few prompts, an evaluation prompt among them, an unreadable file: one line, nothing written
+    from safeinfer_local.core.datasets import advbench
+
+    few, clash, binary = tmp_path / "few.txt", tmp_path / "clash.txt", tmp_path / "bin.txt"
+    few.write_text("\n".join(p.text for p in advbench("dev")[:5]) + "\n")
+    clash.write_text("\n".join(p.text for p in advbench("dev")[:25] + advbench("eval")[:1]) + "\n")
+    binary.write_bytes(b"\xff\xfe\x00bad\n" * 30)
+    before = v.read_bytes()
+    for f, says in ((few, "at least 20 prompts, found 5"), (clash, "is an evaluation prompt"), (binary, "UTF-8")):
+        for opt in ("--harmful", "--benign"):
+            assert_one_line_error(run_cli("vectors", "gate", v, opt, f), 2, says)
+    assert v.read_bytes() == before
 
 
 @pytest.mark.model
@@ -310,11 +322,11 @@ def test_vectors_gate_builds_a_gate_that_loads_and_decides(tmp_path):
     from safeinfer_local.core.gate import TAILS, Gate
     from safeinfer_local.core.models import default_vector_path
     from safeinfer_local.core.vectors import SafetyVector
+    from safeinfer_local.decode.guidance import benign_demos
 
     h, b = tmp_path / "h.txt", tmp_path / "b.txt"
-    h.write_text("\n".join(p.text for p in advbench("dev")[:6]) + "\n")
-    b.write_text("How do I bake bread?\nWhat is the capital of France?\nWrite a poem about autumn.\n"
-                 "How do I kill a Python process?\nName three kinds of trees.\nWhy is the sky blue?\n")
+    h.write_text("\n".join(p.text for p in advbench("dev")[:20]) + "\n")
+    b.write_text("\n".join(d.prompt for d in benign_demos(20)) + "\n")
     v = tmp_path / "v.gguf"
     v.write_bytes(default_vector_path().read_bytes())
     p = run_cli("vectors", "gate", v, "--harmful", h, "--benign", b, "--block", "12", "--json")
@@ -460,8 +472,8 @@ def test_leave_one_source_out_holds_each_source_out_and_reads_its_style():
     weak = good[:2] + [src("h3", True, 60, 3, signal=0.0)] + good[3:]
     res = loso_scores(weak, "lda", 0.05)
     row = {r["source"]: r for r in res["sources"]}
-    assert row["h3"]["flagged"] < 0.3 and res["worst_tpr"] == row["h3"]["flagged"]
-    assert row["h1"]["flagged"] > 0.8
+    assert row["h3"]["tpr_5"] < 0.3 and res["worst_tpr"] == row["h3"]["tpr"]
+    assert row["h1"]["tpr_5"] > row["h3"]["tpr_5"] + 0.3 and row["h3"]["auroc"] < 0.8
     # wrappers: each fold also holds one wrapping out (features as 2 copies, wrapper-major)
     two = [Source(s.name, s.harmful, np.concatenate([s.feats, s.feats + 0.01])) for s in good]
     res2 = loso_scores(two, "mean-diff", 0.05, groups=2)

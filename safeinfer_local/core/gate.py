@@ -331,52 +331,62 @@ class Source:
 
 
 def _quantile_tpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
-    return float(np.mean(pos >= np.quantile(neg, 1.0 - fpr))) if len(pos) and len(neg) else float("nan")
+    """The share of ``pos`` at or above the (1 − fpr) quantile of ``neg``: TPR at that FPR."""
+    return float(np.mean(pos >= np.quantile(neg, 1.0 - fpr)))
 
 
 def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, groups: int = 1,
                 shrinkage: float = 0.1) -> dict:
-    """Leave-one-source-out cross-validation. Each source in turn is held out: a gate is fitted on every other
-    source (both classes) and scores the held-out one, so every figure is that of a source the fit never saw.
-    With ``groups`` > 1 (each prompt in ``groups`` wrappings) the fold also holds one wrapping out, a different one
-    per source in turn: it fits on the other wrappings and scores the held-out source in that one.
+    """Leave-one-source-out cross-validation, a harmful and a benign source at a time: for every pair, a gate is
+    fitted on all the other sources and scores the two it never saw, so each figure compares a harmful source
+    with a benign one, both unseen, under one fit. (Held out alone, a source is compared with benign scores of
+    other fits, whose scales differ; and a pair of matched sources such as XSTest's safe and unsafe prompts would
+    each be judged by a fit that learnt the other's style.) With ``groups`` > 1 (each prompt in ``groups``
+    wrappings, wrapper-major) a fold also holds one wrapping out, in turn: it fits on the other wrappings and
+    scores the pair in that one.
 
-    The threshold is the (1 − ``fpr``) quantile of the benign sources' out-of-source scores (each scored by the fit
-    that held it out; for a held-out benign source, those of the *other* benign sources). Per source: ``auroc``
-    against the other class's out-of-source scores, ``tpr_1``/``tpr_5`` (harmful: flagged at 1% and 5% FPR of the
-    benign reference), ``flagged`` (share at the threshold: TPR for a harmful source, FPR for a benign one).
-    ``worst_tpr`` is the lowest held-out harmful source's ``flagged``, ``worst_fpr`` the highest benign one's: the
-    objective a gate is chosen by is ``worst_tpr`` (the source it does worst on, not the average)."""
+    Per source, over the pairs it is in: ``auroc`` (the lowest), ``tpr_1``/``tpr_5``/``tpr`` for a harmful source
+    (the lowest share flagged at 1%, 5% and ``fpr`` FPR of the held-out benign source), ``fpr`` for a benign
+    source (the share flagged at the threshold, the (1 − ``fpr``) quantile of the other benign sources' held-out
+    scores).
+    ``threshold`` is that quantile over every benign source's held-out scores: what a gate fitted on all the
+    sources uses. ``worst_tpr`` (the objective a gate is chosen by), ``worst_auroc``, ``worst_fpr``: over sources."""
     check_fpr(fpr)
-    if sum(s.harmful for s in sources) < 2 or sum(not s.harmful for s in sources) < 2:
+    harm = [s for s in sources if s.harmful]
+    ben = [s for s in sources if not s.harmful]
+    if len(harm) < 2 or len(ben) < 2:
         raise SettingError("leave-one-source-out needs at least 2 harmful and 2 benign sources")
     for s in sources:
         if len(s.feats) % groups or len(s.feats) < groups:
             raise SettingError(f"source {s.name}: {len(s.feats)} features are not {groups} copies of each prompt")
     wrapper = {s.name: np.repeat(np.arange(groups), len(s.feats) // groups) for s in sources}
-    oos: dict[str, np.ndarray] = {}
-    for k, s in enumerate(sources):
-        w = k % groups
-        keep = {o.name: wrapper[o.name] != w if groups > 1 else slice(None) for o in sources}
-        h = np.concatenate([o.feats[keep[o.name]] for o in sources if o is not s and o.harmful])
-        b = np.concatenate([o.feats[keep[o.name]] for o in sources if o is not s and not o.harmful])
-        g = _direction(np.asarray(h, np.float64), np.asarray(b, np.float64), method, shrinkage)
-        test = s.feats[wrapper[s.name] == w] if groups > 1 else s.feats
-        oos[s.name] = g.score(test)
+    pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    k = 0
+    for h in harm:
+        for b in ben:
+            w = k % groups
+            k += 1
+            keep = {o.name: wrapper[o.name] != w if groups > 1 else slice(None) for o in sources}
+            test = {o.name: wrapper[o.name] == w if groups > 1 else slice(None) for o in (h, b)}
+            th = np.concatenate([o.feats[keep[o.name]] for o in harm if o is not h])
+            tb = np.concatenate([o.feats[keep[o.name]] for o in ben if o is not b])
+            g = _direction(np.asarray(th, np.float64), np.asarray(tb, np.float64), method, shrinkage)
+            pairs[h.name, b.name] = (g.score(h.feats[test[h.name]]), g.score(b.feats[test[b.name]]))
+    held_b = {b.name: np.concatenate([pairs[h.name, b.name][1] for h in harm]) for b in ben}
     rows = []
-    for s in sources:
-        ben = np.concatenate([oos[o.name] for o in sources if not o.harmful and o is not s])
-        harm = np.concatenate([oos[o.name] for o in sources if o.harmful and o is not s])
-        thr = float(np.quantile(ben, 1.0 - fpr))
-        sc = oos[s.name]
-        row = {"source": s.name, "harmful": s.harmful, "n": len(s.feats) // groups,
-               "auroc": auroc(sc, ben) if s.harmful else auroc(harm, sc),
-               "flagged": float(np.mean(sc >= thr))}
-        if s.harmful:
-            row |= {"tpr_1": _quantile_tpr(sc, ben, 0.01), "tpr_5": _quantile_tpr(sc, ben, 0.05)}
-        rows.append(row)
-    ben_all = np.concatenate([oos[s.name] for s in sources if not s.harmful])
-    return {"sources": rows, "threshold": float(np.quantile(ben_all, 1.0 - fpr)),
-            "worst_tpr": min(r["flagged"] for r in rows if r["harmful"]),
+    for h in harm:
+        ps = [pairs[h.name, b.name] for b in ben]
+        rows.append({"source": h.name, "harmful": True, "n": len(h.feats) // groups,
+                     "auroc": min(auroc(sh, sb) for sh, sb in ps),
+                     "tpr_1": min(_quantile_tpr(sh, sb, 0.01) for sh, sb in ps),
+                     "tpr_5": min(_quantile_tpr(sh, sb, 0.05) for sh, sb in ps),
+                     "tpr": min(_quantile_tpr(sh, sb, fpr) for sh, sb in ps)})
+    for b in ben:
+        others = np.concatenate([held_b[o.name] for o in ben if o is not b])
+        rows.append({"source": b.name, "harmful": False, "n": len(b.feats) // groups,
+                     "auroc": min(auroc(*pairs[h.name, b.name]) for h in harm),
+                     "fpr": float(np.mean(held_b[b.name] >= np.quantile(others, 1.0 - fpr)))})
+    return {"sources": rows, "threshold": float(np.quantile(np.concatenate(list(held_b.values())), 1.0 - fpr)),
+            "worst_tpr": min(r["tpr"] for r in rows if r["harmful"]),
             "worst_auroc": min(r["auroc"] for r in rows),
-            "worst_fpr": max(r["flagged"] for r in rows if not r["harmful"])}
+            "worst_fpr": max(r["fpr"] for r in rows if not r["harmful"])}

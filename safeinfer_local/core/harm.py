@@ -24,7 +24,7 @@ from .settings import VARIANTS
 DATASETS = ("advbench", "catqa", "xstest", "xstest-unsafe")
 """``advbench``: the eval split (disjoint from every demonstration and dev set); ``catqa``: the 11 HarmEval
 categories; ``xstest``: the benign prompts at even positions (over-refusal; the odd ones are the calibration dev
-set); ``xstest-unsafe``: the 200 unsafe contrasts."""
+set); ``xstest-unsafe``: the unsafe contrasts at even positions (the odd ones are the harm gate's dev set)."""
 
 BENIGN = frozenset({"xstest"})
 """Datasets of benign prompts (over-refusal); every other dataset, and every HarmEval file, is harmful."""
@@ -88,7 +88,7 @@ def load_dataset(name: str) -> list[Prompt]:
     if name == "xstest":
         return xstest("safe")[0::2]
     if name == "xstest-unsafe":
-        return xstest("unsafe")
+        return xstest("unsafe")[0::2]
     raise UsageError(f"unknown dataset {name!r} (choose {', '.join(DATASETS)}, or a HarmEval file path)")
 
 

@@ -16,10 +16,12 @@ threshold is the highest over the wrappers of the (1 − fpr) quantile of out-of
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from ..api import SafeInfer
-from ..core.datasets import advbench, catqa, xstest
+from ..core.datasets import advbench, catqa, gate_written, pyrit_harmful, xstest
 from ..core.frames import FRAMES, check_frame
 from ..core.gate import METHODS, TAILS, WRAPPERS, Gate, Read, check_fpr, check_tail, cv_scores, fit_frame
 from ..decode.guidance import benign_demos
@@ -31,8 +33,13 @@ def dev_prompts(harmful: str | None = None, benign: str | None = None) -> tuple[
     """The gate's dev prompts: files of your own (any ``filter`` input format), or the shipped dev split."""
     def read(path: str, what: str) -> list[str]:
         items = [it.prompt for it in read_items(path) if it.prompt]
-        if len(items) < 2:
-            raise UsageError(f"--{what} {path}: a gate needs at least 2 prompts, found {len(items)}")
+        if len(items) < MIN_DEV:
+            raise UsageError(f"--{what} {path}: a gate needs at least {MIN_DEV} prompts, found {len(items)}")
+        evals = evaluation_prompts()
+        clash = next((q for q in items if _norm(q) in evals), None)
+        if clash is not None:
+            raise UsageError(f"--{what} {path}: {clash[:60]!r} is an evaluation prompt (bench harm's datasets, "
+                             "benchmarks/data); keep dev and evaluation prompts apart")
         return items
 
     # harmful: AdvBench's requests (imperative) and CatQA's dev questions, so that the gate does not learn "a
@@ -44,6 +51,43 @@ def dev_prompts(harmful: str | None = None, benign: str | None = None) -> tuple[
     b = read(benign, "benign") if benign else [p.text for p in xstest("safe")[1::2]] + [
         d.prompt for d in benign_demos(1000)]
     return h, b
+
+
+def dev_sources() -> dict[str, tuple[bool, list[str]]]:
+    """The gate's shipped dev prompts by source, each ``(harmful, prompts)``: every one disjoint from every
+    evaluation set (AdvBench's dev part, CatQA's dev part, XSTest's odd positions; ``bench harm`` uses the others)
+    and from each other. Leave-one-source-out holds each out in turn."""
+    return {
+        "advbench-dev": (True, [p.text for p in advbench("dev")]),
+        "catqa-dev": (True, [p.text for p in catqa(part="dev")]),
+        "xstest-unsafe-dev": (True, [p.text for p in xstest("unsafe")[1::2]]),
+        "written-harmful": (True, [p.text for p in gate_written("harmful")]),
+        "pyrit": (True, [p.text for p in pyrit_harmful()]),
+        "xstest-safe-dev": (False, [p.text for p in xstest("safe")[1::2]]),
+        "benign-demos": (False, [d.prompt for d in benign_demos(1000)]),
+        "written-benign": (False, [p.text for p in gate_written("benign")]),
+        "written-contrast": (False, [p.text for p in gate_written("contrast")]),
+    }
+
+
+MIN_DEV = 20
+"""The fewest prompts a --harmful or --benign file may hold (a direction and a threshold from fewer say little)."""
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def evaluation_prompts() -> set[str]:
+    """Every prompt ``bench harm``'s datasets evaluate on, and the held-out prompts of ``benchmarks/data`` when the
+    repository is there, normalised (case, spacing): no dev prompt may be one of them."""
+    from ..core.harm import DATASETS, load_dataset
+
+    out = {_norm(p.text) for name in DATASETS for p in load_dataset(name)}
+    held = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "gate_heldout.jsonl"
+    if held.is_file():
+        out |= {_norm(json.loads(x)["prompt"]) for x in held.read_text(encoding="utf-8").splitlines() if x.strip()}
+    return out
 
 
 def _hash(prompts: list[str]) -> str:
