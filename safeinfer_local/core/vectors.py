@@ -280,7 +280,7 @@ def _load_gguf(path: Path) -> SafetyVector:
     meta_json = _field_value(reader, "safeinfer.meta_json")
     gamma = _field_value(reader, "safeinfer.recommended_gamma")
     layers = _field_value(reader, "safeinfer.recommended_layers")
-    method = _field_value(reader, "safeinfer.method")
+    method = _field_value(reader, PROVENANCE_KEY)
     return SafetyVector(
         directions=dirs,
         model_hint=_field_value(reader, "controlvector.model_hint") or "",

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,14 +285,6 @@ def write_split(recs: list[dict], split_dir: Path, blocked: Callable[[dict], boo
         jsonl.write_records(split_dir / name, (r for r in recs if blocked(r) is want))
 
 
-def count(recs: Iterable[dict], field: str) -> dict[str, int]:
-    """How many records have each value of ``field``."""
-    out: dict[str, int] = {}
-    for r in recs:
-        out[str(r[field])] = out.get(str(r[field]), 0) + 1
-    return out
-
-
 def merge(out: Path, shards: list[Path], force: bool = False) -> int:
     """Join shard outputs in input order. The shards must be filter outputs of one input with the same settings
     (their headers differ by the shard only); duplicate ids or gaps in the input positions are refused. ``out``
@@ -446,5 +439,5 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
             where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
             raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts done; {where}") from None
         app.close()
-        counts = count(finish(out, wanted, written, split, filter_blocked), "verdict")
+        counts = dict(Counter(r["verdict"] for r in finish(out, wanted, written, split, filter_blocked)))
         return Summary(len(wanted), len(wanted) - len(todo), written, counts)
