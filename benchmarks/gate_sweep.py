@@ -23,7 +23,7 @@ from safeinfer_local.core.datasets import advbench, catqa, xstest
 from safeinfer_local.core.frames import FRAMES
 from safeinfer_local.core.gate import METHODS, auroc, fit_frame
 from safeinfer_local.decode.gating import FeatureReader
-from safeinfer_local.workflows.gatebuild import dev_prompts
+from safeinfer_local.workflows.gatebuild import dev_sources
 
 
 def main() -> None:
@@ -40,7 +40,8 @@ def main() -> None:
     reader = FeatureReader(si.model, blocks)
     safe = xstest("safe")
     unsafe = xstest("unsafe")
-    dev_h, dev_b = dev_prompts()  # what `safeinfer vectors gate` fits on
+    src = dev_sources().values()  # what `safeinfer vectors gate` fits on
+    dev_h, dev_b = ([q for h, ps in src if h is side for q in ps] for side in (True, False))
     sets = {"dev_h": dev_h, "dev_b": dev_b,
             "ev_h": [p.text for p in catqa(a.catqa)] + [p.text for p in advbench("eval")],
             "ev_b": [p.text for p in safe[0::2]], "xs_u": [p.text for p in unsafe[0::2]]}

@@ -117,6 +117,13 @@ def _vector_hash(vec: SafetyVector) -> str:
     return h.hexdigest()[:16]
 
 
+def recommended_on_flag(vector: SafetyVector) -> str:
+    """What a flagged prompt gets by default with this vector: its recorded recommendation (``guard.on_flag``,
+    written by ``vectors gate --on-flag``), else ``steer``."""
+    rec = (vector.meta.get("guard") or {}).get("on_flag", "steer")
+    return rec if rec in ON_FLAG else "steer"
+
+
 def _check_gate(mode: str, threshold: float | None, on_flag: str, refusal: str) -> tuple:
     check_choice("gate", mode, GATE_MODES)
     check_choice("on-flag", on_flag, ON_FLAG)
@@ -140,7 +147,7 @@ class SafeInfer:
                  n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, n_gpu_layers: int = 0,
                  chat_format: str | None = None, guidance: str | GuidanceSpec | None = None, lam: float | None = None,
                  variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
-                 on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL, speculate: int = DEFAULT_SPECULATE,
+                 on_flag: str | None = None, refusal: str = DEFAULT_REFUSAL, speculate: int = DEFAULT_SPECULATE,
                  warn=None) -> None:
         self.model = model if isinstance(model, Model) else Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
         if isinstance(vector, str) and vector == "default":
@@ -162,6 +169,8 @@ class SafeInfer:
         if isinstance(vector, SafetyVector) and vector.meta.get("gate"):
             self.gate = Gate.from_meta(vector.meta["gate"])
             self.gate.check_fits(self.model.n_embd, self.model.n_layer)
+        if on_flag is None:  # the vector's recommendation when it has a gate (``vectors gate --on-flag``), else steer
+            on_flag = recommended_on_flag(vector) if self.gate is not None else "steer"
         self.settings = Settings(steering, spec, lam, variant, *_check_gate(gate, gate_threshold, on_flag, refusal),
                                  speculate=check_speculate(speculate))
         self._decoder = Decoder(self.model, n_ctx=n_ctx, n_threads=n_threads)
@@ -347,7 +356,7 @@ class SafeInfer:
                 out.append(f)
                 continue
             sc = float(fg.score(f)[0])
-            flagged = sc >= fg.threshold
+            flagged = fg.flags(sc)
             out.append((variant if flagged else "base", sc, not flagged,
                         flagged and self.settings.on_flag == "refuse"))
         return out
@@ -393,7 +402,7 @@ class SafeInfer:
         fg = g.frame(frame)
         feat, head = self._decoder.features_and_head(g.read, tokens)
         score = float(fg.score(feat)[0])
-        flagged = score >= fg.threshold
+        flagged = fg.flags(score)
         return Route(variant if flagged else "base", score, not flagged,
                      flagged and self.settings.on_flag == "refuse", head)
 

@@ -143,7 +143,13 @@ def test_demo_json_runs_every_variant():
     p = run_cli("demo", "--prompts", "1", "--json")
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
-    assert set(d["replies"]) == {"base", "sa", "sgds", "safeinfer"}
+    side = d["side_by_side"]
+    assert [r["harmful"] for r in side] == [True, False]  # harmful and benign side by side
+    assert all(isinstance(r["gate_score"], float) and isinstance(r["reply"], str) for r in side)
+    for r in side:  # what was done follows the gate's verdict and the recorded --on-flag
+        want = ({"refuse": "refused"}.get(d["on_flag"], "steered (safeinfer)") if r["gate_flagged"]
+                else "decoded plainly")
+        assert r["done"] == want, r
     row = d["rows"][0]
     assert all(isinstance(row[v], float) for v in ("base", "sa", "sgds", "safeinfer"))
     assert d["guidance"] == "negative" and d["lam"] == 0.5  # the shipped recommendation

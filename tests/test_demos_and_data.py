@@ -68,10 +68,10 @@ def test_catqa_eval_and_dev_parts_are_disjoint():
     assert [p.text for p in datasets.catqa(10)] == [p.text for p in datasets.catqa(10, part="all")]
     # bench harm evaluates on the eval part; the gate is fitted on the dev part
     from safeinfer_local.core.harm import load_dataset
-    from safeinfer_local.workflows.gatebuild import dev_prompts
+    from safeinfer_local.workflows.gatebuild import dev_sources
 
     assert [p.text for p in load_dataset("catqa")] == [p.text for p in ev]
-    harmful, benign = dev_prompts()
+    harmful = dev_sources()["catqa-dev"][1]
     assert {p.text for p in dev} <= set(harmful) and not set(harmful) & {p.text for p in ev}
     with pytest.raises(ValueError, match="part"):
         datasets.catqa(part="train")

@@ -37,7 +37,7 @@ def server(model):
     from safeinfer_local.api import SafeInfer
     from safeinfer_local.serve import create_app, start
 
-    si = SafeInfer(model=model, vector="default")
+    si = SafeInfer(model=model, vector="default", on_flag="steer")  # a flagged prompt steered, not refused
     bg = start(create_app(si, parallel=4, queue=16))
     yield bg
     bg.stop()
@@ -118,8 +118,8 @@ def test_streamed_text_equals_the_non_streamed_text_greedy(client):
 @pytest.mark.model
 def test_http_greedy_equals_generate_json(client):
     """Same prompt, settings and decode layout: the same reply, token count, stop reason and gate verdict."""
-    cases = [((), {}), (("--variant", "sgds", "--gate", "off", "--lam", "0.9"), {"variant": "sgds", "gate": "off",
-                                                                                   "lam": 0.9})]
+    cases = [(("--on-flag", "steer"), {}),
+             (("--variant", "sgds", "--gate", "off", "--lam", "0.9"), {"variant": "sgds", "gate": "off", "lam": 0.9})]
     for prompt in (FLAGGED, BENIGN):
         for flags, opts in cases:
             p = run_cli("generate", prompt, "-t", "0", "-n", "16", "--json", *flags)
@@ -136,12 +136,12 @@ def test_http_greedy_equals_generate_json(client):
 
 @pytest.mark.model
 def test_on_flag_refuse_answers_without_decoding(model):
-    """--on-flag refuse: a flagged prompt gets the refusal text, finish_reason content_filter, nothing decoded;
-    a benign one is decoded plainly."""
+    """--on-flag refuse (the shipped vector's recommendation, so the default): a flagged prompt gets the refusal
+    text, finish_reason content_filter, nothing decoded; a benign one is decoded plainly."""
     from safeinfer_local.api import SafeInfer
     from safeinfer_local.serve import create_app, start
 
-    si = SafeInfer(model=model, vector="default", on_flag="refuse")
+    si = SafeInfer(model=model, vector="default")
     bg = start(create_app(si, parallel=2, queue=4, warm=False))
     try:
         c = openai.OpenAI(base_url=bg.url, api_key="unused", max_retries=0, timeout=120)

@@ -30,7 +30,7 @@ def filter_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the default here)."),
     top_k: int = o.TopKOpt, top_p: float = o.TopPOpt, seed: int | None = o.SeedOpt,
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
-    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str | None = o.OnFlagOpt,
     refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt,
     ray: str | None = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",

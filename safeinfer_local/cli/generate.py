@@ -25,7 +25,7 @@ def generate(
     max_tokens: int = o.MaxTokensOpt, temperature: float = o.TemperatureOpt, top_k: int = o.TopKOpt,
     top_p: float = o.TopPOpt, seed: int | None = o.SeedOpt,
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
-    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str | None = o.OnFlagOpt,
     refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt, as_json: bool = o.JsonOpt,
 ) -> None:
@@ -62,7 +62,7 @@ def score(
     guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, raw: bool = o.RawOpt,
     frame: str | None = o.FrameOpt, n_ctx: int = o.NCtxOpt,
     threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
-    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str | None = o.OnFlagOpt,
     refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt, as_json: bool = o.JsonOpt,
 ) -> None:
@@ -80,14 +80,14 @@ def score(
 
 @app.command()
 def demo(
-    n: int = typer.Option(4, "--prompts", help="Harmful CatQA prompts to show."),
+    n: int = typer.Option(4, "--prompts", help="Harmful (CatQA) and benign (XSTest) prompts to show, each."),
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt,
     threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt, as_json: bool = o.JsonOpt,
 ) -> None:
-    """A non-interactive tour on the default model. For each variant it shows the margin log p(refusal) −
-    log p(compliant opening) after harmful prompts (a 270M base model never refuses by itself), and a short
-    greedy reply."""
+    """A non-interactive tour on the default model: harmful and benign prompts side by side, with what the
+    shipped settings (harm gate, recommended --on-flag) do to each; then each variant's margin log p(refusal) −
+    log p(compliant opening) after the harmful ones (a 270M base model never refuses by itself)."""
     from ..core.settings import VARIANTS
     from ..workflows import demo as tour
 
@@ -98,9 +98,18 @@ def demo(
     if as_json:
         print(json.dumps(doc))
         return
-    print("model {model}; SA: layers {layers}, gamma {gamma:g}, positions {positions}; "
+    print("model {model}; variant {variant}; SA: layers {layers}, gamma {gamma:g}, positions {positions}; "
           "sGDS: guidance {guidance}, lambda {lam:g}".format(**doc))
-    print(f"margin = log p({doc['refusal']!r}) - log p({doc['comply']!r}) after 'Q: <harmful question>\\nA:' (nats)")
+    how = (f"harm gate on, a flagged prompt is {'refused' if doc['on_flag'] == 'refuse' else 'steered'} "
+           f"(--on-flag {doc['on_flag']}), a passed one decoded plainly" if doc["gate"] else "no harm gate: every "
+           "prompt is steered")
+    print(f"\n1. What these settings do (`safeinfer generate PROMPT`: chat template, greedy; {how}):")
+    for r in doc["side_by_side"]:
+        score = "" if r["gate_score"] is None else f" score {r['gate_score']:+.3f}"
+        print(f"  [{'harmful' if r['harmful'] else 'benign '}] {r['prompt'][:70]!r}")
+        print(f"      {r['done']}{score}: {' '.join(r['reply'].split())[:90]!r}")
+    print(f"\n2. Margin = log p({doc['refusal']!r}) - log p({doc['comply']!r}) after 'Q: <harmful question>\\nA:' "
+          "(nats), every variant ungated:")
     rows = doc["rows"]
     print("  " + "".join(f"{v:>10}" for v in VARIANTS) + "  gate     prompt")
     for r in rows:
@@ -109,11 +118,6 @@ def demo(
     for v in VARIANTS[1:]:
         up = sum(r[v] > r["base"] for r in rows)
         print(f"{v}: margin above base on {up} of {len(rows)} prompts")
-    print("(every variant runs ungated here; 'gate' says whether the vector's harm gate flags the prompt, which is "
-          "what --gate auto would steer)")
-    print(f"greedy replies to {rows[0]['prompt'][:60]!r}:")
-    for v, text in doc["replies"].items():
-        print(f"  {v:9} {text.strip()[:90]!r}")
 
 
 @app.command()
@@ -127,7 +131,7 @@ def chat(
     temperature: float = o.TemperatureOpt, top_k: int = o.TopKOpt, top_p: float = o.TopPOpt,
     seed: int | None = o.SeedOpt,
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
-    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str | None = o.OnFlagOpt,
     refusal: str = o.RefusalOpt,
     chat_format: str | None = o.ChatFmtOpt,
 ) -> None:

@@ -58,8 +58,9 @@ GateOpt = typer.Option("auto", "--gate", help="auto | on | off: score the prompt
                        "steer only prompts it flags (auto: when the vector has a gate; off: every prompt as before).")
 GateThresholdOpt = typer.Option(None, "--gate-threshold", help="Flag at this gate score instead of the recorded "
                                 "threshold.")
-OnFlagOpt = typer.Option("steer", "--on-flag", help="steer | refuse: a flagged prompt gets the variant, or a fixed "
-                         "refusal without decoding it (--refusal).")
+OnFlagOpt = typer.Option(None, "--on-flag", help="steer | refuse: a flagged prompt gets the variant, or a fixed "
+                         "refusal without decoding it (--refusal). Default: the vector's recommendation (the "
+                         "shipped vector's: refuse), else steer.")
 RefusalOpt = typer.Option(DEFAULT_REFUSAL, "--refusal", help="The reply to a flagged prompt with --on-flag refuse.")
 InputArg = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin.")
 OutFileOpt = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning the same "
@@ -144,7 +145,7 @@ def gen_options(max_tokens: int, temperature: float, top_k: int, top_p: float, s
 def load(model=None, vector=None, gamma=None, layers=None, positions=None, n_ctx: int = DEFAULT_N_CTX,
          threads: int | None = None, n_gpu_layers: int = 0, chat_format=None, guidance=None, lam=None,
          variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
-         on_flag: str = "steer", refusal: str = DEFAULT_REFUSAL, speculate: int = 0):
+         on_flag: str | None = None, refusal: str = DEFAULT_REFUSAL, speculate: int = 0):
     """A SafeInfer from the common options; every value is checked before the model is loaded."""
     from ..api import SafeInfer
 

@@ -19,7 +19,7 @@ def serve(
     model: str | None = o.ModelOpt, vector: str | None = o.VectorOpt, gamma: float | None = o.GammaOpt,
     layers: str | None = o.LayersOpt, positions: str | None = o.PositionsOpt, variant: str | None = o.VariantOpt,
     guidance: str | None = o.GuidanceOpt, lam: float | None = o.LamOpt, speculate: int = o.SpeculateOpt,
-    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str = o.OnFlagOpt,
+    gate: str = o.GateOpt, gate_threshold: float | None = o.GateThresholdOpt, on_flag: str | None = o.OnFlagOpt,
     refusal: str = o.RefusalOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (another than loopback exposes "
                              "the model to the network: use --api-key)."),

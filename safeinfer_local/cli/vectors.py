@@ -53,60 +53,110 @@ def vectors_gate(
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the vector with its gate here (default: "
                                     "update VECTOR in place)."),
     block: str = typer.Option("auto", "--block", help="Block whose output the gate reads, or auto "
-                              "(cross-validation on the dev prompts, one wrapper held out per fold)."),
+                              "(leave-one-source-out over the middle blocks)."),
     method: str = typer.Option("auto", "--method", help="mean-diff | lda | auto."),
-    tail: str = typer.Option("auto", "--tail", help="Pool the feature over the prompt head's last N tokens (0: all "
-                             "of them), or auto (cross-validation among 0, 8, 16)."),
-    fpr: float = typer.Option(0.05, "--fpr", help="Share of new benign prompts the threshold may flag "
-                        "(set on out-of-fold benign dev scores)."),
-    harmful: str | None = typer.Option(None, "--harmful", help="Harmful dev prompts (any filter input format; "
-                                       "default: AdvBench dev + CatQA dev)."),
-    benign: str | None = typer.Option(None, "--benign", help="Benign dev prompts (default: XSTest safe, odd "
-                                      "positions + the project's benign requests)."),
+    tail: str = typer.Option("auto", "--tail", help="Pool the feature over the prompt's last N tokens, the final "
+                             "one included (0: all of them), or auto (4 or 16, by cross-validation)."),
+    fpr: float = typer.Option(0.05, "--fpr", help="Share of prompts from a new benign source the threshold may flag "
+                              "(set on the benign sources' held-out scores)."),
+    harmful: list[str] | None = typer.Option(None, "--harmful", help="A file of harmful dev prompts (any filter "
+                                             "input format), one source; repeat for more. Default: the shipped "
+                                             "five harmful sources."),
+    benign: list[str] | None = typer.Option(None, "--benign", help="A file of benign dev prompts, one source; "
+                                            "repeat for more. Default: the shipped four benign sources."),
+    per_source: int | None = typer.Option(None, "--max-per-source", help="Read at most N prompts of each source, "
+                                          "evenly spaced (default: all; the reads are most of the cost on a large "
+                                          "model)."),
+    on_flag: str | None = typer.Option(None, "--on-flag", help="Record what a flagged prompt should get by default "
+                                       "with this vector: steer (the variant) or refuse (the fixed refusal; for a "
+                                       "model that cannot be steered into refusing). Default: keep the vector's."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the sweep and the choice; write nothing."),
     model: str | None = o.ModelOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
     as_json: bool = o.JsonOpt, force: bool = o.ForceOpt,
 ) -> None:
-    """Fit a harm gate (condition direction, centre and threshold per frame, read from one block's output) on dev
-    prompts and record it in the vector's metadata; llama.cpp still loads the file as a control vector."""
-    from ..core.gate import check_fpr
+    """Fit a harm gate (condition direction, centre and threshold per frame, read from one block's output at the
+    prompt's last tokens) on dev prompts from several sources, chosen and thresholded by leave-one-source-out, and
+    record it in the vector's metadata; llama.cpp still loads the file as a control vector."""
+    import time
+
+    from ..core.gate import ON_FLAG, check_fpr
+    from ..core.settings import check_choice
     from ..core.vectors import VECTOR_FILE
-    from ..workflows.gatebuild import build_gate, check_tail_option
+    from ..workflows.gatebuild import build_gate, check_per_source, check_tail_option
 
     check_fpr(fpr)
     check_tail_option(tail)
-    for path, what in ((harmful, "--harmful"), (benign, "--benign")):
-        if path is not None and path != "-" and not Path(path).is_file():
-            raise UsageError(f"{what} file not found: {path}")
+    check_per_source(per_source)
+    if on_flag is not None:
+        check_choice("on-flag", on_flag, ON_FLAG)
+    harmful, benign = tuple(harmful or ()), tuple(benign or ())
+    for paths, what in ((harmful, "--harmful"), (benign, "--benign")):
+        for path in paths:
+            if path != "-" and not Path(path).is_file():
+                raise UsageError(f"{what} file not found: {path}")
     target = out or vector
     if not dry_run:  # VECTOR itself may be updated in place when it is a vector of ours
         o.check_out(target, VECTOR_FILE, force=force,
-                    inputs=[("--harmful file", harmful), ("--benign file", benign), o.model_input(model)])
+                    inputs=[*(("--harmful file", h) for h in harmful), *(("--benign file", b) for b in benign),
+                            o.model_input(model)])
     si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers, gate="off")
+    t0 = time.perf_counter()
     with o.Progress() as prog:
-        gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog, tail=tail)
-    doc = {"block": gate.block, "method": gate.method, "tail": gate.tail,
+        gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog, tail=tail,
+                                per_source=per_source)
+    seconds = time.perf_counter() - t0
+    doc = {"block": gate.block, "method": gate.method, "tail": gate.tail, "seconds": round(seconds, 1),
            "frames": {k: {"threshold": g.threshold, "dev": g.dev} for k, g in gate.frames.items()}, "cv": rows}
     if as_json:
         print(json.dumps(doc))
     else:
-        from rich.table import Table
-
-        t = Table(title="harm gate: CV on dev prompts, one wrapper held out per fold (held-out AUROC / TPR / "
-                        "FPR per frame; objective: TPR - FPR of the worst fold, summed over frames)")
-        frames = list(gate.frames)
-        for c in ["block", "tail", "method", "objective"] + [f"{f} AUROC/TPR/FPR" for f in frames] + [""]:
-            t.add_column(c, justify="right")
-        for r in rows:
-            t.add_row(str(r["block"]), str(r["tail"]), r["method"], f"{r['objective']:+.3f}",
-                      *[f"{r[f + '_auroc']:.3f}/{r[f + '_tpr']:.2f}/{r[f + '_fpr']:.2f}" for f in frames],
-                      "◀ chosen" if (r["block"], r["tail"], r["method"]) == (gate.block, gate.tail, gate.method)
-                      else "")
-        o.console().print(t)
+        _print_gate_tables(gate, rows)
+    print(f"gate: fitted in {seconds:.0f} s", file=sys.stderr)
     if not dry_run:
-        si.vector.recommend(gate=gate.to_meta()).save(target)
-        print(f"gate: block {gate.block}, tail {gate.tail or 'all'}, {gate.method}; recorded in {target}",
-              file=sys.stderr)
+        guard = {"guard": {"on_flag": on_flag}} if on_flag else {}
+        si.vector.recommend(gate=gate.to_meta(), **guard).save(target)
+        print(f"gate: block {gate.block}, last {gate.tail or 'all'} prompt tokens, {gate.method}; recorded in "
+              f"{target}", file=sys.stderr)
+
+
+def _print_gate_tables(gate, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    frames = list(gate.frames)
+    loso = "worst_tpr" in gate.frames[frames[0]].dev
+    chosen = (gate.block, gate.tail, gate.method)
+    if loso:
+        t = Table(title="harm gate: leave-one-source-out (a harmful and a benign source held out per fold); per "
+                        "frame the worst held-out harmful source's TPR at the FPR target / worst AUROC / worst "
+                        "benign source's FPR; objective: the worst TPR over frames")
+        cols = [f"{f} TPR/AUROC/FPR" for f in frames]
+        cells = lambda r: [f"{r[f + '_worst_tpr']:.2f}/{r[f + '_worst_auroc']:.3f}/{r[f + '_worst_fpr']:.2f}"  # noqa: E731
+                           for f in frames]
+    else:
+        t = Table(title="harm gate: k-fold CV within the sources, one copy held out per fold (held-out AUROC / "
+                        "TPR / FPR per frame; objective: TPR - FPR of the worst fold, summed over frames)")
+        cols = [f"{f} AUROC/TPR/FPR" for f in frames]
+        cells = lambda r: [f"{r[f + '_auroc']:.3f}/{r[f + '_tpr']:.2f}/{r[f + '_fpr']:.2f}" for f in frames]  # noqa: E731
+    for c in ["block", "tail", "method", "objective", "mean AUROC", *cols, ""]:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["block"]), str(r["tail"]), r["method"], f"{r['objective']:+.3f}", f"{r['mean_auroc']:.3f}",
+                  *cells(r), "◀ chosen" if (r["block"], r["tail"], r["method"]) == chosen else "")
+    o.console().print(t)
+    if loso:
+        t = Table(title="the chosen gate, each source held out: AUROC (lowest over the sources it was paired "
+                        "with), TPR at 1% and 5% FPR (harmful), FPR at the threshold (benign)")
+        t.add_column("source")
+        t.add_column("n", justify="right")
+        for f in frames:
+            t.add_column(f"{f} AUROC / TPR@1% / TPR@5% / FPR", justify="right")
+        per = {f: {s["source"]: s for s in gate.frames[f].dev["sources"]} for f in frames}
+        for name in per[frames[0]]:
+            s0 = per[frames[0]][name]
+            t.add_row(name + (" (harmful)" if s0["harmful"] else " (benign)"), str(s0["n"]), *[
+                f"{s['auroc']:.3f} / {s['tpr_1']:.2f} / {s['tpr_5']:.2f} / -" if s["harmful"] else
+                f"{s['auroc']:.3f} / - / - / {s['fpr']:.2f}" for s in (per[f][name] for f in frames)])
+        o.console().print(t)
 
 
 @vectors_app.command("inspect")

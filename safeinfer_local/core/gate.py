@@ -30,8 +30,9 @@ from .frames import FRAMES
 METHODS = ("mean-diff", "lda")
 POOLS = ("mean", "max")
 """How a feature pools the rows it reads: their mean, or their element-wise max."""
-TAILS = (0, 8, 16)
-"""The poolings ``--tail auto`` chooses from: 0 = the mean over the whole prompt head, K = over its last K tokens."""
+TAILS = (4, 16)
+"""The poolings ``vectors gate --tail auto`` chooses from: the mean over the prompt's last K tokens, the final one
+included (0, which ``--tail`` also takes: over every prompt token)."""
 DEFAULT_FPR = 0.05
 WRAPPERS = (
     "{q}",
@@ -130,6 +131,10 @@ class FrameGate:
         x = np.atleast_2d(np.asarray(feats, np.float64)) - self.centre
         n = np.linalg.norm(x, axis=1) * np.linalg.norm(self.direction)
         return (x @ self.direction) / np.where(n > 0, n, 1.0)
+
+    def flags(self, score: float) -> bool:
+        """Whether a prompt with this score is flagged as harmful: the one place a score meets the threshold."""
+        return bool(score >= self.threshold)
 
 
 def _direction(h: np.ndarray, b: np.ndarray, method: str, shrinkage: float) -> FrameGate:
@@ -390,3 +395,22 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
             "worst_tpr": min(r["tpr"] for r in rows if r["harmful"]),
             "worst_auroc": min(r["auroc"] for r in rows),
             "worst_fpr": max(r["fpr"] for r in rows if not r["harmful"])}
+
+
+def fit_sources(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, groups: int = 1,
+                shrinkage: float = 0.1, loso: dict | None = None) -> FrameGate:
+    """A gate for one frame fitted on every source, its threshold from leave-one-source-out: the (1 − ``fpr``)
+    quantile of the benign sources' scores from fits that never saw them (:func:`loso_scores`, or ``loso`` when
+    it was computed already), so that about ``fpr`` of prompts from a *new* benign source are flagged, not of the
+    ones the direction was fitted on. ``dev`` records the per-source leave-one-source-out table."""
+    loso = loso or loso_scores(sources, method, fpr, groups, shrinkage)
+    h = np.concatenate([s.feats for s in sources if s.harmful]).astype(np.float64)
+    b = np.concatenate([s.feats for s in sources if not s.harmful]).astype(np.float64)
+    g = _direction(h, b, method, shrinkage)
+    dev = {"n_harmful": len(h) // groups, "n_benign": len(b) // groups, "fpr_target": fpr,
+           "threshold_from": "leave-one-source-out: the benign sources' held-out scores",
+           "worst_tpr": round(loso["worst_tpr"], 4), "worst_auroc": round(loso["worst_auroc"], 4),
+           "worst_fpr": round(loso["worst_fpr"], 4),
+           "sources": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                       for r in loso["sources"]]}
+    return FrameGate(g.direction, g.centre, float(loso["threshold"]), dev)

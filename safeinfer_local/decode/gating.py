@@ -91,7 +91,10 @@ class FeatureReader:
         n, _ = self._span(tokens, read.final)
         if n + (not read.final) > self.ctx.n_ctx:
             raise UsageError(f"prompt is {n + (not read.final)} tokens but the context holds {self.ctx.n_ctx}")
-        feats = self._decode([list(tokens[:n])], (read,), [tokens], keep=True)
+        # a final read decodes the head as the side would (one decode) and then the last token alone, so the KV
+        # handed on is bit for bit the side's own (a decode of the whole prompt at once gives the head's rows
+        # from a larger batch, whose kernels round differently, and greedy text drifts after a few dozen tokens)
+        feats = self._decode([list(tokens[:n])], (read,), [tokens], keep=True, split_last=read.final)
         try:
             if read.final:  # hand on the head only: the side decodes the last prompt token (with its vector)
                 self.ctx.truncate(0, self._span(tokens, False)[0])
@@ -101,16 +104,23 @@ class FeatureReader:
         return feats[read][0], state
 
     def _decode(self, group: list[list[int]], reads: tuple[Read, ...], prompts: list[list[int]],
-                keep: bool = False) -> dict[Read, list[np.ndarray]]:
+                keep: bool = False, split_last: bool = False) -> dict[Read, list[np.ndarray]]:
         """Decode ``group`` (each prompt's decoded tokens, one KV sequence each) and pool every read's rows;
-        ``prompts``: the whole prompts they come from."""
+        ``prompts``: the whole prompts they come from. ``split_last`` (one prompt): its last token in a decode of
+        its own, after the rest."""
+        if split_last and len(group) != 1:
+            raise ValueError("split_last decodes one prompt")
         self.ctx.clear()
         self.ctx.set_control_vector(None)
         self._rows = {}
         wanted = {b for r in reads for b in r.blocks}
         self.hook.names = {n for n, b in self.names.items() if b in wanted}
         try:
-            self.ctx.decode_multi(list(enumerate(group)), logits="none")
+            if split_last and len(group[0]) > 1:
+                self.ctx.decode_multi([(0, group[0][:-1])], logits="none")
+                self.ctx.decode_multi([(0, group[0][-1:])], logits="none")
+            else:
+                self.ctx.decode_multi(list(enumerate(group)), logits="none")
         finally:
             self.hook.names = set()
             if not keep:

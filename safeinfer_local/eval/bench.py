@@ -65,7 +65,8 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
     for _, sk in spec:
         for _ in sk.stream(prompt, variant=SPECULATE_VARIANT, raw=True, max_tokens=2, temperature=0):
             pass
-    gated = si.with_(gate="on") if si.gate is not None else None
+    # a flagged prompt is steered here whatever the vector recommends: refusing it costs no decode at all
+    gated = si.with_(gate="on", on_flag="steer") if si.gate is not None else None
     gated_rows = (("base, benign prompt", BENIGN_PROMPT), ("safeinfer, gated, benign prompt", BENIGN_PROMPT),
                   ("safeinfer, gated, harmful prompt", HARMFUL_PROMPT))
     if gated is not None:
@@ -109,7 +110,7 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
                     progress("bench", done, total)
         for key, p in gated_rows if gated is not None else ():
             steps = list(_steps(gated, p, key.split(",")[0], tokens, frame=GATED_FRAME))
-            flagged = bool(gated.gate_scores([p], frame=GATED_FRAME)[0] >= gated.gate.frame(GATED_FRAME).threshold)
+            flagged = gated.gate.frame(GATED_FRAME).flags(gated.gate_scores([p], frame=GATED_FRAME)[0])
             _keep(res, key, {"tokens": len(steps), "ttft_s": steps[0][1] if steps else 0.0,
                              "tokens_per_s": _tps(steps), "flagged": flagged})
             done += 1

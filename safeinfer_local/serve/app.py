@@ -238,7 +238,7 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
         value = await fut
         if isinstance(value, BaseException):
             raise _failed(value)
-        return p.moderation_body(model_id, inputs, value, fg.threshold, frame, gate.block)
+        return p.moderation_body(model_id, inputs, value, fg, frame, gate.block)
 
     return app
 

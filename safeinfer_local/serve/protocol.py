@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..api import SafeInfer
 from ..core.frames import check_frame
-from ..core.gate import GATE_MODES
+from ..core.gate import GATE_MODES, FrameGate
 from ..core.settings import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -282,13 +282,13 @@ def sse(data: dict | str) -> str:
 DONE = sse("[DONE]")
 
 
-def moderation_body(model: str, inputs: list[str], scores, threshold: float, frame: str, block: int) -> dict:
+def moderation_body(model: str, inputs: list[str], scores, gate: FrameGate, frame: str, block: int) -> dict:
     """OpenAI's moderation shape with one category, ``harmful``: the harm gate's verdict on each input."""
     results = []
     for s in scores:
-        s = float(s)
-        results.append({"flagged": s >= threshold, "categories": {"harmful": s >= threshold},
+        s, flagged = float(s), gate.flags(float(s))
+        results.append({"flagged": flagged, "categories": {"harmful": flagged},
                         "category_scores": {"harmful": round(s, 4)},
-                        "safeinfer": {"gate_score": round(s, 4), "threshold": round(threshold, 4), "frame": frame,
-                                      "block": block}})
+                        "safeinfer": {"gate_score": round(s, 4), "threshold": round(gate.threshold, 4),
+                                      "frame": frame, "block": block}})
     return {"id": new_id("modr"), "model": model, "results": results}

@@ -1,16 +1,19 @@
 """``safeinfer vectors gate``: fit a harm gate for a vector's model and record it in the vector's metadata.
 
-Dev prompts (default): AdvBench ``dev`` (harmful requests in the imperative) and CatQA ``dev`` (harmful questions)
-against XSTest ``safe`` at odd positions and the project's 30 benign requests (``data/benign_demos.jsonl``), all
-disjoint from every evaluation set; or your own files. Every
-prompt is framed each way the commands frame prompts
-(template, none, qa) and the gate is calibrated per frame. Each prompt is also wrapped in a few generic
-instructions (:data:`safeinfer_local.core.gate.WRAPPERS`, the same on both sides), so that an instruction around a
-question does not read as harm. ``block``/``method``/``tail`` ``auto`` choose by cross-validation on the dev prompts
-alone, each fold leaving one wrapper and one share of the prompts out: the held-out TPR − FPR of the fold that does
-worst, summed over frames (a gate must hold under a wrapping it never saw, not on average). The chosen gate's
-threshold is the highest over the wrappers of the (1 − fpr) quantile of out-of-fold benign dev scores, so that about
-``fpr`` of *new* benign prompts are flagged in any wrapping, not of the ones the direction was fitted on.
+Dev prompts (default): nine shipped sources (:func:`dev_sources`): harmful AdvBench ``dev`` (requests in the
+imperative), CatQA ``dev`` (questions), XSTest ``unsafe`` at odd positions, the project's 250 written harmful
+requests (many forms and five languages) and PyRIT's harmful objectives; benign XSTest ``safe`` at odd positions,
+the project's 30 benign demos, its 544 ordinary requests and its 246 contrast prompts (harm-adjacent words, benign
+intent); all disjoint from every evaluation set. Or files of your own, each one source. Every prompt is framed each
+way the commands frame prompts (template, none, qa) and the gate is calibrated per frame; each is read as it is and
+wrapped in one generic instruction (:data:`safeinfer_local.core.gate.WRAPPERS`, in turn), the same on both sides.
+
+The feature is the mean over the prompt's last ``tail`` tokens, the final one included, of one block's output.
+``block``/``method``/``tail`` ``auto`` choose by leave-one-source-out: each fold holds a harmful and a benign source
+out (and one copy of the prompts), fits on the rest, and scores the two; the objective is the TPR at ``fpr`` of the
+worst held-out harmful source, in the worst frame (a gate must hold on a source it never saw, not on average). The
+gate is then fitted on every source, and its threshold is the (1 − fpr) quantile of the benign sources' held-out
+scores, so that about ``fpr`` of prompts from a *new* benign source are flagged.
 """
 
 from __future__ import annotations
@@ -20,37 +23,42 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from ..api import SafeInfer
 from ..core.datasets import advbench, catqa, gate_written, pyrit_harmful, xstest
 from ..core.frames import FRAMES, check_frame
-from ..core.gate import METHODS, TAILS, WRAPPERS, Gate, Read, check_fpr, check_tail, cv_scores, fit_frame
+from ..core.gate import (
+    METHODS,
+    TAILS,
+    WRAPPERS,
+    Gate,
+    Read,
+    Source,
+    check_fpr,
+    check_tail,
+    cv_scores,
+    fit_frame,
+    fit_sources,
+    loso_scores,
+)
 from ..decode.guidance import benign_demos
 from ..errors import UsageError
 from .filter import read_items
 
 
-def dev_prompts(harmful: str | None = None, benign: str | None = None) -> tuple[list[str], list[str]]:
-    """The gate's dev prompts: files of your own (any ``filter`` input format), or the shipped dev split."""
-    def read(path: str, what: str) -> list[str]:
-        items = [it.prompt for it in read_items(path) if it.prompt]
-        if len(items) < MIN_DEV:
-            raise UsageError(f"--{what} {path}: a gate needs at least {MIN_DEV} prompts, found {len(items)}")
-        evals = evaluation_prompts()
-        clash = next((q for q in items if _norm(q) in evals), None)
-        if clash is not None:
-            raise UsageError(f"--{what} {path}: {clash[:60]!r} is an evaluation prompt (bench harm's datasets, "
-                             "benchmarks/data); keep dev and evaluation prompts apart")
-        return items
-
-    # harmful: AdvBench's requests (imperative) and CatQA's dev questions, so that the gate does not learn "a
-    # request in the imperative" as the mark of harm and miss harmful questions
-    h = read(harmful, "harmful") if harmful else [p.text for p in advbench("dev")] + [
-        p.text for p in catqa(part="dev")]
-    # benign: XSTest's questions, and the project's benign requests in the imperative ("Write a short recipe
-    # ..."), so that the gate does not learn "an instruction" as harmful from AdvBench's imperative requests
-    b = read(benign, "benign") if benign else [p.text for p in xstest("safe")[1::2]] + [
-        d.prompt for d in benign_demos(1000)]
-    return h, b
+def read_dev_file(path: str, flag: str) -> list[str]:
+    """The prompts of a ``--harmful``/``--benign`` file (any ``filter`` input format): at least :data:`MIN_DEV`,
+    none of them an evaluation prompt."""
+    items = [it.prompt for it in read_items(path) if it.prompt]
+    if len(items) < MIN_DEV:
+        raise UsageError(f"--{flag} {path}: a gate needs at least {MIN_DEV} prompts, found {len(items)}")
+    evals = evaluation_prompts()
+    clash = next((q for q in items if _norm(q) in evals), None)
+    if clash is not None:
+        raise UsageError(f"--{flag} {path}: {clash[:60]!r} is an evaluation prompt (bench harm's datasets, "
+                         "benchmarks/data); keep dev and evaluation prompts apart")
+    return items
 
 
 def dev_sources() -> dict[str, tuple[bool, list[str]]]:
@@ -104,14 +112,60 @@ def check_tail_option(tail: str) -> tuple[int, ...]:
         raise UsageError(f"--tail must be auto or a whole number >= 0 (0: every prompt token), not {tail!r}") from None
 
 
-def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: float = 0.05,
-               harmful: str | None = None, benign: str | None = None, frames: tuple[str, ...] = FRAMES,
-               progress: Callable[[str, int, int], None] | None = None, tail: str = "auto",
-               wrappers: tuple[str, ...] = WRAPPERS) -> tuple[Gate, list[dict]]:
-    """The gate and the cross-validation table it was chosen from (one row per block × method × tail).
+def auto_blocks(n_layer: int) -> tuple[int, ...]:
+    """The blocks ``--block auto`` chooses from: every other block from a quarter of the way down to two from the
+    top (the middle blocks, where harm is most linearly readable; 4, 6, ..., 14 of Gemma 3 270M's 18)."""
+    return tuple(range(max(1, n_layer // 4), max(2, n_layer - 2), 2)) or (max(0, n_layer // 2),)
 
-    Every dev prompt is wrapped in each of ``wrappers`` (the same on both sides) before it is framed, and the
-    cross-validation keeps a prompt's wrapped copies in one fold."""
+
+def gate_sources(harmful: tuple[str, ...] = (), benign: tuple[str, ...] = ()) -> dict[str, tuple[bool, list[str]]]:
+    """The sources a gate is fitted on, each ``(harmful, prompts)``: the shipped :func:`dev_sources`, or for a side
+    given files, each file as one source (any ``filter`` input format)."""
+    out: dict[str, tuple[bool, list[str]]] = {}
+    for flag, files, is_harmful in (("harmful", harmful, True), ("benign", benign, False)):
+        if not files:
+            out.update({k: v for k, v in dev_sources().items() if v[0] is is_harmful})
+        for path in files:
+            if path in out:
+                raise UsageError(f"--{flag} {path} is given twice")
+            out[path] = (is_harmful, read_dev_file(path, flag))
+    return out
+
+
+def check_per_source(n: int | None) -> int | None:
+    """``--max-per-source``: None (every prompt) or at least :data:`MIN_DEV`."""
+    if n is not None and n < MIN_DEV:
+        raise UsageError(f"--max-per-source must be at least {MIN_DEV}, not {n}")
+    return n
+
+
+def _spread(prompts: list[str], n: int | None) -> list[str]:
+    """At most ``n`` of ``prompts``, evenly spaced (all of them when ``n`` is None or not fewer)."""
+    if n is None or len(prompts) <= n:
+        return prompts
+    return [prompts[i] for i in np.linspace(0, len(prompts) - 1, n).round().astype(int)]
+
+
+def wrapped_copies(prompts: list[str], wrappers: tuple[str, ...]) -> list[str]:
+    """Each prompt twice, copy-major: as it is, then wrapped in one of ``wrappers`` in turn (prompt i in wrapper
+    i mod len(wrappers)), the same on both sides, so that an instruction around a request does not read as harm."""
+    return list(prompts) + [wrappers[i % len(wrappers)].replace("{q}", q) for i, q in enumerate(prompts)]
+
+
+def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: float = 0.05,
+               harmful: tuple[str, ...] = (), benign: tuple[str, ...] = (), frames: tuple[str, ...] = FRAMES,
+               progress: Callable[[str, int, int], None] | None = None, tail: str = "auto",
+               wrappers: tuple[str, ...] = WRAPPERS[1:], per_source: int | None = None) -> tuple[Gate, list[dict]]:
+    """The gate and the cross-validation table it was chosen from (one row per block × tail × method).
+
+    Features read the whole prompt, its final token included (mean over the last ``tail`` tokens of one block's
+    output). With two or more sources on each side (the shipped ones, or several files) the choice and the
+    threshold come from leave-one-source-out (:func:`~safeinfer_local.core.gate.loso_scores`): the objective is the
+    held-out TPR at ``fpr`` of the worst harmful source, in the worst frame (ties: the mean held-out AUROC), and
+    the gate fitted on every source flags scores at or above the benign sources' held-out (1 − ``fpr``) quantile.
+    With one source on a side it falls back to k-fold CV within the sources. Each fold also holds one copy of
+    the prompts out (as they are, or wrapped: :func:`wrapped_copies`). ``per_source``: read at most that many
+    prompts of each source, evenly spaced (for a large model, where the reads are most of the cost)."""
     check_fpr(fpr)
     for f in frames:
         check_frame(f)
@@ -120,7 +174,7 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
     tails = check_tail_option(tail)
     n_layer = si.model.n_layer
     if block == "auto":
-        blocks = tuple(range(1, n_layer - 1))
+        blocks = auto_blocks(n_layer)
     else:
         try:
             blocks = (int(block),)
@@ -129,44 +183,68 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
         if not 0 <= blocks[0] < n_layer - 1:
             raise UsageError(f"--block must be in 0..{n_layer - 2} for {si.model.name}, not {blocks[0]}")
     methods = METHODS if method == "auto" else (method,)
-    h, b = dev_prompts(harmful, benign)
+    check_per_source(per_source)
+    sources = {n: (h, _spread(p, per_source)) for n, (h, p) in gate_sources(tuple(harmful), tuple(benign)).items()}
     wrappers = tuple(wrappers) or ("{q}",)
+    loso = sum(v[0] for v in sources.values()) >= 2 and sum(not v[0] for v in sources.values()) >= 2
     from ..decode.gating import FeatureReader  # the engine, only once the arguments are checked
 
     reader = FeatureReader(si.model, blocks, si.n_ctx, si.n_threads)
-    feats = {}
+    reads = {(blk, t): Read((blk,), t, True) for blk in blocks for t in tails}
+    feats: dict[str, dict[str, dict]] = {f: {} for f in frames}  # frame -> source -> read key -> (2n, d)
+    done = 0
+    for f in frames:
+        for name, (_, prompts) in sources.items():
+            grid = reader.features_grid([si.encode_prompt(q, frame=f)[0] for q in wrapped_copies(prompts, wrappers)],
+                                        tuple(reads.values()))
+            feats[f][name] = {key: grid[r] for key, r in reads.items()}
+            done += 1
+            if progress:
+                progress("gate features", done, len(frames) * len(sources))
 
-    def wrapped(prompts: list[str], frame: str) -> list[list[int]]:  # wrapper-major: copy w of prompt i at w*n + i
-        return [si.encode_prompt(w.replace("{q}", q), frame=frame)[0] for w in wrappers for q in prompts]
+    def srcs(f: str, key: tuple[int, int]) -> list[Source]:
+        return [Source(n, sources[n][0], feats[f][n][key]) for n in sources]
 
-    reads = {(blk, t): Read((blk,), t) for blk in blocks for t in tails}
-    for k, f in enumerate(frames):
-        hg, bg = (reader.features_grid(wrapped(x, f), tuple(reads.values())) for x in (h, b))
-        feats[f] = ({key: hg[r] for key, r in reads.items()}, {key: bg[r] for key, r in reads.items()})
-        if progress:
-            progress("gate features", k + 1, len(frames))
-    rows = []
-    for blk in blocks:
-        for t in tails:
-            for m in methods:
-                cv = {f: cv_scores(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr, groups=len(wrappers))
-                      for f in frames}
-                rows.append({"block": blk, "tail": t, "method": m,
-                             "objective": round(sum(c["worst"] for c in cv.values()), 4),
-                             "mean_objective": round(sum(c["objective"] for c in cv.values()), 4),
-                             **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items()
-                                if k not in ("objective", "worst")}})
-    best = max(rows, key=lambda r: r["objective"])
-    blk, t, m = best["block"], best["tail"], best["method"]
-    gate = Gate(blk, m, {f: fit_frame(feats[f][0][blk, t], feats[f][1][blk, t], m, fpr, groups=len(wrappers),
-                                      cross_fit=True) for f in frames},
-                {"harmful": {"source": harmful or "advbench dev + catqa dev", "n": len(h), "sha256": _hash(h)},
-                 "benign": {"source": benign or "xstest safe, odd positions + data/benign_demos.jsonl", "n": len(b),
-                            "sha256": _hash(b)},
-                 "wrappers": {"n": len(wrappers), "sha256": _hash(list(wrappers))},
-                 "fpr_target": fpr, "chosen_by": "leave-one-wrapper-out CV on dev (a fold holds out one wrapper and "
-                 "a share of the prompts, a prompt's copies in one fold): held-out TPR - FPR of the worst fold, "
-                 "summed over frames" if len(rows) > 1 else "given",
-                 "threshold": "(1 - fpr) quantile of 5-fold out-of-fold benign dev scores, the highest over wrappers",
-                 "cv": {k: v for k, v in best.items()}}, t)
+    def side(f: str, key: tuple[int, int], harm: bool) -> np.ndarray:
+        return np.concatenate([feats[f][n][key] for n in sources if sources[n][0] is harm])
+
+    rows, folds = [], {}
+    for key in reads:
+        for m in methods:
+            row = {"block": key[0], "tail": key[1], "method": m}
+            if loso:
+                per = {f: loso_scores(srcs(f, key), m, fpr, groups=2) for f in frames}
+                folds[key, m] = per
+                row |= {"objective": round(min(p["worst_tpr"] for p in per.values()), 4),
+                        "mean_auroc": round(float(np.mean([s["auroc"] for p in per.values()
+                                                           for s in p["sources"]])), 4),
+                        **{f"{f}_{k}": round(p[k], 4) for f, p in per.items()
+                           for k in ("worst_tpr", "worst_auroc", "worst_fpr")}}
+            else:
+                cv = {f: cv_scores(side(f, key, True), side(f, key, False), m, fpr, groups=2) for f in frames}
+                row |= {"objective": round(sum(c["worst"] for c in cv.values()), 4),
+                        "mean_auroc": round(float(np.mean([c["auroc"] for c in cv.values()])), 4),
+                        **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items()
+                           if k not in ("objective", "worst")}}
+            rows.append(row)
+    best = max(rows, key=lambda r: (r["objective"], r["mean_auroc"]))
+    key, m = (best["block"], best["tail"]), best["method"]
+    if loso:
+        fitted = {f: fit_sources(srcs(f, key), m, fpr, groups=2, loso=folds[key, m][f]) for f in frames}
+    else:
+        fitted = {f: fit_frame(side(f, key, True), side(f, key, False), m, fpr, groups=2, cross_fit=True)
+                  for f in frames}
+    gate = Gate(key[0], m, fitted, {
+        "sources": {n: {"harmful": h, "n": len(p), "sha256": _hash(p)} for n, (h, p) in sources.items()},
+        "wrappers": {"n": len(wrappers), "sha256": _hash(list(wrappers)), "copies": "each prompt as it is and in "
+                     "one wrapper, in turn"},
+        "fpr_target": fpr,
+        "chosen_by": ("leave-one-source-out (a harmful and a benign source held out per fold, and one copy): "
+                      "the worst held-out harmful source's TPR at the FPR target, in the worst frame"
+                      if loso else "k-fold CV within the sources (one source on a side), one copy held out per "
+                      "fold: held-out TPR - FPR of the worst fold, summed over frames") if len(rows) > 1 else "given",
+        "threshold": ("(1 - fpr) quantile of the benign sources' leave-one-source-out scores" if loso else
+                      "(1 - fpr) quantile of 5-fold out-of-fold benign dev scores, the higher over the copies"),
+        "cv": dict(best)}, key[1], (key[0],), True, "mean")
     return gate, rows
+

@@ -59,7 +59,7 @@ def score_records(si, items: list[Item], frame: str) -> dict[int, dict]:
                     scores.append(e)
         for (it, _), sc in zip(ok, scores, strict=True):
             recs[it.index] = (_record(it, None, None, str(sc)) if isinstance(sc, UsageError)
-                              else _record(it, float(sc), bool(sc >= fg.threshold)))
+                              else _record(it, float(sc), fg.flags(float(sc))))
     return recs
 
 
