@@ -32,6 +32,21 @@ def test_read_formats(tmp_path):
     assert [(i.id, i.prompt) for i in flt.read_items(str(t))] == [("1", "one"), ("3", "two")]
 
 
+def test_stdin_is_json_lines_when_every_line_is_an_object(monkeypatch):
+    """`filter -` / `screen -`: JSON Lines when every non-empty line is a JSON object, else text lines; --format
+    still decides."""
+    def items(text, fmt=None):
+        monkeypatch.setattr(flt, "read_stdin", lambda: text)
+        return [(i.id, i.prompt) for i in flt.read_items("-", fmt)]
+
+    objs = '{"id": "a", "prompt": "one"}\n\n{"id": "b", "prompt": "two"}\n'
+    assert items(objs) == [("a", "one"), ("b", "two")]
+    assert items(objs, "txt") == [("1", '{"id": "a", "prompt": "one"}'), ("3", '{"id": "b", "prompt": "two"}')]
+    assert items('{"id": "a", "prompt": "one"}\nplain text\n') == [("1", '{"id": "a", "prompt": "one"}'),
+                                                                  ("2", "plain text")]
+    assert items('["a list"]\n{not json}\n') == [("1", '["a list"]'), ("2", "{not json}")]
+
+
 def test_bad_inputs(tmp_path):
     e = tmp_path / "e.txt"
     e.write_text("")

@@ -269,6 +269,20 @@ def test_bad_input_is_an_openai_error_and_the_server_goes_on(server, client, cas
     assert _chat(client, BENIGN, 4).choices[0].message.content  # and a good request still succeeds
 
 
+@pytest.mark.model
+def test_a_huge_body_gets_413_before_it_is_tokenized(server, client):
+    """A 30 MB chat request (3.75 M tokens' worth) is refused by its size, not after tokenizing it; the server
+    goes on serving."""
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "word " * 6_000_000}]})
+    r = httpx.post(f"{server.url}/chat/completions", content=body, headers={"content-type": "application/json"},
+                   timeout=120)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert set(err) == ERROR_KEYS and err["code"] == "request_too_large" and "--max-body" in err["message"]
+    assert _chat(client, BENIGN, 4).choices[0].message.content
+    assert_one_line_error(run_cli("serve", "--max-body", "10"), 2, "--max-body")
+
+
 # -- the other routes ---------------------------------------------------------------------------------------
 @pytest.mark.model
 def test_models_health_and_moderations(server, client):

@@ -213,3 +213,58 @@ def test_chat_content_parts_and_finish_reasons():
     assert p.FINISH == {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length",
                         "refused": "content_filter"}
     assert p.sse({"a": 1}) == 'data: {"a": 1}\n\n' and p.DONE == "data: [DONE]\n\n"
+
+
+# -- the body limit -----------------------------------------------------------------------------------------
+def _limited_app(limit):
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    from safeinfer_local.serve.app import BodyLimit, _too_large, _TooLarge
+
+    class Body(BaseModel):
+        text: str
+
+    app = FastAPI()
+    app.add_middleware(BodyLimit, limit=limit)
+    seen = []
+
+    @app.exception_handler(_TooLarge)
+    async def _h(request, e):
+        return _too_large(e.limit)
+
+    @app.post("/echo")
+    async def echo(b: Body):
+        seen.append(len(b.text))
+        return {"n": len(b.text)}
+
+    return app, seen
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed():
+    from fastapi.testclient import TestClient
+
+    app, seen = _limited_app(4096)
+    c = TestClient(app)
+    assert c.post("/echo", json={"text": "a" * 1000}).json() == {"n": 1000}
+    r = c.post("/echo", json={"text": "a" * 10_000})  # Content-Length says so: refused unread
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "4096 bytes" in err["message"]
+
+    def chunks():  # no Content-Length: refused once the bytes read pass the limit
+        yield b'{"text": "'
+        for _ in range(100):
+            yield b"a" * 1000
+        yield b'"}'
+
+    r = c.post("/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert seen == [1000]  # neither large body reached the handler
+
+
+def test_the_default_body_limit_follows_the_context():
+    from safeinfer_local.serve.app import default_max_body
+
+    assert default_max_body(2048) == (1 << 20) + 256 * 2048 < 30_000_000  # the 30 MB body of the issue
+    assert default_max_body(131072) > default_max_body(2048)

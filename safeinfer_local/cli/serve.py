@@ -34,6 +34,8 @@ def serve(
                                    help="Most tokens per reply when a request does not say."),
     name: str | None = typer.Option(None, "--name", help="Model id in /v1/models and responses (default: the GGUF "
                                     "file's name)."),
+    max_body: int | None = typer.Option(None, "--max-body", help="Largest request body in bytes; a larger one gets "
+                                        "413 before it is parsed (default: 1 MiB + 256 bytes per context token)."),
     log_level: str = typer.Option("info", "--log-level", help="critical | error | warning | info | debug."),
     n_ctx: int = o.NCtxOpt, threads: int | None = o.ThreadsOpt, n_gpu_layers: int = o.GpuOpt,
     chat_format: str | None = o.ChatFmtOpt,
@@ -46,6 +48,8 @@ def serve(
     if queue < 0:
         raise UsageError(f"--queue must be >= 0, not {queue}")
     o.check_max_tokens(max_tokens)
+    if max_body is not None and max_body < 1024:
+        raise UsageError(f"--max-body must be at least 1024 bytes, not {max_body}")
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise UsageError(f"unknown --log-level {log_level!r}")
     if api_key is not None and not api_key.strip():
@@ -56,7 +60,7 @@ def serve(
                 variant, gate, gate_threshold, on_flag, refusal, speculate)
     from ..serve import create_app, run
 
-    application = create_app(si, parallel, queue, api_key, name, max_tokens)
+    application = create_app(si, parallel, queue, api_key, name, max_tokens, max_body=max_body)
     print(f"safeinfer serve: {si.model.name}, variant {si.default_variant()}, {parallel} slots, "
           f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
     run(application, host, port, log_level)

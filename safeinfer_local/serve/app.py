@@ -49,6 +49,64 @@ class BearerAuth:
         await JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
+def default_max_body(n_ctx: int) -> int:
+    """The largest request body the server reads by default: 1 MiB plus 256 bytes per context token (a token is
+    a few bytes of text, and JSON escaping or a moderation batch of several inputs multiplies that), so a body
+    far beyond anything the context could hold is refused before it is parsed or tokenized."""
+    return (1 << 20) + 256 * n_ctx
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised while a body is read (an HTTPException, so that FastAPI's body parsing passes it on)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413)
+        self.limit = limit
+
+
+def _too_large(limit: int) -> JSONResponse:
+    err = p.ApiError(413, f"the request body is larger than {limit} bytes, the most this server reads "
+                     "(serve --max-body)", None, "request_too_large")
+    return JSONResponse(err.body(), 413)
+
+
+class BodyLimit:
+    """A request body above ``limit`` bytes gets 413 with an OpenAI-style error, before it is parsed: at once when
+    its Content-Length says so, else as soon as the bytes read pass the limit (a chunked body). Pure ASGI, like
+    :class:`BearerAuth`."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        seen, started = 0, False
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(self.limit)
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except _TooLarge:
+            if not started:
+                await _too_large(self.limit)(scope, receive, send)
+
+
 def _error_response(e: p.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), e.status, headers=e.headers)
 
@@ -82,9 +140,11 @@ async def _first(aq: asyncio.Queue, request: Request, sched: Scheduler, job_id: 
 
 
 def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str | None = None,
-               model_name: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, warm: bool = True) -> FastAPI:
+               model_name: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, warm: bool = True,
+               max_body: int | None = None) -> FastAPI:
     """The server for ``si`` (its settings are the defaults of every request). The engine thread starts with the
-    app's lifespan and stops after it."""
+    app's lifespan and stops after it. ``max_body``: the largest request body read (default:
+    :func:`default_max_body` of the context size)."""
     sched = Scheduler(si, parallel, queue, warm=warm)
     model_id = model_name or si.model.path.stem
     p._check("--max-tokens", p.check_max_tokens, max_tokens)
@@ -99,7 +159,8 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
 
     app = FastAPI(title="safeinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = sched
-    if api_key:
+    app.add_middleware(BodyLimit, limit=default_max_body(si.n_ctx) if max_body is None else max_body)
+    if api_key:  # added last, so it runs first: a client without the key learns nothing about the limit
         app.add_middleware(BearerAuth, api_key=api_key)
 
     @app.exception_handler(p.ApiError)
@@ -118,6 +179,10 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
         param = ".".join(loc) or None
         return _error_response(p.ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param,
                                           "invalid_value"))
+
+    @app.exception_handler(_TooLarge)
+    async def _body_too_large(request: Request, e: _TooLarge):
+        return _too_large(e.limit)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):

@@ -40,7 +40,7 @@ def detect_format(path: str, fmt: str | None) -> str:
             raise UsageError(f"unknown --format {fmt!r} (choose {', '.join(FORMATS)})")
         return fmt
     if path == "-":
-        return "txt"
+        return "txt"  # read_items looks closer: JSON Lines when every non-empty line is a JSON object
     ext = Path(path).suffix.lower().lstrip(".")
     if ext in ("jsonl", "ndjson"):
         return "jsonl"
@@ -49,11 +49,24 @@ def detect_format(path: str, fmt: str | None) -> str:
     raise UsageError(f"cannot tell the format of {path} from its extension: pass --format jsonl|csv|txt")
 
 
+def _all_json_objects(text: str) -> bool:
+    """Whether every non-empty line of ``text`` (and at least one) is a JSON object."""
+    lines = [x for x in text.splitlines() if x.strip()]
+    if not lines or not all(x.lstrip().startswith("{") for x in lines):
+        return False
+    try:
+        return all(isinstance(json.loads(x), dict) for x in lines)
+    except json.JSONDecodeError:
+        return False
+
+
 def read_items(path: str, fmt: str | None = None, field: str | None = None) -> list[Item]:
     """All input items, in order. Malformed lines become error items that name the line."""
-    fmt = detect_format(path, fmt)
+    given, fmt = fmt, detect_format(path, fmt)
     if path == "-":
         text = read_stdin()
+        if not given and _all_json_objects(text):
+            fmt = "jsonl"
     else:
         p = Path(path)
         if not p.is_file():
