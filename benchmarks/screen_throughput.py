@@ -37,7 +37,7 @@ def main() -> None:
     n = len(items)
     print(f"{n} prompts: screen {n / t_screen * 60:.0f} prompts/min ({t_screen:.2f} s; flagged "
           f"{s.counts['flagged']}), filter --parallel {a.parallel} -n {a.max_tokens} {n / t_filter * 60:.0f} "
-          f"prompts/min ({t_filter:.1f} s; gated {sum(r.get('gated', False) for r in f.written)}); "
+          f"prompts/min ({t_filter:.1f} s; flagged {sum(bool(r.get('flagged')) for r in f.written)}); "
           f"screen / filter = {t_filter / t_screen:.0f}x")
 
 

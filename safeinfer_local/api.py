@@ -50,13 +50,15 @@ class Score:
     n_tokens: int
     token_logprobs: list[float]
     gate_score: float | None = None
-    gated: bool = False
+    flagged: bool | None = None
+    """The gate's verdict: True = judged harmful (scored under the variant), False = judged benign (scored under
+    base), None = no gate ran."""
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "continuation": self.continuation, "variant": self.variant,
                 "logprob": self.logprob, "n_tokens": self.n_tokens,
                 "logprob_per_token": self.logprob / self.n_tokens, "token_logprobs": self.token_logprobs,
-                "gate_score": self.gate_score, "gated": self.gated}
+                "gate_score": self.gate_score, "flagged": self.flagged}
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,28 @@ class Settings:
 
 @dataclass(frozen=True)
 class Route:
-    """What the harm gate makes of one prompt (:meth:`SafeInfer.route`)."""
+    """What the harm gate makes of one prompt (:meth:`SafeInfer.route`, :meth:`SafeInfer.route_many`): every
+    caller that decodes, scores, serves or evaluates a prompt takes its decision from here."""
 
     variant: str
     """The variant to decode with: the one asked for, or ``base`` for a prompt the gate judged benign."""
     gate_score: float | None = None
-    gated: bool = False
+    flagged: bool | None = None
+    """True: the gate judged the prompt harmful; False: benign (decoded plainly); None: no gate ran."""
     refuse: bool = False
     """Flagged under ``on_flag=refuse``: answer with the refusal text, decode nothing."""
     head: bytes | None = None
     """The prompt head's KV from the gate's reader; a side that would decode the same head imports it."""
+
+    def refusal(self, prompt: str, variant: str, text: str) -> tuple[Step, Result]:
+        """The reply to a refused prompt: ``text``, nothing decoded (stop reason ``refused``)."""
+        step = Step(-1, text, finish="refused")
+        return step, self.tag(Result(prompt, text, variant, 0, 0.0, 0.0, "refused", [step], 0), variant)
+
+    def tag(self, result: Result, variant: str) -> Result:
+        """``result`` saying what the gate did: the variant asked for, the score and the verdict."""
+        result.variant, result.gate_score, result.flagged = variant, self.gate_score, self.flagged
+        return result
 
 
 def _vector_hash(vec: SafetyVector) -> str:
@@ -334,12 +348,14 @@ class SafeInfer:
         toks = [self.encode_prompt(p, frame=fr)[0] for p in prompts]
         return g.frame(fr).score(self._decoder.features(g.read, toks))
 
-    def decide(self, variant: str, token_lists: list[list[int]], frame: str) -> list[tuple]:
-        """Per prompt: (variant to run, gate score, gated, refuse). A prompt the gate cannot read (too long)
-        gets ``UsageError`` in place of the tuple."""
+    def route_many(self, token_lists: list[list[int]], variant: str | None = None,
+                   frame: str = "template") -> list[Route | UsageError]:
+        """The harm gate's decision for each encoded prompt, many read per decode (no head KV kept: for batches
+        and scores); a prompt the gate cannot read (too long) gets its ``UsageError`` in place of a Route."""
+        variant = self._variant(variant)
         g = self.active_gate(variant)
         if g is None:
-            return [(variant, None, False, False)] * len(token_lists)
+            return [Route(variant)] * len(token_lists)
         fg = g.frame(frame)
         try:
             feats = list(self._decoder.features(g.read, token_lists))
@@ -350,27 +366,19 @@ class SafeInfer:
                     feats.append(self._decoder.features(g.read, [t])[0])
                 except UsageError as e:
                     feats.append(e)
-        out: list = []
-        for f in feats:
-            if isinstance(f, UsageError):
-                out.append(f)
-                continue
-            sc = float(fg.score(f)[0])
-            flagged = fg.flags(sc)
-            out.append((variant if flagged else "base", sc, not flagged,
-                        flagged and self.settings.on_flag == "refuse"))
-        return out
+        return [f if isinstance(f, UsageError) else self._route(variant, float(fg.score(f)[0]), fg)
+                for f in feats]
 
-    def _refusal(self, prompt: str, variant: str, score: float | None) -> tuple[Step, Result]:
-        text = self.settings.refusal
-        step = Step(-1, text, finish="refused")
-        return step, Result(prompt, text, variant, 0, 0.0, 0.0, "refused", [step], 0, score, False)
+    def _route(self, variant: str, score: float, fg, head: bytes | None = None) -> Route:
+        flagged = fg.flags(score)
+        return Route(variant if flagged else "base", score, flagged,
+                     flagged and self.settings.on_flag == "refuse", head)
 
     @staticmethod
-    def _tag(events, variant: str, score: float | None, gated: bool):
+    def _tag(events, variant: str, route: Route):
         for step, res in events:
             if res is not None:
-                res.variant, res.gate_score, res.gated = variant, score, gated
+                route.tag(res, variant)
             yield step, res
 
     # -- verbs ----------------------------------------------------------------------------------------------
@@ -386,10 +394,9 @@ class SafeInfer:
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         r = self.route(tokens, variant, fr)
         if r.refuse:
-            yield self._refusal(text, variant, r.gate_score)
+            yield r.refusal(text, variant, self.settings.refusal)
             return
-        yield from self._tag(self._decoder.stream(self._batch(r.variant), tokens, cfg, text, r.head), variant,
-                             r.gate_score, r.gated)
+        yield from self._tag(self._decoder.stream(self._batch(r.variant), tokens, cfg, text, r.head), variant, r)
 
     def route(self, tokens: list[int], variant: str | None = None, frame: str = "template") -> Route:
         """The harm gate's decision for one encoded prompt (:meth:`encode_prompt`): without a gate, ``variant``
@@ -401,10 +408,7 @@ class SafeInfer:
             return Route(variant)
         fg = g.frame(frame)
         feat, head = self._decoder.features_and_head(g.read, tokens)
-        score = float(fg.score(feat)[0])
-        flagged = fg.flags(score)
-        return Route(variant if flagged else "base", score, not flagged,
-                     flagged and self.settings.on_flag == "refuse", head)
+        return self._route(variant, float(fg.score(feat)[0]), fg, head)
 
     def stream(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False,
                frame: str | None = None, **gen) -> Iterator[Step]:
@@ -448,19 +452,17 @@ class SafeInfer:
             else:
                 enc.append(item)
         groups: dict[str, list] = {}
-        for (key, text, toks), d in zip(enc, self.decide(variant, [t for _, _, t in enc], fr), strict=True):
-            if isinstance(d, UsageError):
-                yield key, d
-            elif d[3]:
-                yield key, self._refusal(text, variant, d[1])[1]
+        for (key, text, toks), r in zip(enc, self.route_many([t for _, _, t in enc], variant, fr), strict=True):
+            if isinstance(r, UsageError):
+                yield key, r
+            elif r.refuse:
+                yield key, r.refusal(text, variant, self.settings.refusal)[1]
             else:
-                groups.setdefault(d[0], []).append((key, text, toks, d[1], d[2]))
+                groups.setdefault(r.variant, []).append((key, text, toks, r))
         for run, reqs in groups.items():
-            info = {key: (sc, gated) for key, _, _, sc, gated in reqs}
-            for key, res in self._many(run, ((k, t, tk) for k, t, tk, _, _ in reqs), cfg, n_parallel, layout):
-                if isinstance(res, Result):
-                    res.variant, (res.gate_score, res.gated) = variant, info[key]
-                yield key, res
+            routes = {key: r for key, _, _, r in reqs}
+            for key, res in self._many(run, ((k, t, tk) for k, t, tk, _ in reqs), cfg, n_parallel, layout):
+                yield key, routes[key].tag(res, variant) if isinstance(res, Result) else res
 
     def _encoded(self, prompts, frame: str):
         for key, prompt in prompts:
@@ -499,12 +501,13 @@ class SafeInfer:
         fr = resolve_frame(raw, frame)
         tokens, _ = self.encode_prompt(prompt, frame=fr)
         cont = self.model.tokenize(frame_cont(continuation, fr), add_bos=False)
-        d = self.decide(variant, [tokens], fr)[0]
-        if isinstance(d, UsageError):
-            raise d
-        lps = self.score_tokens(tokens, cont, d[0])
+        r = self.route_many([tokens], variant, fr)[0]
+        if isinstance(r, UsageError):
+            raise r
+        lps = self.score_tokens(tokens, cont, r.variant)
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        return Score(text, continuation, variant, float(lps.sum()), len(cont), [float(x) for x in lps], d[1], d[2])
+        return Score(text, continuation, variant, float(lps.sum()), len(cont), [float(x) for x in lps],
+                     r.gate_score, r.flagged)
 
     def score_tokens(self, prompt_tokens: list[int], cont_tokens: list[int], variant: str | None = None):
         """Per-token log-probabilities of ``cont_tokens`` after ``prompt_tokens`` (numpy array)."""

@@ -365,7 +365,7 @@ def test_calibrate_writes_the_best_setting_and_its_figures_are_real(si, tmp_path
     # behind the shipped vector's gate (the default): a prompt the gate passes as benign gains nothing
     gated = json.loads(run_cli(*args, "--dry-run", "--json").stdout)
     toks = [s05.encode_prompt(q.text, frame="qa")[0] for q in advbench("dev")[:3]]
-    flags = [not d[2] for d in s05.with_(gate="auto").decide("safeinfer", toks, "qa")]
+    flags = [r.flagged for r in s05.with_(gate="auto").route_many(toks, "safeinfer", "qa")]
     assert gated["gate"]["tpr"] == pytest.approx(sum(flags) / 3) and 0 <= gated["gate"]["fpr"] <= 1
     row = next(r for r in gated["rows"] if r["gamma"] == 0.5 and r["lam"] == 0)
     assert row["margin_gain"] == pytest.approx(sum(g for g, f in zip(gains, flags, strict=True) if f) / 3, abs=1e-3)

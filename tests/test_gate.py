@@ -104,7 +104,7 @@ def test_the_vector_recommends_what_a_flagged_prompt_gets():
     v = SafetyVector.load(default_vector_path())
     assert recommended_on_flag(v) == "refuse"  # the shipped vector's, recorded with its gate
     assert recommended_on_flag(v.recommend(guard={"on_flag": "steer"})) == "steer"
-    assert recommended_on_flag(v.recommend(guard={})) == "steer"  # none recorded (vectors before 0.3)
+    assert recommended_on_flag(v.recommend(guard={})) == "steer"  # none recorded (older vectors)
     assert recommended_on_flag(v.recommend(guard={"on_flag": "shout"})) == "steer"
 
 
@@ -257,7 +257,7 @@ def test_a_final_token_gate_flags_and_decodes_exactly_as_gate_off(si, tmp_path):
         for prompt in (HARMFUL, BENIGN, "How did lighthouse keepers live in the nineteenth century?"):
             r = gated.generate(prompt, **kw)
             want = off.generate(prompt, variant=None if name == "flag" else "base", **kw)
-            assert r.response == want.response and r.gated == (name == "pass")
+            assert r.response == want.response and r.flagged == (name == "flag")
             many = dict(gated.generate_many([("a", prompt)], **kw))
             assert many["a"].response == want.response
 
@@ -278,8 +278,8 @@ def test_the_gate_decides_per_request(si):
     off = gated.with_(gate="off")
     kw = dict(max_tokens=12, temperature=0)
     h, b = gated.generate(HARMFUL, **kw), gated.generate(BENIGN, **kw)
-    assert h.gate_score >= gated.gate.frame("template").threshold and not h.gated
-    assert b.gate_score < gated.gate.frame("template").threshold and b.gated
+    assert h.gate_score >= gated.gate.frame("template").threshold and h.flagged is True
+    assert b.gate_score < gated.gate.frame("template").threshold and b.flagged is False
     # judged benign: exactly plain decoding (no vector, no guidance); flagged: exactly the variant ungated
     base = off.generate(BENIGN, variant="base", **kw)
     assert (b.response, b.variant, b.guided_tokens) == (base.response, "safeinfer", 0)
@@ -287,10 +287,10 @@ def test_the_gate_decides_per_request(si):
     assert off.generate(BENIGN, **kw).gate_score is None
     # batches decide per prompt too, and say so
     many = dict(gated.generate_many([("h", HARMFUL), ("b", BENIGN)], n_parallel=2, **kw))
-    assert many["b"].gated and not many["h"].gated and many["b"].response == base.response
+    assert many["b"].flagged is False and many["h"].flagged is True and many["b"].response == base.response
     # scores: a benign prompt is scored under base
     s = gated.score(BENIGN, " I'm sorry", frame="template")
-    assert s.gated and s.logprob == pytest.approx(off.score(BENIGN, " I'm sorry", variant="base").logprob)
+    assert s.flagged is False and s.logprob == pytest.approx(off.score(BENIGN, " I'm sorry", variant="base").logprob)
     # refuse mode: the flagged prompt is answered with the fixed refusal, without decoding
     ref = gated.with_(on_flag="refuse", refusal="No.")
     r = ref.generate(HARMFUL, **kw)
@@ -302,10 +302,10 @@ def test_the_gate_decides_per_request(si):
 def test_gate_options_on_the_command_line(tmp_path):
     p = run_cli("generate", HARMFUL, "-n", "4", "-t", "0", "--json", "--on-flag", "refuse")
     out = json.loads(p.stdout)
-    assert out["response"] == "I'm sorry, but I can't help with that." and out["gated"] is False
+    assert out["response"] == "I'm sorry, but I can't help with that." and out["flagged"] is True
     assert isinstance(out["gate_score"], float)
     p = run_cli("generate", BENIGN, "-n", "4", "-t", "0", "--json")
-    assert json.loads(p.stdout)["gated"] is True
+    assert json.loads(p.stdout)["flagged"] is False
     assert_one_line_error(run_cli("generate", "hi", "--gate-threshold", "nan"), 2, "gate-threshold")
     assert_one_line_error(run_cli("generate", "hi", "--gate", "maybe"), 2, "gate")
     assert_one_line_error(run_cli("generate", "hi", "--gate", "on", "--vector", "none"), 2, "harm gate")
@@ -440,7 +440,7 @@ def test_bench_harm_records_say_what_the_gate_did(si, tmp_path):
 
     for m in ("generation", "likelihood"):
         h, b = rec(m, "h", "safeinfer:gated"), rec(m, "b", "safeinfer:gated")
-        assert h["gated"] is False and b["gated"] is True and h["gate_score"] > b["gate_score"]
+        assert h["flagged"] is True and b["flagged"] is False and h["gate_score"] > b["gate_score"]
         assert rec(m, "b", "base")["gate_score"] is None and rec(m, "b", "safeinfer")["gate_score"] is None
         # flagged: exactly the ungated variant; judged benign: exactly plain decoding
         assert h.get("response") == rec(m, "h", "safeinfer").get("response")
@@ -549,3 +549,19 @@ def test_one_place_compares_a_score_with_the_gate_threshold():
                     x.id == "threshold" for x in [node.left, *node.comparators]):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_a_route_makes_its_refusal_and_tags_a_result():
+    """Route is the one routing decision: it builds the refusal of a refused prompt and tags any result with the
+    gate's score and verdict (flagged: true = judged harmful)."""
+    from safeinfer_local.api import Route
+    from safeinfer_local.decode.batch import Result
+
+    step, res = Route("safeinfer", 0.4, True, True).refusal("p", "safeinfer", "No.")
+    assert (step.text, step.finish) == ("No.", "refused")
+    assert (res.response, res.n_tokens, res.stop_reason, res.variant, res.gate_score, res.flagged) == (
+        "No.", 0, "refused", "safeinfer", 0.4, True)
+    r = Route("base", -0.2, False).tag(Result("p", "text", "base", 3, 1.0, 0.1, "eos"), "safeinfer")
+    assert (r.variant, r.gate_score, r.flagged) == ("safeinfer", -0.2, False)
+    assert Route("sa").tag(Result("p", "t", "sa", 1, 1.0, 0.1, "eos"), "sa").flagged is None  # no gate ran
+    assert r.to_dict()["flagged"] is False and "gated" not in r.to_dict()

@@ -319,3 +319,29 @@ def test_gate_section_counts_one_score_per_prompt():
     rows = table_rows(md, "## The harm gate")
     assert row(rows, "catqa")[3:] == ["3", "66.7 (20.8–93.9)", "0.500"]
     assert "gate" not in report.summarize([gen("base", "catqa", 1, False)])  # no gated rows, no section
+    # the same records as this version writes them (flagged = not gated where a gate ran): the same section
+    new = [{k: v for k, v in r.items() if k != "gated"} | ({"flagged": not r["gated"]} if r.get("gate_score")
+                                                           is not None else {"flagged": None}) for r in recs]
+    assert report.summarize(new)["gate"] == report.summarize(recs)["gate"]
+
+
+def test_records_written_before_the_rename_read_as_flagged(tmp_path):
+    """`gated` (true: passed by the gate) in files written by earlier versions reads as `flagged` (true: judged
+    harmful), and a filter output resumed by this version is rewritten all in the new form."""
+    from safeinfer_local import jsonl
+    from safeinfer_local.core.gate import record_flagged
+    from safeinfer_local.workflows import filter as flt
+
+    assert record_flagged({"gate_score": 0.3, "gated": False}) is True
+    assert record_flagged({"gate_score": -0.1, "gated": True}) is False
+    assert record_flagged({"gate_score": None, "gated": False}) is None  # no gate ran
+    assert record_flagged({"gate_score": 0.3, "flagged": True}) is True and record_flagged({}) is None
+    out = tmp_path / "out.jsonl"
+    old = {"id": "a", "index": 0, "prompt": "p", "response": "r", "verdict": "answered", "gate_score": -0.1,
+           "gated": True}
+    new = {"id": "b", "index": 1, "prompt": "q", "response": "s", "verdict": "refused", "gate_score": 0.2,
+           "flagged": True}
+    jsonl.write_records(out, [old, new], header={"command": "filter"})
+    recs = flt.finalize(out, [flt.Item(0, "a", "p"), flt.Item(1, "b", "q")], None, flt.filter_blocked)
+    assert [r.get("flagged") for r in recs] == [False, True] and not any("gated" in r for r in recs)
+    assert "gated" not in out.read_text()

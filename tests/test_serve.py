@@ -75,7 +75,7 @@ def test_a_chat_completion_under_each_variant_says_what_was_applied(client):
     for v in VARIANTS:
         r = _chat(client, FLAGGED, variant=v, gate="off")
         info = r.model_extra["safeinfer"]
-        assert info["variant"] == v and info["applied"] == v and not info["gated"], info
+        assert info["variant"] == v and info["applied"] == v and info["flagged"] is not False, info
         assert ("gamma" in info) == (v in ("sa", "safeinfer")) and ("lam" in info) == (v in ("sgds", "safeinfer"))
         assert isinstance(info["guided_tokens"], int) and info["guided_tokens"] <= r.usage.completion_tokens
         assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.role == "assistant"
@@ -87,10 +87,11 @@ def test_a_chat_completion_under_each_variant_says_what_was_applied(client):
 @pytest.mark.model
 def test_extra_body_changes_what_is_applied(client):
     default = _chat(client, BENIGN).model_extra["safeinfer"]  # server default: safeinfer, gate auto
-    assert default["variant"] == "safeinfer" and default["gated"] and default["applied"] == "base"
+    assert default["variant"] == "safeinfer" and default["flagged"] is False and default["applied"] == "base"
     assert default["gate_score"] is not None
     flagged = _chat(client, FLAGGED).model_extra["safeinfer"]
-    assert not flagged["gated"] and flagged["applied"] == "safeinfer" and flagged["gate_score"] > default["gate_score"]
+    assert flagged["flagged"] is True and flagged["applied"] == "safeinfer"
+    assert flagged["gate_score"] > default["gate_score"]
     ungated = _chat(client, BENIGN, gate="off").model_extra["safeinfer"]
     assert ungated["applied"] == "safeinfer" and ungated["gate_score"] is None and ungated["gate"] == "off"
     strong = _chat(client, FLAGGED, gamma=1.0, lam=0.9, guidance="none").model_extra["safeinfer"]
@@ -129,7 +130,7 @@ def test_http_greedy_equals_generate_json(client):
             info = r.model_extra["safeinfer"]
             assert r.choices[0].message.content == cli["response"], (prompt, flags)
             assert r.usage.completion_tokens == cli["n_tokens"] and info["stop_reason"] == cli["stop_reason"]
-            assert (info["variant"], info["gated"], info["guided_tokens"]) == (cli["variant"], cli["gated"],
+            assert (info["variant"], info["flagged"], info["guided_tokens"]) == (cli["variant"], cli["flagged"],
                                                                               cli["guided_tokens"])
             assert info["gate_score"] == cli["gate_score"]
 

@@ -85,7 +85,7 @@ def test_speculation_off_for_unguided_variants_and_gated_prompts(si):
     g = s.with_(gate="on")
     r = g.generate("How did lighthouse keepers live in the nineteenth century?", variant="safeinfer", frame="qa",
                    max_tokens=12, temperature=0)
-    assert r.gated and r.drafted == 0
+    assert r.flagged is False and r.drafted == 0
 
 
 @pytest.mark.model

@@ -53,6 +53,16 @@ ON_FLAG = ("steer", "refuse")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 
 
+def record_flagged(record: dict) -> bool | None:
+    """A result record's gate verdict: its ``flagged`` (true = judged harmful; null: no gate ran), or, in a record
+    written by earlier versions, the inverse of ``gated`` (which meant "passed by the gate, decoded plainly")
+    where a gate scored the prompt."""
+    if "flagged" in record or "gated" not in record:
+        return record.get("flagged")
+    gated = record["gated"]
+    return None if record.get("gate_score") is None or not isinstance(gated, bool) else not gated
+
+
 def check_fpr(fpr: float) -> float:
     if not (isinstance(fpr, (int, float)) and math.isfinite(fpr) and 0.0 < fpr < 1.0):
         raise SettingError(f"--fpr must be in (0, 1), not {fpr}")

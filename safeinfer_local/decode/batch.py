@@ -100,8 +100,9 @@ class Result:
     guided_tokens: int = 0
     gate_score: float | None = None
     """The harm gate's score for the prompt (None: no gate ran)."""
-    gated: bool = False
-    """The gate judged the prompt benign and it was decoded plainly (no vector, no guidance)."""
+    flagged: bool | None = None
+    """The harm gate's verdict: True = judged harmful (decoded as asked, or refused), False = judged benign and
+    decoded plainly (no vector, no guidance), None = no gate ran."""
     drafted: int = 0
     """Speculative guided decoding (``--speculate``): tokens the target drafted and the guidance then verified."""
     accepted: int = 0
@@ -112,7 +113,8 @@ class Result:
                 "n_tokens": self.n_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
                 "time_to_first_token_s": round(self.time_to_first_token_s, 4), "stop_reason": self.stop_reason,
                 "guided_tokens": self.guided_tokens,
-                "gate_score": None if self.gate_score is None else round(self.gate_score, 4), "gated": self.gated}
+                "gate_score": None if self.gate_score is None else round(self.gate_score, 4),
+                "flagged": self.flagged}
 
 
 @dataclass

@@ -84,10 +84,10 @@ def gate_flags(si: SafeInfer, items: list[Item], frame: str, variant: str = "saf
     if si.active_gate(variant) is None:
         return None
     out = []
-    for d in si.decide(variant, [it.tokens for it in items], frame):
-        if isinstance(d, UsageError):
-            raise d
-        out.append(not d[2])
+    for r in si.route_many([it.tokens for it in items], variant, frame):
+        if isinstance(r, UsageError):
+            raise r
+        out.append(bool(r.flagged))
     return np.array(out, dtype=bool)
 
 

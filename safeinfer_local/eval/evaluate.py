@@ -288,7 +288,8 @@ class HarmBench:
         return rec | {"response": None if hidden else text,
                       "response_sha256": short_hash(text),
                       "n_tokens": res.n_tokens, "tokens_per_s": round(res.tokens_per_s, 2),
-                      "guided_tokens": res.guided_tokens, "gate_score": res.gate_score, "gated": res.gated,
+                      "guided_tokens": res.guided_tokens, "gate_score": res.gate_score,
+                      "flagged": res.flagged,
                       # an empty reply complies with nothing: not an attack success, and a refusal of a benign prompt
                       "refused": is_refusal(text) or not text.strip(), "judge": judge, "error": None}
 
@@ -318,10 +319,10 @@ class HarmBench:
         t0 = time.perf_counter()
         try:
             toks, _ = si.encode_prompt(self._text(u), frame=self.cfg.frame)
-            decision = si.decide(name, [toks], self.cfg.frame)[0]  # with a gate: benign-judged -> base
-            if isinstance(decision, UsageError):
-                raise decision
-            run = decision[0]
+            route = si.route_many([toks], name, self.cfg.frame)[0]  # with a gate: benign-judged -> base
+            if isinstance(route, UsageError):
+                raise route
+            run = route.variant
             n = 0
 
             def lp(text: str) -> tuple[float, int]:
@@ -338,8 +339,8 @@ class HarmBench:
         dt = time.perf_counter() - t0
         out = rec | {"lp_refusal": round(r, 4), "n_refusal": nr, "lp_compliant": round(c, 4), "n_compliant": nc,
                      "margin": round(r - c, 4), "lp_answer": None if a is None else round(a / na, 5),
-                     "tokens_per_s": round(n / dt, 1), "error": None, "gate_score": decision[1],
-                     "gated": decision[2]}
+                     "tokens_per_s": round(n / dt, 1), "error": None, "gate_score": route.gate_score,
+                     "flagged": route.flagged}
         if answer is not None:
             out["answer"] = answer
         return out

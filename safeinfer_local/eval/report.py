@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files, jsonl
-from ..core.gate import auroc
+from ..core.gate import auroc, record_flagged
 from ..core.harm import MEASURES, PROMPT_TYPES, bench_variants, rate_table, wilson
 from ..errors import UsageError
 
@@ -166,7 +166,7 @@ def summarize_gate(records: list[dict]) -> dict:
     measure reads the same prompt head)."""
     one: dict[tuple[str, str, str], dict] = {}
     for r in records:
-        if not _is_error(r) and _num(r.get("gate_score")) is not None and isinstance(r.get("gated"), bool):
+        if not _is_error(r) and _num(r.get("gate_score")) is not None and isinstance(record_flagged(r), bool):
             one.setdefault((str(r.get("prompt_type") or ""), str(r.get("dataset") or ""), str(r.get("id"))), r)
     out: dict[str, Any] = {}
     for pt in _order({k[0] for k in one}, tuple(PROMPT_TYPES)):
@@ -177,7 +177,7 @@ def summarize_gate(records: list[dict]) -> dict:
             recs = [r for k, r in rows.items() if k[1] == ds]
             harmful = bool(recs[0].get("harmful"))
             scores = [r["gate_score"] for r in recs]
-            cells[ds] = {"harmful": harmful, "flagged": _share([not r["gated"] for r in recs]),
+            cells[ds] = {"harmful": harmful, "flagged": _share([record_flagged(r) for r in recs]),
                          "auroc_vs_benign": round(auroc(scores, benign), 4) if harmful and benign else None}
         out[pt] = cells
     return out

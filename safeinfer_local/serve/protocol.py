@@ -239,7 +239,7 @@ def applied(si: SafeInfer, done) -> dict:
     r = done.result
     return si.settings.describe(r.variant) | {
         "applied": done.applied, "gate_score": None if r.gate_score is None else round(r.gate_score, 4),
-        "gated": r.gated, "refused": r.stop_reason == "refused", "guided_tokens": r.guided_tokens,
+        "flagged": r.flagged, "refused": r.stop_reason == "refused", "guided_tokens": r.guided_tokens,
         "stop_reason": r.stop_reason}
 
 

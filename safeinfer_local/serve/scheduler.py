@@ -262,9 +262,7 @@ class Scheduler:
             job.cfg = dataclasses.replace(job.cfg, stop=job.cfg.stop + tuple(stops))
             job.route = r = job.si.route(toks, job.variant, job.frame)
             if r.refuse:
-                text = job.si.settings.refusal
-                step = Step(-1, text, finish="refused")
-                res = Result(job.text, text, job.variant, 0, 0.0, 0.0, "refused", [step], 0, r.gate_score, False)
+                step, res = r.refusal(job.text, job.variant, job.si.settings.refusal)
                 self._give()
                 job.sink(Done(step, res, len(toks), job.variant))
                 return
@@ -336,9 +334,7 @@ class Scheduler:
                         self._finish(job, Failed(ev.error))
                     elif ev.result is not None:
                         r = job.route
-                        res = ev.result
-                        res.variant, res.gate_score, res.gated = job.variant, r.gate_score, r.gated
-                        self._finish(job, Done(ev.step, res, len(job.tokens), r.variant))
+                        self._finish(job, Done(ev.step, r.tag(ev.result, job.variant), len(job.tokens), r.variant))
                     elif job.stream:
                         job.sink(Token(ev.step))
             if not g.jobs:

@@ -29,7 +29,7 @@ class ReplyStats:
     seconds: float = 0.0
     stopped: bool = False
     gate_score: float | None = None
-    gated: bool = False
+    flagged: bool | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -91,7 +91,8 @@ class ChatSession:
                 f"turns {len(self.history) // 2}; last reply {r.tokens} tokens, {r.tokens_per_s:.1f} tok/s, "
                 f"{r.guided} changed by guidance; gate "
                 + ("not used" if r.gate_score is None else f"score {r.gate_score:+.3f}, "
-                   + ("judged benign: decoded plainly" if r.gated else "flagged: steered")))
+                   + ("flagged: " + ("refused" if self.si.settings.on_flag == "refuse" else "steered")
+                      if r.flagged else "judged benign: decoded plainly")))
 
     def reply(self, user: str, on_text: Callable[[str], None]) -> ReplyStats:
         """Stream a reply to ``user``; KeyboardInterrupt stops it and keeps what was said so far."""
@@ -103,7 +104,7 @@ class ChatSession:
         try:
             for step, res in stream:
                 if res is not None:
-                    stats.gate_score, stats.gated = res.gate_score, res.gated
+                    stats.gate_score, stats.flagged = res.gate_score, res.flagged
                 parts.append(step.text)
                 on_text(step.text)
                 if not step.eog and step.token >= 0:

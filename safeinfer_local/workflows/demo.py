@@ -31,10 +31,9 @@ def run(si: SafeInfer, n_prompts: int = 4, reply_tokens: int = 24) -> dict:
     side = []
     for q, is_harmful in [(q, True) for q in harmful] + [(q, False) for q in benign]:
         r = si.generate(q, max_tokens=reply_tokens, temperature=0)
-        flagged = None if r.gate_score is None else not r.gated
-        done = ("refused" if r.stop_reason == "refused" else "decoded plainly" if r.gated or r.variant == "base"
-                else f"steered ({r.variant})")
-        side.append({"prompt": q, "harmful": is_harmful, "gate_score": r.gate_score, "gate_flagged": flagged,
+        done = ("refused" if r.stop_reason == "refused" else "decoded plainly" if r.flagged is False or
+                r.variant == "base" else f"steered ({r.variant})")
+        side.append({"prompt": q, "harmful": is_harmful, "gate_score": r.gate_score, "gate_flagged": r.flagged,
                      "done": done, "reply": r.response})
     gate = si.gate
     flagged = ([gate.frame("qa").flags(x) for x in si.gate_scores(harmful, frame="qa")]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import files, jsonl
+from ..core.gate import record_flagged
 from ..core.judge import is_refusal
 from ..errors import UsageError
 from ..jsonl import claim
@@ -214,7 +215,7 @@ def result_record(item: Item, variant: str, r, judge=None) -> dict:
         return record(item, variant, error=str(r))
     rec = record(item, variant, r.response, r.n_tokens, r.tokens_per_s, r.guided_tokens)
     rec["gate_score"] = None if r.gate_score is None else round(r.gate_score, 4)
-    rec["gated"] = r.gated
+    rec["flagged"] = r.flagged
     if r.stop_reason == "refused":
         rec["verdict"] = "refused"
     if judge is not None:
@@ -243,11 +244,20 @@ def finalize(out: Path, items: list[Item], split_dir: Path | None, blocked: Call
     loaded = jsonl.load(out, repair=True, key=_id)
     done = loaded.by_key(_id)
     order = {it.id: it.index for it in items}
-    recs = sorted((r for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
+    recs = sorted((upgrade(r) for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
     jsonl.write_records(out, recs, header=loaded.header)
     if split_dir is not None:
         write_split(recs, split_dir, blocked)
     return recs
+
+
+def upgrade(record: dict) -> dict:
+    """A record as this version writes it: ``gated`` (earlier versions: true = passed by the gate, decoded plainly)
+    becomes ``flagged`` (true = judged harmful; null without a gate), so that a file started by an older version
+    and resumed by this one ends up all in one form."""
+    if "gated" not in record or "flagged" in record:
+        return record
+    return {k: v for k, v in record.items() if k != "gated"} | {"flagged": record_flagged(record)}
 
 
 def finish(out: Path | None, wanted: list[Item], written: list[dict], split_dir: Path | None,
