@@ -268,3 +268,20 @@ def test_the_default_body_limit_follows_the_context():
 
     assert default_max_body(2048) == (1 << 20) + 256 * 2048 < 30_000_000  # the 30 MB body of the issue
     assert default_max_body(131072) > default_max_body(2048)
+
+
+def test_a_full_engine_queue_is_one_503_for_every_route():
+    """Completions and moderations hand their work over through one helper: Busy becomes 503 with Retry-After
+    and an OpenAI-style body; anything submitted otherwise goes through unchanged."""
+    from safeinfer_local.serve.app import _submit_or_503
+
+    def full(*args):
+        raise Busy("the queue is full (16 waiting)")
+
+    with pytest.raises(p.ApiError) as e:
+        _submit_or_503(full, "job")
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+    assert e.value.body()["error"]["code"] == "server_busy" and "queue is full" in e.value.body()["error"]["message"]
+    got = []
+    _submit_or_503(lambda *a: got.append(a), "fn", "sink")
+    assert got == [("fn", "sink")]

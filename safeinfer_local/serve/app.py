@@ -107,6 +107,15 @@ class BodyLimit:
                 await _too_large(self.limit)(scope, receive, send)
 
 
+def _submit_or_503(submit, *args) -> None:
+    """Hand work to the engine thread; a full queue is 503 with Retry-After (the one place that says so)."""
+    try:
+        submit(*args)
+    except Busy as e:
+        raise p.ApiError(503, str(e), None, "server_busy", "server_error",
+                         {"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
 def _error_response(e: p.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), e.status, headers=e.headers)
 
@@ -217,11 +226,7 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
                 loop.call_soon_threadsafe(aq.put_nowait, update)
 
         job = Job(rsi, variant, prompt, fr or frame, cfg, sink, stream=bool(req.stream))
-        try:
-            sched.submit(job)
-        except Busy as e:
-            raise p.ApiError(503, str(e), None, "server_busy", "server_error",
-                             {"Retry-After": str(RETRY_AFTER_S)}) from None
+        _submit_or_503(sched.submit, job)
         first = await _first(aq, request, sched, job.id)
         if first is None:
             return JSONResponse(p.error_body("client closed the request"), 499)
@@ -295,11 +300,7 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
 
-        try:
-            sched.call(lambda s: rsi.gate_scores(inputs, frame=frame), sink)
-        except Busy as e:
-            raise p.ApiError(503, str(e), None, "server_busy", "server_error",
-                             {"Retry-After": str(RETRY_AFTER_S)}) from None
+        _submit_or_503(sched.call, lambda s: rsi.gate_scores(inputs, frame=frame), sink)
         value = await fut
         if isinstance(value, BaseException):
             raise _failed(value)
