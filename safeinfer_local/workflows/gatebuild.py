@@ -122,9 +122,10 @@ def gate_sources(harmful: tuple[str, ...] = (), benign: tuple[str, ...] = ()) ->
     """The sources a gate is fitted on, each ``(harmful, prompts)``: the shipped :func:`dev_sources`, or for a side
     given files, each file as one source (any ``filter`` input format)."""
     out: dict[str, tuple[bool, list[str]]] = {}
+    shipped = dev_sources() if not (harmful and benign) else {}  # loaded once, for the sides given no files
     for flag, files, is_harmful in (("harmful", harmful, True), ("benign", benign, False)):
         if not files:
-            out.update({k: v for k, v in dev_sources().items() if v[0] is is_harmful})
+            out.update({k: v for k, v in shipped.items() if v[0] is is_harmful})
         for path in files:
             if path in out:
                 raise UsageError(f"--{flag} {path} is given twice")
