@@ -48,17 +48,23 @@ def test_rows_well_formed(name):
             assert not any(f in k.lower() for f in FORBIDDEN_FIELDS), (r["id"], k)
 
 
-def test_harmful_spread():
-    rs = rows("gate_harmful_requests")
-    assert len({r["category"] for r in rs}) >= 12
+def check_forms(rs, forms_wanted, at_least):
+    """Every form present, each at least ``at_least`` times, and each record true to its form: short and long by
+    word count, a language tag exactly on the non-English ones, every language there."""
     forms = Counter(r["form"] for r in rs)
-    assert set(forms) == set(HARMFUL_FORMS)
-    assert all(forms[f] >= 15 for f in HARMFUL_FORMS), forms
+    assert set(forms) == set(forms_wanted)
+    assert all(forms[f] >= at_least for f in forms_wanted), forms
     for r in rs:
         assert r["form"] != "short" or words(r["prompt"]) <= 6, r
         assert r["form"] != "long" or words(r["prompt"]) >= 60, r
         assert (r["form"] == "nonenglish") == ("lang" in r), r
     assert {r["lang"] for r in rs if "lang" in r} == LANGS
+
+
+def test_harmful_spread():
+    rs = rows("gate_harmful_requests")
+    assert len({r["category"] for r in rs}) >= 12
+    check_forms(rs, HARMFUL_FORMS, 15)
 
 
 def test_benign_spread():
@@ -66,14 +72,7 @@ def test_benign_spread():
     domains = Counter(r["domain"] for r in rs)
     assert len(domains) >= 28
     assert min(domains.values()) >= 10, domains
-    forms = Counter(r["form"] for r in rs)
-    assert set(forms) == set(BENIGN_FORMS)
-    assert all(forms[f] >= 10 for f in BENIGN_FORMS), forms
-    for r in rs:
-        assert r["form"] != "short" or words(r["prompt"]) <= 6, r
-        assert r["form"] != "long" or words(r["prompt"]) >= 60, r
-        assert (r["form"] == "nonenglish") == ("lang" in r), r
-    assert {r["lang"] for r in rs if "lang" in r} == LANGS
+    check_forms(rs, BENIGN_FORMS, 10)
     summaries = [r["prompt"] for r in rs if r["domain"] == "summarising"]
     assert sum("'" in p or "«" in p or "\u201c" in p for p in summaries) >= 10  # the paragraph is pasted in
 
