@@ -290,8 +290,14 @@ class Appender:
             raise OutputError(f"cannot write {self.path}: {_reason(e)}; it keeps {n}{torn}: {_hint(e)} and rerun "
                               "the same command to resume") from None
         except BaseException:  # e.g. Ctrl-C between two partial writes: leave no torn line either
-            self._undo()
+            if data:
+                self._undo()
+            else:  # the whole line is in the file (Ctrl-C came during its fsync): a finished record, kept
+                self._count(raw, record)
             raise
+        self._count(raw, record)
+
+    def _count(self, raw: bytes, record: bool) -> None:
         self.end += len(raw)
         if record:
             self.kept += 1
