@@ -1,5 +1,7 @@
 """Prompts per minute: ``screen`` (the harm gate alone, many prompts per decode) against ``filter`` (a reply per
-prompt) on the same prompts, side by side in one process. A figure, never an assertion.
+prompt) on the same prompts, side by side in one process; then the gate's reader alone with the graph cut after the
+last block it reads (what ``screen`` runs) against the whole graph, alternating, ``--rounds`` each. A figure, never
+an assertion.
 
     python benchmarks/screen_throughput.py [--prompts 24] [--max-tokens 64] [--parallel 4]
 """
@@ -13,6 +15,7 @@ import time
 
 from safeinfer_local.api import SafeInfer
 from safeinfer_local.core.datasets import catqa, xstest
+from safeinfer_local.decode.gating import FeatureReader
 from safeinfer_local.workflows import filter as flt
 from safeinfer_local.workflows import screen
 
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     texts = [p.text for p in catqa(2)][: a.prompts // 2] + [p.text for p in xstest("safe")[0::2]][: a.prompts // 2]
     items = [flt.Item(i, str(i), t) for i, t in enumerate(texts)]
@@ -39,6 +43,20 @@ def main() -> None:
           f"{s.counts['flagged']}), filter --parallel {a.parallel} -n {a.max_tokens} {n / t_filter * 60:.0f} "
           f"prompts/min ({t_filter:.1f} s; flagged {sum(bool(r.get('flagged')) for r in f.written)}); "
           f"screen / filter = {t_filter / t_screen:.0f}x")
+    read = si.gate.read
+    toks = [si.encode_prompt(t, frame="template")[0] for t in texts]
+    readers = {"cut": FeatureReader(si.model, read.blocks),
+               "whole graph": FeatureReader(si.model, read.blocks, cut=False)}
+    rates: dict[str, list[float]] = {k: [] for k in readers}
+    for r in readers.values():
+        r.features(toks[:2], read)  # warm-up
+    for _ in range(a.rounds):
+        for name, r in readers.items():
+            t0 = time.perf_counter()
+            r.features(toks, read)
+            rates[name].append(n / (time.perf_counter() - t0) * 60)
+    print(f"the gate's reader alone (blocks {read.blocks}, final={read.final}), {a.rounds} rounds: "
+          + "; ".join(f"{k} {min(v):,.0f}-{max(v):,.0f} prompts/min" for k, v in rates.items()))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .core.settings import (
 from .core.vectors import SafetyVector
 from .decode.batch import BatchGenerator, GenConfig, Result, Step
 from .decode.decoder import Decoder
+from .decode.gating import Handoff
 from .decode.guidance import GuidanceSpec
 from .decode.steering import Steering, check_plan_steerable
 from .errors import SettingError, UsageError
@@ -109,8 +110,9 @@ class Route:
     """True: the gate judged the prompt harmful; False: benign (decoded plainly); None: no gate ran."""
     refuse: bool = False
     """Flagged under ``on_flag=refuse``: answer with the refusal text, decode nothing."""
-    head: bytes | None = None
-    """The prompt head's KV from the gate's reader; a side that would decode the same head imports it."""
+    handoff: Handoff | None = None
+    """The prompt's KV from the gate's reader (the head; for a passed prompt the whole prompt and its next-token
+    logits): the side that goes on imports it instead of decoding it again."""
 
     def refusal(self, prompt: str, variant: str, text: str) -> tuple[Step, Result]:
         """The reply to a refused prompt: ``text``, nothing decoded (stop reason ``refused``)."""
@@ -369,10 +371,10 @@ class SafeInfer:
         return [f if isinstance(f, UsageError) else self._route(variant, float(fg.score(f)[0]), fg)
                 for f in feats]
 
-    def _route(self, variant: str, score: float, fg, head: bytes | None = None) -> Route:
+    def _route(self, variant: str, score: float, fg, handoff: Handoff | None = None) -> Route:
         flagged = fg.flags(score)
         return Route(variant if flagged else "base", score, flagged,
-                     flagged and self.settings.on_flag == "refuse", head)
+                     flagged and self.settings.on_flag == "refuse", handoff)
 
     @staticmethod
     def _tag(events, variant: str, route: Route):
@@ -396,19 +398,22 @@ class SafeInfer:
         if r.refuse:
             yield r.refusal(text, variant, self.settings.refusal)
             return
-        yield from self._tag(self._decoder.stream(self._batch(r.variant), tokens, cfg, text, r.head), variant, r)
+        yield from self._tag(self._decoder.stream(self._batch(r.variant), tokens, cfg, text, r.handoff), variant, r)
 
     def route(self, tokens: list[int], variant: str | None = None, frame: str = "template") -> Route:
         """The harm gate's decision for one encoded prompt (:meth:`encode_prompt`): without a gate, ``variant``
-        as asked; with one, the gate's reader decodes the prompt head once, scores it, and keeps its KV for the
-        side that goes on (``Route.head``), so a prompt judged benign runs ``base`` without a second head decode."""
+        as asked; with one, the gate's reader decodes the prompt once, scores it, and keeps its KV for the side
+        that goes on (``Route.handoff``): a prompt judged benign runs ``base`` without decoding its prompt again
+        (a ``final`` read hands on the whole prompt and the first token's logits), a flagged one decodes only its
+        last prompt token (with the vector)."""
         variant = self._variant(variant)
         g = self.active_gate(variant)
         if g is None:
             return Route(variant)
         fg = g.frame(frame)
-        feat, head = self._decoder.features_and_head(g.read, tokens)
-        return self._route(variant, float(fg.score(feat)[0]), fg, head)
+        feat, handoff = self._decoder.features_and_head(g.read, tokens,
+                                                        whole=lambda f: not fg.flags(float(fg.score(f)[0])))
+        return self._route(variant, float(fg.score(feat)[0]), fg, handoff)
 
     def stream(self, prompt: str | list[Message], variant: str | None = None, raw: bool = False,
                frame: str | None = None, **gen) -> Iterator[Step]:

@@ -224,11 +224,28 @@ def test_final_token_features_are_the_l_out_rows_of_a_plain_decode(si):
         assert _cos(want, grid[reads[1]][i]) > 0.99999
         assert _cos(rows12[1:].mean(0), grid[reads[2]][i]) > 0.99999  # all but BOS
         assert _cos(rows12[-4:-1].mean(0), grid[reads[3]][i]) > 0.99999  # a head read of the same decode
-    feat, state = r.features_and_head(toks[0], reads[1])
+    feat, h = r.features_and_head(toks[0], reads[1])
     assert _cos(feat, grid[reads[1]][0]) > 0.9999
+    assert (h.n_tokens, h.logits) == (len(toks[0]) - 1, None)  # the head alone: the last token is the side's
     ctx.clear()
-    ctx.import_seq(state, 0, len(toks[0]) - 1)  # the head alone: the last token is the steered side's to decode
+    ctx.import_seq(h.state, 0, h.n_tokens)
     assert ctx.decode(toks[0][-1:]).shape == (model.n_vocab,)
+    # a prompt the gate passes: the whole prompt's KV and the next token's logits, as a plain side computes them
+    seen = []
+    feat2, whole = r.features_and_head(toks[1], reads[1], whole=lambda f: seen.append(f) or True)
+    assert len(seen) == 1 and _cos(seen[0], feat2) == pytest.approx(1.0)
+    assert whole.n_tokens == len(toks[1])
+    ctx.clear()
+    ctx.decode(toks[1][:-1], logits="none")
+    want = ctx.decode(toks[1][-1:])
+    assert np.abs(whole.logits - want).max() < 1e-3 and int(whole.logits.argmax()) == int(want.argmax())
+    nxt = int(want.argmax())
+    go_on = ctx.decode([nxt])  # the plain decode goes on from the whole prompt ...
+    ctx.clear()
+    ctx.import_seq(whole.state, 0, whole.n_tokens)  # ... and so does the imported one
+    assert np.abs(ctx.decode([nxt]) - go_on).max() < 1e-3
+    _, flagged = r.features_and_head(toks[1], reads[1], whole=lambda f: False)
+    assert (flagged.n_tokens, flagged.logits) == (len(toks[1]) - 1, None)
 
 
 @pytest.mark.model

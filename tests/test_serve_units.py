@@ -38,7 +38,7 @@ class FakeGen:
     def _sides(self):
         return [s for s in (self.target, self.guide) if s is not None]
 
-    def insert(self, key, tokens, cfg, prompt="", head_state=None):
+    def insert(self, key, tokens, cfg, prompt="", handoff=None):
         self.pending.append(key)
         self._update()
 

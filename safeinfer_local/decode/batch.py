@@ -42,6 +42,7 @@ from ..core.settings import (
 from ..core.speculative import verify_greedy, verify_sampled
 from ..errors import UsageError
 from ..llama.engine import Detokenizer, Model
+from .gating import Handoff
 from .sides import Side
 from .steering import Buffers
 
@@ -146,7 +147,7 @@ class _Request:
     prompt: str
     tokens: list[int]
     cfg: GenConfig
-    head_state: bytes | None = None
+    handoff: Handoff | None = None
 
 
 @dataclass
@@ -158,6 +159,7 @@ class _Slot:
     t0: float
     last: list[int]  # the token(s) to decode for this slot in the next step
     fresh: bool = True  # ``last`` is the last prompt token (vector state of the second chunk)
+    first: np.ndarray | None = None  # the first token's logits, handed on with the whole prompt's KV (no decode)
     t_first: float | None = None
     n: int = 0
     guided: int = 0
@@ -206,10 +208,11 @@ class BatchGenerator:
 
     # -- requests -------------------------------------------------------------------------------------------
     def insert(self, key: Hashable, tokens: list[int], cfg: GenConfig, prompt: str = "",
-               head_state: bytes | None = None) -> None:
-        """Queue a request. ``head_state`` is its prompt head's KV decoded elsewhere without a vector (the harm
-        gate's reader); a side whose head would be the same imports it instead of decoding it again."""
-        self._pending.append(_Request(key, prompt, list(tokens), cfg, head_state))
+               handoff: Handoff | None = None) -> None:
+        """Queue a request. ``handoff`` is its prompt's KV decoded elsewhere without a vector (the harm gate's
+        reader): a side whose head would be the same imports it instead of decoding it again, and a plain side
+        handed the whole prompt with its logits samples the first token without a decode."""
+        self._pending.append(_Request(key, prompt, list(tokens), cfg, handoff))
 
     def remove(self, key: Hashable) -> bool:
         """Drop a request (waiting or running) without a result; its slot is free for the next step."""
@@ -255,7 +258,7 @@ class BatchGenerator:
             i = self._free.pop(0)
             t0 = time.perf_counter()
             try:
-                last = self._begin(i, req.tokens, req.head_state)
+                last, first = self._begin(i, req.tokens, req.handoff)
             except UsageError as e:
                 self.target.release(i)
                 if self.guide is not None:
@@ -264,22 +267,32 @@ class BatchGenerator:
                 events.append(Event(req.key, error=e))
                 continue
             self._active[i] = _Slot(req, req.cfg.sampler(), Detokenizer(self.model), StopMatcher(req.cfg.stop), t0,
-                                    last)
+                                    last, first=first)
 
-    def _begin(self, i: int, toks: list[int], head_state: bytes | None = None) -> list[int]:
+    def _begin(self, i: int, toks: list[int], handoff: Handoff | None = None) -> tuple[list[int], np.ndarray | None]:
+        """Start slot ``i`` on ``toks``: the token(s) its first step decodes, or the first token's logits when
+        the handoff covers the whole prompt (then nothing is left to decode)."""
         t, g = self.target, self.guide
-        imported = head_state is not None and len(toks) > 1 and not t.prefix and self.tbuf[0] is None
-        if imported:
+        h = handoff
+        if h is not None and len(toks) > 1 and not t.prefix and self.tbuf[0] is None:
             last = t.begin(i, toks, None, decode_head=False)
-            t.ctx.import_seq(head_state, t.slot_seq(i), len(toks) - 1)
+            t.import_kv(i, h.state, h.n_tokens)
+            if h.n_tokens == len(toks):
+                if g is None and h.logits is not None and self.tbuf[1] is None:
+                    return [], h.logits  # decoded plainly to the end: sample at once
+                t.rollback(i, len(toks) - 1)  # the last prompt token is this side's to decode (with its vector)
             if g is None:
-                return last
+                return last, None
             if t.shares_head_with(g, self.tbuf, self.gbuf):
                 g.begin(i, toks, None, decode_head=False)
                 g.import_head(i, t, toks)
             else:
                 g.begin(i, toks, self.gbuf[0])
-            return last
+            return last, None
+        return self._begin_decoded(i, toks), None
+
+    def _begin_decoded(self, i: int, toks: list[int]) -> list[int]:
+        t, g = self.target, self.guide
         if g is None:
             return t.begin(i, toks, self.tbuf[0])
         if len(toks) > 1 and t.shares_head_with(g, self.tbuf, self.gbuf):
@@ -304,8 +317,14 @@ class BatchGenerator:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _decode(self, side: Side, bufs: Buffers, normalise: bool) -> dict[int, np.ndarray]:
-        """One batched decode on a side for every running slot (see :meth:`_decode_items`)."""
-        return self._decode_items(side, bufs, [(i, s.last, s.fresh) for i, s in self._active.items()], normalise)
+        """One batched decode on a side for every running slot (see :meth:`_decode_items`); a slot handed its
+        first logits (:attr:`_Slot.first`) takes them instead of a decode."""
+        out = self._decode_items(side, bufs, [(i, s.last, s.fresh) for i, s in self._active.items()
+                                              if s.first is None], normalise)
+        for i, s in self._active.items():
+            if s.first is not None:
+                out[i], s.first = (log_softmax(s.first) if normalise else s.first), None
+        return out
 
     @staticmethod
     def _decode_items(side: Side, bufs: Buffers, items: list[tuple[int, list[int], bool]],

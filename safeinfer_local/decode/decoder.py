@@ -8,7 +8,7 @@ settings (steering, guidance, λ) with every call.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ from ..core.settings import DEFAULT_N_CTX, GUIDED_VARIANTS, SA_VARIANTS, check_p
 from ..errors import UsageError
 from ..llama.engine import Model, default_threads
 from .batch import BatchGenerator, GenConfig, Result, Step
-from .gating import FeatureReader
+from .gating import FeatureReader, Handoff
 from .guidance import GuidanceSpec, prefix_text, safe_demos, unsafe_demos
 from .sides import SharedContext, Side, check_same_vocab
 from .steering import NO_VECTOR, Buffers, Steering, check_plan_steerable, position_buffers
@@ -68,9 +68,11 @@ class Decoder:
         """Gate features (``read``'s rows, pooled), many prompts per decode."""
         return self._reader(read).features(token_lists, read)
 
-    def features_and_head(self, read: Read, tokens: list[int]) -> tuple[np.ndarray, bytes]:
-        """One prompt's gate feature and its head's KV state (see :meth:`FeatureReader.features_and_head`)."""
-        return self._reader(read).features_and_head(tokens, read)
+    def features_and_head(self, read: Read, tokens: list[int],
+                          whole: Callable[[np.ndarray], bool] | None = None) -> tuple[np.ndarray, Handoff]:
+        """One prompt's gate feature and its KV for the side that goes on (see
+        :meth:`FeatureReader.features_and_head`)."""
+        return self._reader(read).features_and_head(tokens, read, whole)
 
     # -- sides ----------------------------------------------------------------------------------------------
     def target_demos(self) -> list:
@@ -186,12 +188,12 @@ class Decoder:
                               speculate=speculate if guide is not None else 0)
 
     def stream(self, gen: BatchGenerator, prompt_tokens: list[int], cfg: GenConfig, prompt: str = "",
-               head_state: bytes | None = None) -> Iterator[tuple[Step, Result | None]]:
+               handoff: Handoff | None = None) -> Iterator[tuple[Step, Result | None]]:
         """Run one request alone (a batch of one); yields each step, the last one with its result.
-        ``head_state``: the prompt head's KV, already decoded without a vector elsewhere (the gate's reader)."""
+        ``handoff``: the prompt's KV, already decoded without a vector elsewhere (the gate's reader)."""
         if not prompt_tokens:
             raise UsageError("empty prompt")
-        gen.insert(0, prompt_tokens, cfg, prompt, head_state)
+        gen.insert(0, prompt_tokens, cfg, prompt, handoff)
         try:
             while gen:
                 for ev in gen.step():

@@ -8,6 +8,9 @@ sequence each), which is what makes ``screen`` fast. Only the blocks read are as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..core.gate import Read
@@ -15,17 +18,31 @@ from ..errors import UsageError
 from ..llama.engine import ActivationHook, Model
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """A prompt's KV decoded by the gate's reader without a vector, for the side that goes on: the head (the
+    prompt minus its last token, ``logits`` None), or the whole prompt with the next token's ``logits`` (a prompt
+    the gate passed: a side decoding it plainly has nothing left to decode before it samples)."""
+
+    state: bytes
+    n_tokens: int
+    logits: np.ndarray | None = None
+
+
 class FeatureReader:
     """A context of its own (it carries the capture callback, so the decoding sides never pay for it)."""
 
     def __init__(self, model: Model, blocks: int | tuple[int, ...], n_ctx: int = 4096, n_threads: int | None = None,
-                 n_seq: int = 16) -> None:
+                 n_seq: int = 16, cut: bool = True) -> None:
         self.blocks = (blocks,) if isinstance(blocks, int) else tuple(blocks)
         for block in self.blocks:
             if not 0 <= block < model.n_layer - 1:
                 raise UsageError(f"a gate reads a block in 0..{model.n_layer - 2} (the last block's rows are "
                                  f"pruned), not {block}")
         self.model, self.n_seq = model, n_seq
+        self.cut = cut
+        """Stop the graph after the last block read when the KV is thrown away (False: compute every block, as
+        the benchmark's side-by-side does)."""
         self.names = {f"l_out-{b}": b for b in self.blocks}
         self._rows: dict[int, list[np.ndarray]] = {}
         self.hook = ActivationHook((), patch=self._collect)
@@ -78,51 +95,66 @@ class FeatureReader:
                 group.append(heads[i])
                 used += len(heads[i])
                 i += 1
-            for key, feats in self._decode(group, reads, [token_lists[j] for j in range(i - len(group), i)]).items():
+            feats_of, _ = self._decode(group, reads, [token_lists[j] for j in range(i - len(group), i)])
+            for key, feats in feats_of.items():
                 out[key].extend(feats)
         return {r: np.stack(v) if v else np.zeros((0, self.model.n_embd * len(r.blocks))) for r, v in out.items()}
 
-    def features_and_head(self, tokens: list[int], read: Read | int = 0) -> tuple[np.ndarray, bytes]:
-        """One prompt's feature and the KV state of its head (the prompt minus the last token, decoded without a
-        vector): a side that would decode the same head imports it and decodes the last token itself. With a
-        ``final`` read the whole prompt is decoded and the last token's cell dropped before the export."""
+    def features_and_head(self, tokens: list[int], read: Read | int = 0,
+                          whole: Callable[[np.ndarray], bool] | None = None) -> tuple[np.ndarray, Handoff]:
+        """One prompt's feature and its KV decoded without a vector (:class:`Handoff`): the head (the prompt minus
+        the last token), which a side that would decode the same head imports, decoding the last token itself.
+        With a ``final`` read the whole prompt is decoded: the head as the side would (one decode), then the last
+        token alone, so the KV handed on is bit for bit the side's own (a decode of the whole prompt at once gives
+        the head's rows from a larger batch, whose kernels round differently, and greedy text drifts after a few
+        dozen tokens). ``whole(feature)`` True (the gate passed the prompt): the last token's cell and its logits
+        are handed on too, so a plain side samples at once; else the last token's cell is dropped."""
         if not isinstance(read, Read):
             read = Read((self.blocks[0],), read)
         n, _ = self._span(tokens, read.final)
         if n + (not read.final) > self.ctx.n_ctx:
             raise UsageError(f"prompt is {n + (not read.final)} tokens but the context holds {self.ctx.n_ctx}")
-        # a final read decodes the head as the side would (one decode) and then the last token alone, so the KV
-        # handed on is bit for bit the side's own (a decode of the whole prompt at once gives the head's rows
-        # from a larger batch, whose kernels round differently, and greedy text drifts after a few dozen tokens)
-        feats = self._decode([list(tokens[:n])], (read,), [tokens], keep=True, split_last=read.final)
+        want_logits = read.final and whole is not None and len(tokens) > 1
+        feats, logits = self._decode([list(tokens[:n])], (read,), [tokens], keep=True, split_last=read.final,
+                                     last_logits=want_logits)
+        feat = feats[read][0]
         try:
+            if want_logits and whole(feat):
+                return feat, Handoff(self.ctx.export_seq(0), len(tokens), logits)
+            head = self._span(tokens, False)[0]
             if read.final:  # hand on the head only: the side decodes the last prompt token (with its vector)
-                self.ctx.truncate(0, self._span(tokens, False)[0])
-            state = self.ctx.export_seq(0)
+                self.ctx.truncate(0, head)
+            return feat, Handoff(self.ctx.export_seq(0), head)
         finally:
             self.ctx.clear()
-        return feats[read][0], state
 
     def _decode(self, group: list[list[int]], reads: tuple[Read, ...], prompts: list[list[int]],
-                keep: bool = False, split_last: bool = False) -> dict[Read, list[np.ndarray]]:
+                keep: bool = False, split_last: bool = False,
+                last_logits: bool = False) -> tuple[dict[Read, list[np.ndarray]], np.ndarray | None]:
         """Decode ``group`` (each prompt's decoded tokens, one KV sequence each) and pool every read's rows;
         ``prompts``: the whole prompts they come from. ``split_last`` (one prompt): its last token in a decode of
-        its own, after the rest."""
+        its own, after the rest, with its logits when ``last_logits``. Returns the reads' features and those
+        logits (or None)."""
         if split_last and len(group) != 1:
             raise ValueError("split_last decodes one prompt")
+        logits = None
         self.ctx.clear()
         self.ctx.set_control_vector(None)
         self._rows = {}
         wanted = {b for r in reads for b in r.blocks}
         self.hook.names = {n for n, b in self.names.items() if b in wanted}
+        # KV thrown away after the read: the blocks after the last one read are not computed (half the work at
+        # block 8 of 18); KV handed on to a side is computed whole
+        self.hook.stop_after = None if keep or not self.cut else f"l_out-{max(wanted)}"
         try:
             if split_last and len(group[0]) > 1:
                 self.ctx.decode_multi([(0, group[0][:-1])], logits="none")
-                self.ctx.decode_multi([(0, group[0][-1:])], logits="none")
+                last = self.ctx.decode_multi([(0, group[0][-1:])], logits="last" if last_logits else "none")[0]
+                logits = last if last_logits else None
             else:
                 self.ctx.decode_multi(list(enumerate(group)), logits="none")
         finally:
-            self.hook.names = set()
+            self.hook.names, self.hook.stop_after = set(), None
             if not keep:
                 self.ctx.clear()
         n = sum(len(h) for h in group)
@@ -141,4 +173,4 @@ class FeatureReader:
                 feats.append(np.concatenate([p.mean(0) if rd.pool == "mean" else p.max(0) for p in parts]))
                 at += len(h)
             out[rd] = feats
-        return out
+        return out, logits

@@ -174,6 +174,11 @@ class Side:
         else:
             self.ctx.import_seq(other.ctx.export_seq(other.slot_seq(i)), self.slot_seq(i), len(prompt_tokens) - 1)
 
+    def import_kv(self, i: int, state: bytes, n_tokens: int) -> None:
+        """Load slot ``i``'s first ``n_tokens`` KV from a state exported from another context of the same model
+        (the harm gate's reader), in place of decoding them."""
+        self.ctx.import_seq(state, self.slot_seq(i), n_tokens)
+
     def decode_slots(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
         """Decode tokens for several slots in one batch under one control vector; the last logits of each."""
         return self._decode([(self.slot_seq(i), toks) for i, toks in items], buffer, "last")

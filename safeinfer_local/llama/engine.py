@@ -289,6 +289,10 @@ class ActivationHook:
         self.rows: tuple[int, int] = (0, 0)
         """The flat token range (start, stop) of the ``decode_multi`` input that the running ``llama_decode``
         holds (its rows, in order), so a patch can tell which row belongs to which sequence."""
+        self.stop_after: str | None = None
+        """Cut the graph once this tensor is captured (``cb_eval`` returning False: llama.cpp's scheduler stops
+        computing the graph, as documented in ``ggml-backend.h``): the blocks after it are not computed, so their
+        KV cells are left unwritten. Only for a context whose KV is thrown away after the decode."""
         # keep the ctypes callback object referenced as long as llama.cpp may call it
         self._cfunc = _L.ggml_backend_sched_eval_callback(self._callback)
 
@@ -321,7 +325,7 @@ class ActivationHook:
                     _ggml.ggml_backend_tensor_set(tensor, new.ctypes.data, 0, nbytes)
                     arr = new
             self.captured[name] = arr
-            return True
+            return name != self.stop_after
         except BaseException as e:  # never let an exception cross the C boundary (decode_multi re-raises it)
             self.error = e
             return True

@@ -309,9 +309,9 @@ class Scheduler:
                     break  # an older request waits for these sides: drain, then hand them over
                 g.waiting.popleft()
                 g.jobs[job.id] = job
-                head = job.route.head if job.route is not None else None
-                g.gen.insert(job.id, job.tokens, job.cfg, job.text, head)
-                job.route = dataclasses.replace(job.route, head=None)  # the KV bytes are the generator's now
+                handoff = job.route.handoff if job.route is not None else None
+                g.gen.insert(job.id, job.tokens, job.cfg, job.text, handoff)
+                job.route = dataclasses.replace(job.route, handoff=None)  # the KV bytes are the generator's now
 
     def _step(self) -> None:
         for g in list(self._groups.values()):
