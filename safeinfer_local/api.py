@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import schema
 from .core.frames import frame_cont, frame_prompt, frame_stops, resolve_frame
-from .core.gate import DEFAULT_REFUSAL, GATE_MODES, ON_FLAG, Gate, Read
+from .core.gate import DEFAULT_REFUSAL, ON_FLAG, Gate, Read
 from .core.models import default_vector_path, resolve_model
 from .core.settings import (
     DEFAULT_LAMBDA,
     DEFAULT_N_CTX,
     DEFAULT_SPECULATE,
     SA_VARIANTS,
-    check_choice,
     check_lambda,
-    check_speculate,
     check_variant,
 )
 from .core.vectors import SafetyVector
@@ -37,7 +35,7 @@ from .decode.decoder import Decoder
 from .decode.gating import Handoff
 from .decode.guidance import GuidanceSpec
 from .decode.steering import Steering, check_plan_steerable
-from .errors import SettingError, UsageError
+from .errors import UsageError
 from .llama.chat import Message, render, render_stops
 from .llama.engine import Model
 
@@ -82,20 +80,17 @@ class Settings:
     speculate: int = DEFAULT_SPECULATE
     """Guided variants: tokens the target drafts per round before the guidance verifies them (0: off)."""
 
+    def values(self) -> dict:
+        """Every setting ``with_`` may change, by its name in :data:`~safeinfer_local.schema.SETTINGS` (the
+        steering's γ, blocks and positions are ``None`` without a vector)."""
+        st = self.steering
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "steering"}
+        return out | {"gamma": st.gamma if st else None, "layers": tuple(st.layers) if st else None,
+                      "positions": st.positions if st else None}
+
     def describe(self, variant: str | None = None) -> dict:
         """The settings a call with ``variant`` applies, as recorded in outputs."""
-        v = variant or self.variant
-        out: dict = {"variant": v}
-        if self.steering is not None and v in SA_VARIANTS:
-            st = self.steering
-            out.update(gamma=st.gamma, layers=list(st.layers), positions=st.positions)
-        if v in ("sgds", "safeinfer"):
-            out.update(guidance=str(self.guidance), lam=self.lam)
-            if self.speculate:
-                out.update(speculate=self.speculate)
-        if v != "base":
-            out.update(gate=self.gate, gate_threshold=self.gate_threshold, on_flag=self.on_flag)
-        return out
+        return schema.describe(self.values(), variant or self.variant)
 
 
 @dataclass(frozen=True)
@@ -140,16 +135,6 @@ def recommended_on_flag(vector: SafetyVector) -> str:
     return rec if rec in ON_FLAG else "steer"
 
 
-def _check_gate(mode: str, threshold: float | None, on_flag: str, refusal: str) -> tuple:
-    check_choice("gate", mode, GATE_MODES)
-    check_choice("on-flag", on_flag, ON_FLAG)
-    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
-        raise SettingError(f"--gate-threshold must be a finite number, not {threshold}")
-    if not refusal.strip():
-        raise SettingError("the refusal text must not be empty")
-    return mode, None if threshold is None else float(threshold), on_flag, refusal
-
-
 def _head_hash(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
@@ -165,6 +150,9 @@ class SafeInfer:
                  variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
                  on_flag: str | None = None, refusal: str = DEFAULT_REFUSAL, speculate: int = DEFAULT_SPECULATE,
                  warn=None) -> None:
+        given = locals()
+        # every setting (schema.SETTINGS) is checked before anything loads
+        c = schema.check_settings({name: given[name] for name in schema.BY_NAME})
         self.model = model if isinstance(model, Model) else Model(resolve_model(model), n_gpu_layers=n_gpu_layers)
         if isinstance(vector, str) and vector == "default":
             path = default_vector_path() if isinstance(model, Model) or model in (None, "default") else None
@@ -174,21 +162,22 @@ class SafeInfer:
         self.vector: SafetyVector | None = vector
         if vector is None and (gamma is not None or layers or positions):
             raise UsageError("--gamma/--layers/--positions need a safety vector (--vector)")
-        steering = Steering.from_vector(vector, self.model, gamma, layers, positions, warn=warn) if vector else None
+        steering = (Steering.from_vector(vector, self.model, c["gamma"], c["layers"], c["positions"], warn=warn)
+                    if vector else None)
         self.chat_format = chat_format
         # sGDS settings: explicit, else the vector's recommendation (calibrated per model), else the defaults
         rec = (vector.meta.get("sgds") or {}) if isinstance(vector, SafetyVector) else {}
-        spec = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec.parse(guidance or rec.get("guidance"))
-        lam = check_lambda(lam if lam is not None else rec.get("lam", DEFAULT_LAMBDA))
-        variant = check_variant(variant or ("safeinfer" if steering is not None else "sgds"))
+        spec = c["guidance"] or GuidanceSpec.parse(rec.get("guidance"))
+        lam = c["lam"] if c["lam"] is not None else check_lambda(rec.get("lam", DEFAULT_LAMBDA))
+        variant = c["variant"] or ("safeinfer" if steering is not None else "sgds")
         self.gate: Gate | None = None
         if isinstance(vector, SafetyVector) and vector.meta.get("gate"):
             self.gate = Gate.from_meta(vector.meta["gate"])
             self.gate.check_fits(self.model.n_embd, self.model.n_layer)
         if on_flag is None:  # the vector's recommendation when it has a gate (``vectors gate --on-flag``), else steer
             on_flag = recommended_on_flag(vector) if self.gate is not None else "steer"
-        self.settings = Settings(steering, spec, lam, variant, *_check_gate(gate, gate_threshold, on_flag, refusal),
-                                 speculate=check_speculate(speculate))
+        self.settings = Settings(steering, spec, lam, variant, c["gate"], c["gate_threshold"], on_flag, c["refusal"],
+                                 c["speculate"])
         self._decoder = Decoder(self.model, n_ctx=n_ctx, n_threads=n_threads)
         self._check(variant)
 
@@ -198,34 +187,32 @@ class SafeInfer:
         return cls(model=None, vector="default", **kw)
 
     # -- settings -------------------------------------------------------------------------------------------
-    def with_(self, *, gamma: float | None = None, layers: tuple[int, ...] | None = None,
-              positions: str | None = None, lam: float | None = None, guidance: str | GuidanceSpec | None = None,
-              variant: str | None = None, gate: str | None = None, gate_threshold: float | None = None,
-              on_flag: str | None = None, refusal: str | None = None, speculate: int | None = None) -> SafeInfer:
-        """A ``SafeInfer`` with some settings changed; it shares this one's model, vector and decoder."""
+    def with_(self, **changes) -> SafeInfer:
+        """A ``SafeInfer`` with some settings changed (any of :data:`schema.CHANGEABLE
+        <safeinfer_local.schema.CHANGEABLE>`: γ, blocks, positions, guidance, λ, variant, the gate's, speculate;
+        ``None`` keeps a value); it shares this one's model, vector and decoder."""
+        c = {k: v for k, v in schema.check_settings(changes, schema.CHANGEABLE).items() if v is not None}
         s = self.settings
         steering = s.steering
-        if gamma is not None or layers or positions:
+        aim = {k: c.pop(k) for k in ("gamma", "layers", "positions") if k in c}
+        if aim:
             if steering is None:
                 raise UsageError("gamma/layers/positions need a safety vector")
-            steering = Steering.from_vector(steering.vector, self.model, steering.gamma if gamma is None else gamma,
-                                            layers or steering.layers, positions or steering.positions)
-        spec = s.guidance
-        if guidance is not None:
-            spec = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec.parse(guidance)
-        new = dataclasses.replace(s, steering=steering, guidance=spec,
-                                  lam=s.lam if lam is None else check_lambda(lam),
-                                  variant=s.variant if variant is None else check_variant(variant))
-        g = _check_gate(s.gate if gate is None else gate,
-                        s.gate_threshold if gate_threshold is None else gate_threshold,
-                        s.on_flag if on_flag is None else on_flag, s.refusal if refusal is None else refusal)
-        new = dataclasses.replace(new, gate=g[0], gate_threshold=g[1], on_flag=g[2], refusal=g[3],
-                                  speculate=s.speculate if speculate is None else check_speculate(speculate))
+            steering = Steering.from_vector(steering.vector, self.model, aim.get("gamma", steering.gamma),
+                                            aim.get("layers", steering.layers),
+                                            aim.get("positions", steering.positions))
         other = object.__new__(SafeInfer)
         other.__dict__.update(self.__dict__)
-        other.settings = new
-        other._check(new.variant)
+        other.settings = dataclasses.replace(s, steering=steering, **c)
+        other._check(other.settings.variant)
         return other
+
+    def values(self) -> dict:
+        """Every setting by its name in :data:`schema.SETTINGS <safeinfer_local.schema.SETTINGS>`, as
+        ``SafeInfer(**values)`` rebuilds this object (the model by its path, the vector itself)."""
+        return self.settings.values() | {
+            "model": str(self.model.path), "vector": self.vector, "chat_format": self.chat_format,
+            "n_ctx": self.n_ctx, "n_threads": self.n_threads, "n_gpu_layers": self.model.n_gpu_layers}
 
     @property
     def steering(self) -> Steering | None:
@@ -253,18 +240,24 @@ class SafeInfer:
         return self._decoder.decode_s
 
     def fingerprint(self) -> dict:
-        """What decides this object's outputs, for files that must not mix runs: the model (name and a hash of
-        its first MiB), the vector (a hash of its directions), γ, blocks, positions, guidance, λ, chat format."""
-        st = self.steering
-        return {"model": self.model.path.name, "model_sha256_head": _head_hash(self.model.path),
-                "vector_sha256": _vector_hash(self.vector) if self.vector is not None else None,
-                "gamma": st.gamma if st else None, "layers": list(st.layers) if st else None,
-                "positions": st.positions if st else None, "guidance": str(self.guidance), "lam": self.lam,
-                "chat_format": self.chat_format,
-                "gate": self.gate.digest() if self.gate is not None and self.settings.gate != "off" else None,
-                "gate_threshold": self.settings.gate_threshold, "on_flag": self.settings.on_flag,
-                # only when on, so that outputs written before --speculate existed still resume
-                **({"speculate": self.settings.speculate} if self.settings.speculate else {})}
+        """What decides this object's outputs, for files that must not mix runs: every setting the schema marks
+        (``Setting.fingerprint``), the model by its name and a hash of its first MiB, the vector by a hash of its
+        directions, the gate by its digest (``None`` when off)."""
+        vals = self.values()
+        out: dict = {}
+        for st in schema.SETTINGS:
+            v = vals[st.name]
+            if not st.fingerprint or (st.omit_default and v == st.default):
+                continue
+            if st.name == "model":
+                out |= {"model": self.model.path.name, "model_sha256_head": _head_hash(self.model.path)}
+            elif st.name == "vector":
+                out["vector_sha256"] = _vector_hash(self.vector) if self.vector is not None else None
+            elif st.name == "gate":
+                out["gate"] = self.gate.digest() if self.gate is not None and v != "off" else None
+            else:
+                out[st.name] = list(v) if isinstance(v, tuple) else str(v) if isinstance(v, GuidanceSpec) else v
+        return out
 
     def default_variant(self) -> str:
         """``safeinfer`` when a vector is loaded, else ``sgds`` (guidance without amplification), unless the

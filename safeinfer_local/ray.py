@@ -62,16 +62,11 @@ def check() -> None:
 
 
 def settings_of(si, n_threads: int | None = None) -> dict:
-    """The keyword arguments that rebuild ``si`` in another process: model path, the vector itself (so that
-    workers need no copy of its file), the resolved steering, guidance, λ, variant and gate settings, context
-    size; ``n_threads`` per actor (default: ``si``'s)."""
-    st, s = si.steering, si.settings
-    return {"model": str(si.model.path), "vector": si.vector, "gamma": st.gamma if st else None,
-            "layers": tuple(st.layers) if st else None, "positions": st.positions if st else None,
-            "n_ctx": si.n_ctx, "n_threads": si.n_threads if n_threads is None else n_threads,
-            "n_gpu_layers": si.model.n_gpu_layers, "chat_format": si.chat_format, "guidance": str(s.guidance),
-            "lam": s.lam, "variant": s.variant, "gate": s.gate, "gate_threshold": s.gate_threshold,
-            "on_flag": s.on_flag, "refusal": s.refusal, "speculate": s.speculate}
+    """The keyword arguments that rebuild ``si`` in another process (:meth:`SafeInfer.values
+    <safeinfer_local.api.SafeInfer.values>`: every setting of the schema, the model by its path, the vector itself
+    so that workers need no copy of its file); ``n_threads`` per actor (default: ``si``'s)."""
+    vals = si.values()
+    return vals | {"n_threads": vals["n_threads"] if n_threads is None else n_threads}
 
 
 def _load(settings: dict, fingerprint: dict | None):

@@ -63,8 +63,7 @@ def filter_cmd(
         o.check_out(out, inputs=[("input file", input)], force=force, flag="-o")
     flt.check_split(split, force, inputs=[("input file", input)])
     items = flt.read_items(input, fmt, field)
-    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal, speculate)
+    si = o.load_from(locals())
     judge = None
     if judge_model is not None:
         from ..eval.judge_model import ModelJudge
@@ -141,8 +140,8 @@ def screen_cmd(
         o.check_out(out, inputs=[("input file", input)], force=force, flag="-o")
     flt.check_split(split, force, inputs=[("input file", input)])
     items = flt.read_items(input, fmt, field)
-    si = o.load(model, vector, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
-                gate="on", gate_threshold=gate_threshold)
+    si = o.load(model=model, vector=vector, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
+                chat_format=chat_format, gate="on", gate_threshold=gate_threshold)
 
     def resuming(done: int, wanted: int) -> None:
         if not quiet:

@@ -32,7 +32,8 @@ def bench_speed(
     if tokens < 2 or rounds < 1:
         raise UsageError("--tokens must be >= 2 and --rounds >= 1")
     ks = o.parse_speculate_list(speculate)
-    si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance, lam=lam, gate="off")
+    si = o.load(model=model, vector=vector, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance, lam=lam,
+                gate="off")
     if si.steering is None:
         raise UsageError("bench speed needs a safety vector (--vector) for the sa and safeinfer variants")
     with o.progress() as prog:
@@ -104,7 +105,8 @@ def bench_harm(
     check_report(out, force)
     if judge_model is not None and not judge_model.is_file():
         raise UsageError(f"judge model not found: {judge_model}")
-    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
+    si = o.load(model=model, vector=vector, gamma=gamma, layers=layers, positions=positions, n_ctx=n_ctx,
+                threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format, guidance=guidance, lam=lam,
                 gate=gate)
     judge = None
     if judge_model is not None:
@@ -182,8 +184,8 @@ def calibrate_cmd(
 
         o.check_out(target, VECTOR_FILE, inputs=[o.model_input(model)], force=force)
     check_choice("--gate", gate, ("auto", "off"))
-    si = o.load(model, vector, positions=positions, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance,
-                gate=gate)
+    si = o.load(model=model, vector=vector, positions=positions, threads=threads, n_gpu_layers=n_gpu_layers,
+                guidance=guidance, gate=gate)
     with o.Progress() as prog:
         res = run(si, g, lm, o.parse_layers(sweep_layers), n_harmful, n_benign, max_loss, fr,
                   None if dry_run else target, progress=prog)

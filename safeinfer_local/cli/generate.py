@@ -34,8 +34,7 @@ def generate(
     text = o.read_prompt(prompt)
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
     fr = resolve_frame(raw, frame)
-    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal, speculate)
+    si = o.load_from(locals())
     if as_json:
         res = si.generate(text, frame=fr, **gen)
         out = res.to_dict() | {"model": si.model.name} | si.settings.describe()
@@ -68,8 +67,7 @@ def score(
 ) -> None:
     """Teacher-forced log-probability of CONTINUATION after PROMPT under a variant's distribution (T = 1)."""
     fr = resolve_frame(raw, frame)
-    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal)
+    si = o.load_from(locals())
     s = si.score(prompt, continuation, frame=fr)
     if as_json:
         print(json.dumps(s.to_dict(), ensure_ascii=False))
@@ -93,8 +91,8 @@ def demo(
 
     if n < 1:
         raise UsageError(f"--prompts must be >= 1, not {n}")
-    doc = tour.run(o.load(model, vector, gamma, threads=threads, n_gpu_layers=n_gpu_layers, guidance=guidance,
-                          lam=lam), n)
+    doc = tour.run(o.load(model=model, vector=vector, gamma=gamma, threads=threads, n_gpu_layers=n_gpu_layers,
+                          guidance=guidance, lam=lam), n)
     if as_json:
         print(json.dumps(doc))
         return
@@ -141,8 +139,7 @@ def chat(
 
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal, speculate)
+    si = o.load_from(locals())
     sess = ChatSession(si, si.default_variant(), system, gen=gen)
     if tty:
         print(f"safeinfer chat — {si.model.name}, variant {sess.variant}. /help for commands, /quit to leave.")

@@ -9,17 +9,13 @@ from pathlib import Path
 
 import typer
 
+from .. import schema
 from ..core.frames import FRAMES
-from ..core.gate import DEFAULT_REFUSAL
 from ..core.settings import (
     DEFAULT_MAX_TOKENS,
-    DEFAULT_N_CTX,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
-    VARIANTS,
-    check_gamma,
-    check_lambda,
     check_max_tokens,
     check_parallel,  # noqa: F401  (re-exported for the commands)
     check_sampling,
@@ -28,40 +24,35 @@ from ..core.settings import (
 )
 from ..errors import SettingError, UsageError
 
-ModelOpt = typer.Option(None, "--model", "-m", help="GGUF model path (default: the embedded Gemma 3 270M).")
-VectorOpt = typer.Option(None, "--vector", help="Safety vector GGUF/.npz/.npy ('none' for no vector). Default: "
-                         "the shipped vector when the default model is used.")
-GammaOpt = typer.Option(None, "--gamma", help="Vector strength γ (default: the vector's recommended γ).")
-LayersOpt = typer.Option(None, "--layers", help="Blocks to steer, e.g. 8 or 6,8 (default: the vector's).")
-PositionsOpt = typer.Option(None, "--positions", help="generation | last | all (default: the vector's).")
-VariantOpt = typer.Option(None, "--variant", help=f"{' | '.join(VARIANTS)} (SA + sGDS). Default: "
-                          "safeinfer when a vector is loaded, else sgds.")
-GuidanceOpt = typer.Option(None, "--guidance", help="sGDS guidance: prompt | negative | none | "
-                           "model:PATH | lora:PATH (default: the vector's recommendation, else prompt).")
-LamOpt = typer.Option(None, "--lam", help="sGDS λ in [0, 1) (default: the vector's "
-                      "recommendation, else 0.99, the paper's).")
-SpeculateOpt = typer.Option(0, "--speculate", help="Guided variants: the target drafts K tokens ahead while the "
-                            "guidance verifies the previous K in one batch (0 = off; on this 2-core CPU 0 measured "
-                            "fastest, see docs/RESULTS.md).")
+
+def option(name: str):
+    """The CLI option of a setting, from its declaration (``schema.SETTINGS``: flag, help, default)."""
+    st = schema.BY_NAME[name]
+    return typer.Option(st.default, st.flag, *([st.short] if st.short else []), help=st.help)
+
+
+ModelOpt = option("model")
+VectorOpt = option("vector")
+GammaOpt = option("gamma")
+LayersOpt = option("layers")
+PositionsOpt = option("positions")
+VariantOpt = option("variant")
+GuidanceOpt = option("guidance")
+LamOpt = option("lam")
+SpeculateOpt = option("speculate")
 RawOpt = typer.Option(False, "--raw", help="No chat template: BOS + the prompt's tokens (= --frame none).")
 FrameOpt = typer.Option(None, "--frame", help=f"{' | '.join(FRAMES)}: the chat template (default), the prompt's "
                         "own tokens, or a plain 'Q: ...\\nA:' frame that stops at the next 'Q:' (for base models).")
 StopOpt = typer.Option(None, "--stop", help="Stop when the reply contains this text (repeatable).")
-NCtxOpt = typer.Option(DEFAULT_N_CTX, "--n-ctx", help="Context length in tokens.")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads (default: all cores).")
-GpuOpt = typer.Option(0, "--n-gpu-layers", help="Layers to offload on Metal/CUDA builds (-1 = all).")
-ChatFmtOpt = typer.Option(None, "--chat-format", help="A built-in chat format (chatml, llama-2, gemma, ...) "
-                          "instead of the GGUF's template (default: the GGUF's template; without one, gemma for "
-                          "Gemma models, else chatml).")
+NCtxOpt = option("n_ctx")
+ThreadsOpt = option("n_threads")
+GpuOpt = option("n_gpu_layers")
+ChatFmtOpt = option("chat_format")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
-GateOpt = typer.Option("auto", "--gate", help="auto | on | off: score the prompt with the vector's harm gate and "
-                       "steer only prompts it flags (auto: when the vector has a gate; off: every prompt as before).")
-GateThresholdOpt = typer.Option(None, "--gate-threshold", help="Flag at this gate score instead of the recorded "
-                                "threshold.")
-OnFlagOpt = typer.Option(None, "--on-flag", help="steer | refuse: a flagged prompt gets the variant, or a fixed "
-                         "refusal without decoding it (--refusal). Default: the vector's recommendation (the "
-                         "shipped vector's: refuse), else steer.")
-RefusalOpt = typer.Option(DEFAULT_REFUSAL, "--refusal", help="The reply to a flagged prompt with --on-flag refuse.")
+GateOpt = option("gate")
+GateThresholdOpt = option("gate_threshold")
+OnFlagOpt = option("on_flag")
+RefusalOpt = option("refusal")
 InputArg = typer.Argument(..., help="Prompt file (.jsonl, .csv, .txt) or - for stdin.")
 OutFileOpt = typer.Option(None, "--out", "-o", help="Output JSON Lines (default: stdout). Rerunning the same "
                           "command resumes it.")
@@ -80,20 +71,12 @@ TopKOpt = typer.Option(DEFAULT_TOP_K, "--top-k", help="0 disables.")
 TopPOpt = typer.Option(DEFAULT_TOP_P, "--top-p", help="1 disables.")
 SeedOpt = typer.Option(None, "--seed", help="Sampling seed (default: random).")
 
-MAX_THREADS = 512
-
-
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
 def parse_layers(spec: str | None) -> tuple[int, ...] | None:
-    if spec is None:
-        return None
-    try:
-        return tuple(int(x) for x in spec.split(","))
-    except ValueError:
-        raise UsageError(f"--layers must be block numbers separated by commas, not {spec!r}") from None
+    return None if spec is None else schema.parse_layers(spec)
 
 
 def parse_floats(name: str, spec: str, check=None) -> tuple[float, ...]:
@@ -126,8 +109,7 @@ def csv_list(values: list[str] | None) -> list[str]:
 
 
 def check_threads(threads: int | None) -> None:
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise UsageError(f"--threads must be in 1..{MAX_THREADS}, not {threads}")
+    schema.BY_NAME["n_threads"].checked(threads)
 
 
 def gen_options(max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
@@ -142,28 +124,22 @@ def gen_options(max_tokens: int, temperature: float, top_k: int, top_p: float, s
                 stop=tuple(stop or ()))
 
 
-def load(model=None, vector=None, gamma=None, layers=None, positions=None, n_ctx: int = DEFAULT_N_CTX,
-         threads: int | None = None, n_gpu_layers: int = 0, chat_format=None, guidance=None, lam=None,
-         variant: str | None = None, gate: str = "auto", gate_threshold: float | None = None,
-         on_flag: str | None = None, refusal: str = DEFAULT_REFUSAL, speculate: int = 0):
-    """A SafeInfer from the common options; every value is checked before the model is loaded."""
+def load(*, threads: int | None = None, **settings):
+    """A SafeInfer from the common options (keywords: the settings of ``schema.SETTINGS``; ``threads`` is
+    ``n_threads``, ``--vector none`` no vector); every value is checked before the model is loaded."""
     from ..api import SafeInfer
 
-    if gamma is not None:
-        check_gamma(gamma)
-    if lam is not None:
-        check_lambda(lam)
-    if n_ctx < 16:
-        raise UsageError(f"--n-ctx must be >= 16, not {n_ctx}")
-    check_threads(threads)
-    check_speculate(speculate)
-    vec = vector if vector is not None else "default"
-    if vector in ("none", ""):
-        vec = None
-    return SafeInfer(model=model, vector=vec, gamma=gamma, layers=parse_layers(layers), positions=positions,
-                     n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
-                     guidance=guidance, lam=lam, variant=variant, gate=gate, gate_threshold=gate_threshold,
-                     on_flag=on_flag, refusal=refusal, speculate=speculate, warn=warn)
+    vector = settings.pop("vector", None)
+    vec = None if vector in ("none", "") else vector if vector is not None else "default"
+    return SafeInfer(**settings, vector=vec, n_threads=threads, warn=warn)
+
+
+def load_from(params: dict, **fixed):
+    """:func:`load` with every setting a command takes, picked by its schema name from the command's parameters
+    (``locals()``; ``threads`` for ``n_threads``), ``fixed`` over them."""
+    picked = {name: params[name] for name in schema.BY_NAME if name in params}
+    picked |= {"n_threads": params.get("threads")} | fixed
+    return load(threads=picked.pop("n_threads"), **picked)
 
 
 def parse_speculate_list(text: str | None) -> tuple[int, ...]:

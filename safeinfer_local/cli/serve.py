@@ -56,8 +56,7 @@ def serve(
         raise UsageError("--api-key must not be empty")
     if host not in LOOPBACK and not api_key:
         o.warn(f"listening on {host} without --api-key: anyone who can reach it can use the model")
-    si = o.load(model, vector, gamma, layers, positions, n_ctx, threads, n_gpu_layers, chat_format, guidance, lam,
-                variant, gate, gate_threshold, on_flag, refusal, speculate)
+    si = o.load_from(locals())
     from ..serve import create_app, run
 
     application = create_app(si, parallel, queue, api_key, name, max_tokens, max_body=max_body)

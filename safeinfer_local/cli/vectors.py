@@ -99,7 +99,7 @@ def vectors_gate(
         o.check_out(target, VECTOR_FILE, force=force,
                     inputs=[*(("--harmful file", h) for h in harmful), *(("--benign file", b) for b in benign),
                             o.model_input(model)])
-    si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers, gate="off")
+    si = o.load(model=model, vector=vector, threads=threads, n_gpu_layers=n_gpu_layers, gate="off")
     t0 = time.perf_counter()
     with o.Progress() as prog:
         gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog, tail=tail,
@@ -229,7 +229,7 @@ def vectors_sweep(
         o.check_out(out, SWEEP_ROWS, inputs=[("VECTOR file", vector), o.model_input(model)], force=force)
     if n_harmful < 1 or n_benign < 1:
         raise UsageError("--harmful and --benign must be >= 1")
-    si = o.load(model, vector, threads=threads, n_gpu_layers=n_gpu_layers)
+    si = o.load(model=model, vector=vector, threads=threads, n_gpu_layers=n_gpu_layers)
     harmful, benign = dev_prompts(n_harmful, n_benign)
     with o.Progress() as prog:
         rows = sweep_sa(si, lay, gs, pos, harmful, benign, progress=prog)

@@ -12,22 +12,19 @@ import json
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from .. import schema
 from ..api import SafeInfer
 from ..core.frames import check_frame
-from ..core.gate import GATE_MODES, FrameGate
+from ..core.gate import FrameGate
 from ..core.settings import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
-    check_choice,
-    check_gamma,
-    check_lambda,
     check_max_tokens,
     check_sampling,
     check_seed,
-    check_variant,
 )
 from ..decode.batch import GenConfig
 from ..errors import SettingError, UsageError
@@ -62,16 +59,11 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 # -- request bodies -----------------------------------------------------------------------------------------
-class SafetyOptions(BaseModel):
-    """The ``safeinfer`` extra body object; absent keys keep the server's settings."""
-
-    model_config = ConfigDict(extra="forbid")
-    variant: str | None = None
-    gamma: float | None = None
-    lam: float | None = None
-    guidance: str | None = None
-    gate: str | None = None
-    frame: str | None = None
+SafetyOptions = create_model(
+    "SafetyOptions", __config__=ConfigDict(extra="forbid"),
+    __doc__="The ``safeinfer`` extra body object: the settings the schema lets a request set "
+            "(``Setting.request``) and the frame; absent keys keep the server's settings.",
+    **{s.name: (s.type | None, None) for s in schema.SETTINGS if s.request}, frame=(str | None, None))
 
 
 class StreamOptions(BaseModel):
@@ -178,25 +170,21 @@ def gen_config(req: _Generation, default_max_tokens: int) -> GenConfig:
 
 def settings_for(si: SafeInfer, opts: SafetyOptions | None) -> tuple[SafeInfer, str, str | None]:
     """The settings copy a request runs under (``si.with_(...)``: same model and decoder), its variant and its
-    frame (``None``: the endpoint's default)."""
+    frame (``None``: the endpoint's default); each value checked by its setting's own check, named by its field."""
     if opts is None:
         return si, si.default_variant(), None
-    variant = si.default_variant() if opts.variant is None else _check("safeinfer.variant", check_variant,
-                                                                       opts.variant)
-    if opts.gamma is not None:
-        _check("safeinfer.gamma", check_gamma, opts.gamma)
-    if opts.lam is not None:
-        _check("safeinfer.lam", check_lambda, opts.lam)
-    if opts.gate is not None:
-        _check("safeinfer.gate", check_choice, "gate", opts.gate, GATE_MODES)
-    if opts.frame is not None:
-        _check("safeinfer.frame", check_frame, opts.frame)
-    guidance = opts.guidance
+    given = {name: getattr(opts, name) for name in schema.REQUEST if getattr(opts, name) is not None}
+    guidance = given.get("guidance")
     if guidance is not None and guidance not in REQUEST_GUIDANCE and guidance != str(si.guidance):
         raise ApiError(400, f"guidance {guidance!r} is not allowed per request (choose {', '.join(REQUEST_GUIDANCE)}"
                        f", or the server's own, {si.guidance})", "safeinfer.guidance", "invalid_value")
+    for name, value in given.items():
+        _check(f"safeinfer.{name}", schema.BY_NAME[name].checked, value)
+    if opts.frame is not None:
+        _check("safeinfer.frame", check_frame, opts.frame)
+    variant = given.get("variant") or si.default_variant()
     try:
-        out = si.with_(gamma=opts.gamma, lam=opts.lam, guidance=guidance, gate=opts.gate, variant=variant)
+        out = si.with_(**given)
         out.active_gate(variant)  # --gate on without a gate
     except (SettingError, UsageError) as e:
         raise ApiError(400, str(e), "safeinfer", "invalid_value") from None

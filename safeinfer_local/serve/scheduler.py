@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import schema
 from ..api import SafeInfer
 from ..core.settings import check_parallel
 from ..decode.batch import BatchGenerator, GenConfig, Result, Step
@@ -117,7 +118,7 @@ def group_key(si: SafeInfer, run: str) -> tuple:
     """What a generator for ``run`` under ``si``'s settings decodes with (the gate's settings choose ``run``,
     they do not enter the decode)."""
     d = si.settings.describe(run)
-    return tuple(sorted((k, str(v)) for k, v in d.items() if k not in ("gate", "gate_threshold", "on_flag")))
+    return tuple(sorted((k, str(v)) for k, v in d.items() if k in schema.GROUP))
 
 
 class Scheduler:
