@@ -25,6 +25,7 @@ from .core.settings import (
     DEFAULT_LAMBDA,
     DEFAULT_N_CTX,
     DEFAULT_SPECULATE,
+    GUIDED_VARIANTS,
     SA_VARIANTS,
     check_lambda,
     check_variant,
@@ -268,9 +269,10 @@ class SafeInfer:
         check_variant(variant)
         if variant in SA_VARIANTS and self.settings.steering is None:
             raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
-        if variant in ("sgds", "safeinfer") and self.settings.guidance.kind == "negative" and self.steering is None:
-            raise UsageError("--guidance negative needs a safety vector (--vector)")
-        check_plan_steerable(self.model, self.steering, variant, self.settings.guidance.kind, self.n_threads)
+        src = self.settings.guidance.source
+        if variant in GUIDED_VARIANTS and src.guide_vector and self.steering is None:
+            raise UsageError(f"--guidance {src.kind} needs a safety vector (--vector)")
+        check_plan_steerable(self.model, self.steering, variant, src, self.n_threads)
 
     def _variant(self, variant: str | None) -> str:
         variant = variant or self.settings.variant
@@ -305,17 +307,21 @@ class SafeInfer:
         return render_stops(self.model, self.chat_format) if frame == "template" else frame_stops(frame)
 
     # -- verbs ----------------------------------------------------------------------------------------------
-    def _batch(self, variant: str, slots: int = 1, layout: str = "auto"):
+    def _batch(self, variant: str, slots: int = 1, layout: str = "auto", prefill_chunk: int = 0):
         s = self.settings
-        return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots, s.speculate, layout)
+        return self._decoder.batch(variant, s.steering, s.guidance, s.lam, slots, s.speculate, layout,
+                                   prefill_chunk)
 
-    def batch(self, variant: str | None = None, slots: int = 1, layout: str = "auto") -> BatchGenerator:
+    def batch(self, variant: str | None = None, slots: int = 1, layout: str = "auto",
+              prefill_chunk: int = 0) -> BatchGenerator:
         """The one decode loop (:class:`BatchGenerator`: insert / step / remove) for ``variant`` under these
         settings, with ``slots`` request slots. Generators run on the decoder's sides (llama.cpp contexts kept per
         role, guidance and slot count, shared by every settings copy): two generators whose ``target`` or
         ``guide`` side is the same object must not hold requests at the same time. ``layout``: see
-        :meth:`generate_many` (``auto`` suits slots that are mostly full; ``split`` a request often alone)."""
-        return self._batch(self._variant(variant), slots, layout)
+        :meth:`generate_many` (``auto`` suits slots that are mostly full; ``split`` a request often alone).
+        ``prefill_chunk`` > 0: a long prompt that arrives while others run is decoded that many tokens per step
+        between their steps (serve), instead of stalling them while its whole head decodes."""
+        return self._batch(self._variant(variant), slots, layout, prefill_chunk)
 
     # -- the harm gate ---------------------------------------------------------------------------------------
     def active_gate(self, variant: str | None = None) -> Gate | None:

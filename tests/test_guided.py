@@ -51,7 +51,8 @@ def test_guidance_changes_distribution_and_reports_guided_tokens(model):
 def test_prompt_guidance_prefix_is_decoded_once(model):
     si = SafeInfer(model=model, gate="off", guidance="prompt", lam=0.5)
     si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
-    guide = si._decoder.side("guide-prompt", si.guidance)
+    dec = si._decoder
+    guide = dec.side(dec.plan("sgds", None, si.guidance).guide)
     n_prefix = len(guide.prefix)
     assert n_prefix > 100 and guide._prefix_decoded
     first = si.score(qa_prompt("What is bread?"), " Bread is food.", variant="sgds", raw=True)
@@ -120,7 +121,7 @@ def test_shared_prompt_head_matches_decoding_it(model):
     toks = model.tokenize(P)
     dec = si._decoder
     p = dec.plan("safeinfer", si.steering, si.guidance)
-    target, guide = dec.side(p.target, si.guidance), dec.side(p.guide, si.guidance)
+    target, guide = dec.side(p.target), dec.side(p.guide)
     assert target.shares_head_with(guide, p.tbuf, p.gbuf)
     direct = guide.decode_slots([(0, guide.begin(0, toks, p.gbuf[0]))], p.gbuf[1])[0]
     gen = dec.batch("safeinfer", si.steering, si.guidance, si.lam)

@@ -269,13 +269,6 @@ def test_fast_sampler_seeded_runs_equal_the_old_sampler():
         assert [new(r) for r in rows] == [old(r) for r in rows]
 
 
-def test_old_tokens_helper_is_the_verbatim_old_call():
-    _, row = _rows(300, ("normal",))[0]
-    probs = old_probs(row, 0.8, 40, 0.95)
-    us = _draws(probs, 20, 0)
-    assert old_tokens(probs, us).tolist() == [old_make_sampler(0.8, 40, 0.95)(row, float(u)) for u in us]
-
-
 def test_fast_sampler_frequencies():
     """Counting seeded draws: frequencies follow the old sampler's filtered softmax (within 4 sigma)."""
     row = np.array([2.0, 1.5, 1.4, 0.2, -1.0, 3.0, -np.inf, 1.5], dtype=np.float32)

@@ -106,7 +106,7 @@ class FakeSI:
     def route(self, tokens, variant=None, frame="template"):
         return Route(variant or self.settings.variant)
 
-    def batch(self, variant, slots, layout="auto"):
+    def batch(self, variant, slots, layout="auto", prefill_chunk=0):
         assert layout == "split"  # the server keeps the two-context layout (see scheduler._group)
         return FakeGen(variant, [self.sides[n] for n in SIDES[variant]], slots)
 

@@ -43,10 +43,15 @@ from ..core.speculative import verify_greedy, verify_sampled
 from ..errors import UsageError
 from ..llama.engine import Detokenizer, Model
 from .gating import Handoff
+from .guidance import SGDS, Combine
 from .sides import Side
 from .steering import Buffers
 
 FINISH_REASONS = ("eos", "stop", "max_tokens", "context", "refused")
+
+PREFILL_BUDGET = 0.75
+"""The share of a running step's time that a piece of a long prompt may add to it (chunked prefill): the running
+requests' inter-token time grows to about 1.75× while a long prompt is admitted."""
 
 
 @dataclass(frozen=True)
@@ -129,14 +134,15 @@ class Event:
     error: UsageError | None = None
 
 
-def choose(sample: make_sampler, lt: np.ndarray, lu: np.ndarray | None, lam: float) -> tuple[np.ndarray, int, bool]:
-    """One decoding step's choice: the scores sampled from (target logits, or the guided scores when a guidance
+def choose(sample: make_sampler, lt: np.ndarray, lu: np.ndarray | None,
+           combine: Combine | None) -> tuple[np.ndarray, int, bool]:
+    """One decoding step's choice: the scores sampled from (target logits, or ``combine(lt, lu)`` when a guidance
     log-softmax ``lu`` is given), the token, and whether guidance changed the token the target alone would have
     picked with the same uniform draw."""
     u = sample.draw()
-    if lu is None:
+    if lu is None or combine is None:
         return lt, sample(lt, u), False
-    z = guided_logits(lt, lu, lam, guide_is_logprobs=True)
+    z = combine(lt, lu)
     tok = sample(z, u)
     return z, tok, tok != sample(lt, u)
 
@@ -176,6 +182,28 @@ class _Slot:
     k_next: int = 1  # the next draft's length: 1, 2, 4 ... up to K while drafts stand; 1 again after a rejection
 
 
+@dataclass
+class _Prefill:
+    """A long prompt admitted in pieces between decode steps (``prefill_chunk``): each side's head, how much of
+    it is decoded, and whether the guidance side takes the target's head when it is done."""
+
+    req: _Request
+    t0: float
+    last: list[int]
+    heads: list[list[int]]  # the target's head, then the guidance side's when it decodes its own
+    share: bool
+    done: int = 0
+
+
+@dataclass
+class _Piece:
+    """This step's piece of a prompt admitted in pieces: its slot, where the piece ends, each side's tokens."""
+
+    slot: int
+    end: int
+    tokens: list[list[int]]
+
+
 Both = Callable[[Callable, Callable | None], tuple]
 """Runs the target's call and (if any) the guidance's call at the same time; returns both results."""
 
@@ -188,15 +216,31 @@ class BatchGenerator:
     ``context``). A prompt that cannot fit at all comes back as an error event, and the others go on."""
 
     def __init__(self, model: Model, target: Side, tbuf: Buffers, guide: Side | None, gbuf: Buffers | None,
-                 lam: float, both: Both, variant: str, head_threads: int | None = None, speculate: int = 0) -> None:
+                 combine: Combine | None, both: Both, variant: str, head_threads: int | None = None,
+                 speculate: int = 0, prefill_chunk: int = 0) -> None:
         if guide is not None and guide.slots != target.slots:
             raise ValueError("target and guidance sides need the same number of slots")
         self.model, self.target, self.tbuf, self.guide, self.gbuf = model, target, tbuf, guide, gbuf
-        self.lam, self._both, self.variant = lam, both, variant
+        self.combine, self._both, self.variant = combine, both, variant
+        """How a step's target logits and guidance log-probabilities combine (the guidance source's; None
+        without guidance)."""
         self.head_threads = head_threads
         self.speculate = check_speculate(speculate) if guide is not None else 0
+        if self.speculate and not isinstance(combine, SGDS):
+            raise ValueError("speculative verification is written for sGDS (core.speculative)")
         """Tokens the target drafts per round before the guidance verifies them (0: one token per step on both
         sides together; no effect without a guidance side)."""
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be an integer >= 0, not {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
+        """A prompt head longer than this, admitted while other requests run, is decoded in pieces of at most
+        this many tokens, one per step, inside the running requests' steps, so they keep producing tokens (0:
+        whole at admission; mlx-lm's ``prefill_step_size``). A piece is sized so that it adds about
+        :data:`PREFILL_BUDGET` of a step's time (measured as it runs: the cost per prompt token grows with the
+        context it attends to). A request alone decodes its head whole, as without it."""
+        self._prefilling: dict[int, _Prefill] = {}
+        self._t_step: float | None = None  # a plain step's seconds without a piece (running average)
+        self._t_token: float | None = None  # seconds a piece adds per prompt token (running average)
         self._pending: deque[_Request] = deque()
         self._free = list(range(target.slots))
         self._active: dict[int, _Slot] = {}
@@ -224,50 +268,138 @@ class BatchGenerator:
             if s.req.key == key:
                 self._release(i)
                 return True
+        for i, p in list(self._prefilling.items()):
+            if p.req.key == key:
+                del self._prefilling[i]
+                self._free_slot(i)
+                return True
         return False
 
     @property
     def n_active(self) -> int:
-        return len(self._active)
+        """Requests holding a slot: decoding, or decoding their prompt in pieces."""
+        return len(self._active) + len(self._prefilling)
 
     @property
     def n_waiting(self) -> int:
         return len(self._pending)
 
     def __bool__(self) -> bool:
-        return bool(self._active or self._pending)
+        return bool(self._active or self._pending or self._prefilling)
 
     def _used(self) -> int:
         return max(self.target.used(), self.guide.used() if self.guide is not None else 0)
 
     def _release(self, i: int) -> None:
         del self._active[i]
+        self._free_slot(i)
+
+    def _free_slot(self, i: int, first: bool = False) -> None:
         self.target.release(i)
         if self.guide is not None:
             self.guide.release(i)
-        self._free.append(i)
+        if first:
+            self._free.insert(0, i)
+        else:
+            self._free.append(i)
 
     def _admit(self, events: list[Event]) -> None:
         while self._free and self._pending:
             req = self._pending[0]
             # a shared context holds both sides' new tokens (the prompt head is shared)
             new_cells = len(req.tokens) + req.cfg.max_tokens * (2 if self.shared is not None else 1)
-            if self._active and self._used() + new_cells > self._room:
+            busy = self._active or self._prefilling
+            owed = sum(max(map(len, p.heads)) - p.done for p in self._prefilling.values())
+            if busy and self._used() + owed + new_cells > self._room:
                 return  # the shared KV is full: wait for a slot to finish
             self._pending.popleft()
             i = self._free.pop(0)
             t0 = time.perf_counter()
+            pieces = (self.prefill_chunk and busy and req.handoff is None
+                      and len(req.tokens) - 1 > self.prefill_chunk)
             try:
+                if pieces:
+                    self._prefilling[i] = self._begin_pieces(i, req, t0)
+                    continue
                 last, first = self._begin(i, req.tokens, req.handoff)
             except UsageError as e:
-                self.target.release(i)
-                if self.guide is not None:
-                    self.guide.release(i)
-                self._free.insert(0, i)
+                self._free_slot(i, first=True)
                 events.append(Event(req.key, error=e))
                 continue
-            self._active[i] = _Slot(req, req.cfg.sampler(), Detokenizer(self.model), StopMatcher(req.cfg.stop), t0,
-                                    last, first=first)
+            self._active[i] = self._slot(req, t0, last, first)
+
+    def _slot(self, req: _Request, t0: float, last: list[int], first: np.ndarray | None = None) -> _Slot:
+        return _Slot(req, req.cfg.sampler(), Detokenizer(self.model), StopMatcher(req.cfg.stop), t0, last,
+                     first=first)
+
+    def _begin_pieces(self, i: int, req: _Request, t0: float) -> _Prefill:
+        """Start slot ``i`` on a prompt whose head :meth:`_prefill_step` decodes in pieces."""
+        t, g = self.target, self.guide
+        last = t.begin(i, req.tokens, None, decode_head=False)
+        heads = [t.own_tokens(req.tokens)[:-1]]
+        share = g is not None and t.shares_head_with(g, self.tbuf, self.gbuf)
+        if g is not None:
+            g.begin(i, req.tokens, None, decode_head=False)
+            if not share:
+                heads.append(g.own_tokens(req.tokens)[:-1])
+        return _Prefill(req, t0, last, heads, share)
+
+    def _prefill_step(self) -> _Piece | None:
+        """The next piece of the oldest prompt admitted in pieces (the rest of it at once when nothing else
+        runs). Where the running slots' step is a plain one on its own contexts, the piece is handed back to go
+        into that step's ``llama_decode`` (one pass over the weights for both: a decode of its own costs about a
+        whole step on a CPU); else it is decoded here, and a prompt whose head is done joins this step."""
+        if not self._prefilling:
+            return None
+        i, p = next(iter(self._prefilling.items()))
+        n = max(map(len, p.heads))
+        b = n if not self._active else min(n, p.done + self._piece_size())
+        piece = _Piece(i, b, [h[p.done:b] for h in p.heads])
+        if self._active and self.shared is None and not self.speculate:
+            return piece
+        t0 = time.perf_counter()
+        t, g = self.target, self.guide
+        jobs = [lambda: t.prefill(i, piece.tokens[0], self.tbuf[0])]
+        if len(piece.tokens) > 1:
+            jobs.append(lambda: g.prefill(i, piece.tokens[1], self.gbuf[0]))
+        if len(jobs) == 2 and self.shared is None:
+            self._both(*jobs)
+        else:  # one side, or one context: one decode at a time
+            for job in jobs:
+                self._both(job, None)
+        if self._active:
+            self._learn(time.perf_counter() - t0, piece, alone=True)
+        self._advance(piece)
+        return None
+
+    def _piece_size(self) -> int:
+        """Prompt tokens for this step's piece: what fits :data:`PREFILL_BUDGET` of a step, as measured so far
+        (8 until both costs are known), at most ``prefill_chunk``."""
+        if self._t_step is None or not self._t_token:
+            return min(8, self.prefill_chunk)
+        return max(1, min(self.prefill_chunk, int(PREFILL_BUDGET * self._t_step / self._t_token)))
+
+    def _learn(self, seconds: float, piece: _Piece | None, alone: bool = False) -> None:
+        """Update the running averages: a step's time without a piece, or the time a piece added per token
+        (``alone``: the piece decoded on its own, all of ``seconds`` is its)."""
+        def avg(old: float | None, new: float) -> float:
+            return new if old is None else 0.7 * old + 0.3 * new
+        if piece is None:
+            self._t_step = avg(self._t_step, seconds)
+        elif alone or self._t_step is not None:
+            n = max(1, max(map(len, piece.tokens)))
+            self._t_token = avg(self._t_token, max(0.0, seconds - (0.0 if alone else self._t_step)) / n)
+
+    def _advance(self, piece: _Piece) -> None:
+        """A piece is decoded: a head that is done makes its request a running one (it decodes its last prompt
+        token at the next step)."""
+        i, p = piece.slot, self._prefilling[piece.slot]
+        p.done = piece.end
+        if p.done >= max(map(len, p.heads)):
+            del self._prefilling[i]
+            if p.share:
+                self.guide.import_head(i, self.target, p.req.tokens)
+            self._active[i] = self._slot(p.req, p.t0, p.last)
 
     def _begin(self, i: int, toks: list[int], handoff: Handoff | None = None) -> tuple[list[int], np.ndarray | None]:
         """Start slot ``i`` on ``toks``: the token(s) its first step decodes, or the first token's logits when
@@ -316,11 +448,12 @@ class BatchGenerator:
         return last
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def _decode(self, side: Side, bufs: Buffers, normalise: bool) -> dict[int, np.ndarray]:
+    def _decode(self, side: Side, bufs: Buffers, normalise: bool,
+                pieces: list[tuple[int, list[int]]] = ()) -> dict[int, np.ndarray]:
         """One batched decode on a side for every running slot (see :meth:`_decode_items`); a slot handed its
         first logits (:attr:`_Slot.first`) takes them instead of a decode."""
         out = self._decode_items(side, bufs, [(i, s.last, s.fresh) for i, s in self._active.items()
-                                              if s.first is None], normalise)
+                                              if s.first is None], normalise, pieces)
         for i, s in self._active.items():
             if s.first is not None:
                 out[i], s.first = (log_softmax(s.first) if normalise else s.first), None
@@ -328,19 +461,24 @@ class BatchGenerator:
 
     @staticmethod
     def _decode_items(side: Side, bufs: Buffers, items: list[tuple[int, list[int], bool]],
-                      normalise: bool = False) -> dict[int, np.ndarray]:
+                      normalise: bool = False, pieces: list[tuple[int, list[int]]] = ()) -> dict[int, np.ndarray]:
         """One batched decode on a side: fresh slots' last prompt token (second-chunk vector state) and the
-        other slots' new token (third-chunk state), in one batch when the two states are the same."""
+        other slots' new token (third-chunk state), in one batch when the two states are the same; ``pieces``
+        of prompt heads (first-chunk state) join the batch whose state is theirs, else decode on their own."""
         fresh = [(i, last) for i, last, f in items if f]
         going = [(i, last) for i, last, f in items if not f]
         groups = [(fresh, bufs[1]), (going, bufs[2])]
         if fresh and going and bufs[1] is bufs[2]:  # the same buffer (or both None)
             groups = [(fresh + going, bufs[1])]
+        groups = [(its, buf) for its, buf in groups if its]
+        host = next((k for k, (_, buf) in enumerate(groups) if buf is bufs[0]), None)
+        if pieces and host is None:
+            for i, toks in pieces:
+                side.prefill(i, toks, bufs[0])
         out: dict[int, np.ndarray] = {}
-        for items, buf in groups:
-            if items:
-                for (i, _), row in zip(items, side.decode_slots(items, buf), strict=True):
-                    out[i] = log_softmax(row) if normalise else row
+        for k, (items, buf) in enumerate(groups):
+            for (i, _), row in zip(items, side.decode_slots(items, buf, pieces if k == host else ()), strict=True):
+                out[i] = log_softmax(row) if normalise else row
         return out
 
     def step(self) -> list[Event]:
@@ -348,25 +486,35 @@ class BatchGenerator:
         K tokens each), and say what happened."""
         events: list[Event] = []
         self._admit(events)
+        piece = self._prefill_step()
         if not self._active:
             return events
         if self.speculate:
             return self._speculative_step(events)
-        return self._plain_step(events)
+        t0 = time.perf_counter()
+        out = self._plain_step(events, piece)
+        if self.prefill_chunk:
+            self._learn(time.perf_counter() - t0, piece)
+        if piece is not None:
+            self._advance(piece)
+        return out
 
-    def _plain_step(self, events: list[Event]) -> list[Event]:
-        """Both sides decode every running slot's pending token at the same time; one token each."""
+    def _plain_step(self, events: list[Event], piece: _Piece | None = None) -> list[Event]:
+        """Both sides decode every running slot's pending token at the same time; one token each (and a piece of
+        a prompt admitted in pieces, in the same batch where its vector state allows)."""
         g = self.guide
+        pt = [(piece.slot, piece.tokens[0])] if piece is not None else []
+        pg = [(piece.slot, piece.tokens[1])] if piece is not None and len(piece.tokens) > 1 else []
         if self.shared is not None:
             lt, lu = self._both(self._decode_shared, None)[0]
         else:
-            lt, lu = self._both(lambda: self._decode(self.target, self.tbuf, False),
-                                (lambda: self._decode(g, self.gbuf, True)) if g is not None else None)
+            lt, lu = self._both(lambda: self._decode(self.target, self.tbuf, False, pt),
+                                (lambda: self._decode(g, self.gbuf, True, pg)) if g is not None else None)
         lu = lu or {}
         done: dict[int, tuple] = {}
         going: list[int] = []
         for i, s in self._active.items():
-            z, tok, guided = choose(s.sampler, lt[i], lu.get(i), self.lam)
+            z, tok, guided = choose(s.sampler, lt[i], lu.get(i), self.combine)
             lp = float(token_logprobs(z[None, :], [tok])[0]) if s.req.cfg.logprobs else 0.0
             s.fresh = False
             if self._emit(i, s, tok, lp, guided, events, done):
@@ -502,9 +650,9 @@ class BatchGenerator:
             d = s.draft
             lt = np.stack(s.draft_rows)
             need_z = not s.sampler.greedy or s.req.cfg.logprobs
-            z = guided_logits(lt, urows[i], self.lam) if need_z else None
+            z = guided_logits(lt, urows[i], self.combine.lam) if need_z else None
             if s.sampler.greedy:
-                n, nxt_tok = verify_greedy(lt, urows[i], d, self.lam)
+                n, nxt_tok = verify_greedy(lt, urows[i], d, self.combine.lam)
             else:
                 n, nxt_tok = self._verify_sampled(s.sampler, lt, z, d)
             s.drafted += len(d)

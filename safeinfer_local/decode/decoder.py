@@ -11,17 +11,18 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..core.gate import Read
-from ..core.sampling import guided_logits, token_logprobs
+from ..core.sampling import log_softmax, token_logprobs
 from ..core.settings import DEFAULT_N_CTX, GUIDED_VARIANTS, SA_VARIANTS, check_parallel
 from ..errors import UsageError
 from ..llama.engine import Model, default_threads
 from .batch import BatchGenerator, GenConfig, Result, Step
 from .gating import FeatureReader, Handoff
-from .guidance import GuidanceSpec, prefix_text, safe_demos, unsafe_demos
+from .guidance import PLAIN, GuidanceSource, GuidanceSpec, SideSpec
 from .sides import SharedContext, Side, check_same_vocab
 from .steering import NO_VECTOR, Buffers, Steering, check_plan_steerable, position_buffers
 
@@ -30,12 +31,21 @@ LAYOUTS = ("auto", "split", "shared")
 
 @dataclass(frozen=True)
 class Plan:
-    """Which sides a variant runs on (keys of :meth:`Decoder.side`) and the control vector for each chunk."""
+    """Which sides a variant runs on and the control vector for each chunk; ``combine`` joins the two sides' rows
+    (None without guidance)."""
 
-    target: str
+    target: SideSpec
     tbuf: Buffers
-    guide: str | None = None
+    guide: SideSpec | None = None
     gbuf: Buffers | None = None
+    source: GuidanceSource | None = None
+
+    @property
+    def same_weights(self) -> bool:
+        """Both sides run the same weights with no prefix (the shared layout applies)."""
+        t, g = self.target, self.guide
+        return (g is not None and not t.prefix and not g.prefix and t.lora is None and g.lora is None
+                and t.model is None and g.model is None)
 
 
 class Decoder:
@@ -75,29 +85,18 @@ class Decoder:
         return self._reader(read).features_and_head(tokens, read, whole)
 
     # -- sides ----------------------------------------------------------------------------------------------
-    def target_demos(self) -> list:
-        """The target side's prefix under ``prompt`` guidance: matched safe demonstrations (see guidance.py)."""
-        return safe_demos()
-
-    def side(self, key: str, guidance: GuidanceSpec, slots: int = 1) -> Side:
-        full = (key, str(guidance) if key.startswith("guide-") else "", slots)
+    def side(self, spec: SideSpec, slots: int = 1) -> Side:
+        """The side ``spec`` describes (made on first use and kept: a prefix is decoded once per process). An
+        unguided variant's :data:`~.guidance.PLAIN` side decodes on every thread, a guided variant's two on half
+        the threads each."""
+        full = (spec, slots)
         side = self._sides.get(full)
         if side is None:
             m = self.model
-            t = self.n_threads if key == "plain" else self._half_threads
-            if key in ("plain", "target-plain", "guide-plain"):
-                side = Side(m, self.n_ctx, t, slots=slots)
-            elif key == "target-prefixed":
-                side = Side(m, self.n_ctx, t, m.tokenize(prefix_text(self.target_demos()), add_bos=True), slots=slots)
-            elif key == "guide-prompt":
-                side = Side(m, self.n_ctx, t, m.tokenize(prefix_text(unsafe_demos()), add_bos=True), slots=slots)
-            elif key == "guide-lora":
-                side = Side(m, self.n_ctx, t, lora=guidance.path, slots=slots)
-            elif key == "guide-model":
-                side = Side(self._guide_model(guidance), self.n_ctx, t, slots=slots)
-            else:  # pragma: no cover
-                raise KeyError(key)
-            self._sides[full] = side
+            t = self.n_threads if spec == PLAIN else self._half_threads
+            model = self._guide_model(spec.model) if spec.model is not None else m
+            prefix = model.tokenize(spec.prefix, add_bos=True) if spec.prefix else ()
+            side = self._sides[full] = Side(model, self.n_ctx, t, prefix, lora=spec.lora, slots=slots)
         return side
 
     def _shared_sides(self, p: Plan, slots: int) -> tuple[Side, Side]:
@@ -116,31 +115,32 @@ class Decoder:
                                             base=slots))
         return pair
 
-    def _guide_model(self, guidance: GuidanceSpec) -> Model:
-        gm = self._guide_models.get(str(guidance.path))
+    def _guide_model(self, path: Path) -> Model:
+        gm = self._guide_models.get(str(path))
         if gm is None:
-            gm = Model(guidance.path, n_gpu_layers=self.model.n_gpu_layers)  # offloaded as the target is
+            gm = Model(path, n_gpu_layers=self.model.n_gpu_layers)  # offloaded as the target is
             check_same_vocab(self.model, gm)
-            self._guide_models[str(guidance.path)] = gm
+            self._guide_models[str(path)] = gm
         return gm
 
     def plan(self, variant: str, steering: Steering | None, guidance: GuidanceSpec) -> Plan:
+        """The sides and vectors of ``variant`` under ``guidance`` (its :class:`~.guidance.GuidanceSource` says
+        what each side sees)."""
         n_layer = self.model.n_layer
         sa = steering if variant in SA_VARIANTS else None
         if variant in SA_VARIANTS and steering is None:
             raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
-        kind = guidance.kind
-        check_plan_steerable(self.model, steering, variant, kind, self.n_threads)
-        if variant not in GUIDED_VARIANTS or kind == "none":
-            return Plan("plain", position_buffers(sa, n_layer))
-        if kind == "prompt":
-            return Plan("target-prefixed", position_buffers(sa, n_layer), "guide-prompt", NO_VECTOR)
-        if kind == "negative":
+        src = guidance.source
+        check_plan_steerable(self.model, steering, variant, src, self.n_threads)
+        guide = src.guide() if variant in GUIDED_VARIANTS else None
+        if guide is None:
+            return Plan(PLAIN, position_buffers(sa, n_layer))
+        gbuf = NO_VECTOR
+        if src.guide_vector:
             if steering is None:
-                raise UsageError("--guidance negative needs a safety vector (--vector)")
-            return Plan("target-plain", position_buffers(sa, n_layer), "guide-plain",
-                        position_buffers(steering, n_layer, sign=-1.0))
-        return Plan("target-plain", position_buffers(sa, n_layer), f"guide-{kind}", NO_VECTOR)
+                raise UsageError(f"--guidance {src.kind} needs a safety vector (--vector)")
+            gbuf = position_buffers(steering, n_layer, sign=src.guide_vector)
+        return Plan(src.target(), position_buffers(sa, n_layer), guide, gbuf, src)
 
     def _both(self, target_call, guide_call):
         """Run the target's and the guidance's call together (guidance on the worker thread). The wall time
@@ -162,7 +162,7 @@ class Decoder:
 
     # -- generation -----------------------------------------------------------------------------------------
     def batch(self, variant: str, steering: Steering | None, guidance: GuidanceSpec, lam: float,
-              slots: int = 1, speculate: int = 0, layout: str = "auto") -> BatchGenerator:
+              slots: int = 1, speculate: int = 0, layout: str = "auto", prefill_chunk: int = 0) -> BatchGenerator:
         """A batch generator with ``slots`` request slots for one variant and its settings; ``speculate``: tokens
         the target drafts per round before the guidance verifies them (guided variants only).
 
@@ -170,22 +170,25 @@ class Decoder:
         the threads; ``shared``, one context for both, one decode per step on every thread, the vector added per
         row (:class:`~.sides.SharedContext`: only where both sides run the same weights with no prefix and no
         LoRA, i.e. ``negative`` guidance); ``auto``: ``shared`` where it applies with 2 or more slots and no
-        speculation, else ``split`` (measured on a 2-core CPU: benchmarks/batch_layout.py, docs/RESULTS.md)."""
+        speculation, else ``split`` (measured on a 2-core CPU: benchmarks/batch_layout.py, docs/RESULTS.md).
+        ``prefill_chunk``: see :attr:`BatchGenerator.prefill_chunk`."""
         check_parallel(slots)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
         p = self.plan(variant, steering, guidance)
-        can_share = p.target == "target-plain" and p.guide == "guide-plain" and not speculate
+        can_share = p.same_weights and not speculate
         if layout == "shared" and not can_share:
-            raise UsageError("the shared layout needs --guidance negative and no --speculate")
+            raise UsageError("the shared layout needs guidance on the same weights without a prefix (--guidance "
+                             "negative) and no --speculate")
         if layout == "shared" or (layout == "auto" and can_share and slots >= 2):
             target, guide = self._shared_sides(p, slots)
         else:
-            target = self.side(p.target, guidance, slots)
-            guide = self.side(p.guide, guidance, slots) if p.guide else None
-        return BatchGenerator(self.model, target, p.tbuf, guide, p.gbuf, lam, self._both, variant,
+            target = self.side(p.target, slots)
+            guide = self.side(p.guide, slots) if p.guide else None
+        combine = p.source.combine(lam) if p.source is not None else None
+        return BatchGenerator(self.model, target, p.tbuf, guide, p.gbuf, combine, self._both, variant,
                               head_threads=self._all_threads if guide is not None else None,
-                              speculate=speculate if guide is not None else 0)
+                              speculate=speculate if guide is not None else 0, prefill_chunk=prefill_chunk)
 
     def stream(self, gen: BatchGenerator, prompt_tokens: list[int], cfg: GenConfig, prompt: str = "",
                handoff: Handoff | None = None) -> Iterator[tuple[Step, Result | None]]:
@@ -236,8 +239,8 @@ class Decoder:
         if not prompt_tokens:
             raise UsageError("empty prompt")
         p = self.plan(variant, steering, guidance)
-        target = self.side(p.target, guidance)
-        guide = self.side(p.guide, guidance) if p.guide else None
+        target = self.side(p.target)
+        guide = self.side(p.guide) if p.guide else None
         return self._both(lambda: self._rows(target, p.tbuf, prompt_tokens, cont_tokens),
                           (lambda: self._rows(guide, p.gbuf, prompt_tokens, cont_tokens)) if guide else None)
 
@@ -248,7 +251,7 @@ class Decoder:
         rows_t, rows_u = self.score_rows(prompt_tokens, cont_tokens, variant, steering, guidance)
         if rows_u is None:
             return token_logprobs(rows_t, cont_tokens)
-        return token_logprobs(guided_logits(rows_t, rows_u, lam), cont_tokens)
+        return token_logprobs(guidance.source.combine(lam)(rows_t, log_softmax(rows_u)), cont_tokens)
 
     @staticmethod
     def _rows(side: Side, buffers: Buffers, prompt_tokens: list[int], cont_tokens: list[int]) -> np.ndarray:

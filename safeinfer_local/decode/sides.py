@@ -134,10 +134,8 @@ class Side:
         batched with other slots). The prompt's own BOS is dropped after a prefix (the prefix starts with BOS).
         ``decode_head=False`` leaves the head to :meth:`import_head`."""
         ctx, seq = self.ctx, self.slot_seq(i)
-        toks = list(prompt_tokens)
+        toks = self.own_tokens(prompt_tokens)
         if self.prefix:
-            if toks and toks[0] == self.model.bos:
-                toks = toks[1:]
             if not self._prefix_decoded:
                 ctx.set_control_vector(None)
                 ctx.decode(self.prefix, seq=0, logits="none")
@@ -156,6 +154,17 @@ class Side:
         if toks[:-1] and decode_head:
             self._decode([(seq, toks[:-1])], head_buffer, "none")
         return toks[-1:]
+
+    def own_tokens(self, prompt_tokens: list[int]) -> list[int]:
+        """The prompt as this side decodes it: its own BOS dropped after a prefix (the prefix starts with BOS)."""
+        toks = list(prompt_tokens)
+        return toks[1:] if self.prefix and toks and toks[0] == self.model.bos else toks
+
+    def prefill(self, i: int, tokens: list[int], buffer: np.ndarray | None) -> None:
+        """Decode a piece of slot ``i``'s prompt head (after :meth:`begin` with ``decode_head=False``), no logits:
+        a long prompt admitted in pieces between decode steps."""
+        if tokens:
+            self._decode([(self.slot_seq(i), list(tokens))], buffer, "none")
 
     def shares_head_with(self, other: Side, buffers, other_buffers) -> bool:
         """Both sides would compute the same KV for the prompt head: same weights, no prefix, no LoRA, and no
@@ -179,8 +188,16 @@ class Side:
         (the harm gate's reader), in place of decoding them."""
         self.ctx.import_seq(state, self.slot_seq(i), n_tokens)
 
-    def decode_slots(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
-        """Decode tokens for several slots in one batch under one control vector; the last logits of each."""
+    def decode_slots(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None,
+                     pieces: list[tuple[int, list[int]]] = ()) -> list[np.ndarray]:
+        """Decode tokens for several slots in one batch under one control vector; the last logits of each.
+        ``pieces``: prompt-head pieces of other slots decoded in the same batch, no logits (chunked prefill)."""
+        if pieces and self.shared is None:
+            self.ctx.set_control_vector(buffer)
+            seqs = [(self.slot_seq(i), toks) for i, toks in [*items, *pieces]]
+            return self.ctx.decode_multi(seqs, ["last"] * len(items) + ["none"] * len(pieces))[:len(items)]
+        for i, toks in pieces:
+            self.prefill(i, toks, buffer)
         return self._decode([(self.slot_seq(i), toks) for i, toks in items], buffer, "last")
 
     def decode_rows(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:

@@ -71,13 +71,14 @@ def check_steerable(model: Model, blocks: tuple[int, ...], what: str, n_threads:
                           "which need no vector")
 
 
-def check_plan_steerable(model: Model, steering: Steering | None, variant: str, guidance_kind: str,
+def check_plan_steerable(model: Model, steering: Steering | None, variant: str, source,
                          n_threads: int | None = None) -> None:
-    """The control-vector check for what a variant applies: +γ·SV on the target (``sa``, ``safeinfer``) and
-    −γ·SV on the guidance (``negative`` guidance of ``sgds``/``safeinfer``)."""
+    """The control-vector check for what a variant applies: +γ·SV on the target (``sa``, ``safeinfer``) and, for a
+    guidance ``source`` (a :class:`~.guidance.GuidanceSource`) whose guidance side carries the vector
+    (``guide_vector``, e.g. ``negative``), on the guidance of ``sgds``/``safeinfer``."""
     if steering is None:
         return
     if variant in SA_VARIANTS:
         check_steerable(model, steering.layers, f"variant {variant!r}", n_threads)
-    if variant in GUIDED_VARIANTS and guidance_kind == "negative":
-        check_steerable(model, steering.layers, "--guidance negative", n_threads)
+    if variant in GUIDED_VARIANTS and source.guide_vector:
+        check_steerable(model, steering.layers, f"--guidance {source.kind}", n_threads)

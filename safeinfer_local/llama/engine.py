@@ -474,10 +474,13 @@ class Context:
         (len(tokens), n_vocab), ``none`` -> empty. Long inputs go in n_batch chunks."""
         return self.decode_multi([(seq, list(tokens))], logits=logits)[0]
 
-    def decode_multi(self, items: Sequence[tuple[int, Sequence[int]]], logits: str = "last") -> list[np.ndarray]:
-        """Decode tokens for several sequences in the same batch(es); one logits array per item."""
-        if logits not in ("last", "all", "none"):
-            raise ValueError(f"logits must be last|all|none, not {logits!r}")
+    def decode_multi(self, items: Sequence[tuple[int, Sequence[int]]],
+                     logits: str | Sequence[str] = "last") -> list[np.ndarray]:
+        """Decode tokens for several sequences in the same batch(es); one logits array per item. ``logits``: one
+        mode for every item, or one per item (a prompt piece with ``none`` beside decode steps with ``last``)."""
+        modes = [logits] * len(items) if isinstance(logits, str) else list(logits)
+        if len(modes) != len(items) or any(m not in ("last", "all", "none") for m in modes):
+            raise ValueError(f"logits must be last|all|none (one, or one per item), not {logits!r}")
         for seq, toks in items:
             if not 0 <= seq < self.n_seq_max:
                 raise EngineError(f"sequence {seq} out of range (context has {self.n_seq_max})")
@@ -492,7 +495,7 @@ class Context:
         for k, (seq, toks) in enumerate(items):
             n = len(toks)
             for j, t in enumerate(toks):
-                want = logits == "all" or (logits == "last" and j == n - 1)
+                want = modes[k] == "all" or (modes[k] == "last" and j == n - 1)
                 flat.append((seq, int(t), want, k))
         out: list[list[np.ndarray]] = [[] for _ in items]
         n_vocab = self.model.n_vocab
@@ -521,10 +524,10 @@ class Context:
                     ptr = _L.llama_get_logits_ith(self._ctx, i)
                     out[k].append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
         result = []
-        for rows in out:
-            if logits == "last":
+        for rows, mode in zip(out, modes, strict=True):
+            if mode == "last":
                 result.append(rows[-1])
-            elif logits == "all":
+            elif mode == "all":
                 result.append(np.stack(rows))
             else:
                 result.append(np.empty((0, n_vocab), dtype=np.float32))

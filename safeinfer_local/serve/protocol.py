@@ -27,11 +27,14 @@ from ..core.settings import (
     check_seed,
 )
 from ..decode.batch import GenConfig
+from ..decode.guidance import SOURCES
 from ..errors import SettingError, UsageError
 
-REQUEST_GUIDANCE = ("prompt", "negative", "none")
-"""Guidance a request may name; ``model:PATH`` and ``lora:PATH`` load files from the server's disk, so a request
-may only repeat the server's own."""
+
+def request_guidance() -> tuple[str, ...]:
+    """Guidance a request may name (``GuidanceSource.per_request``); ``model:PATH`` and ``lora:PATH`` load files
+    from the server's disk, so a request may only repeat the server's own."""
+    return tuple(kind for kind, src in SOURCES.items() if src.per_request)
 
 MAX_MODERATION_INPUTS = 64
 
@@ -175,9 +178,10 @@ def settings_for(si: SafeInfer, opts: SafetyOptions | None) -> tuple[SafeInfer, 
         return si, si.default_variant(), None
     given = {name: getattr(opts, name) for name in schema.REQUEST if getattr(opts, name) is not None}
     guidance = given.get("guidance")
-    if guidance is not None and guidance not in REQUEST_GUIDANCE and guidance != str(si.guidance):
-        raise ApiError(400, f"guidance {guidance!r} is not allowed per request (choose {', '.join(REQUEST_GUIDANCE)}"
-                       f", or the server's own, {si.guidance})", "safeinfer.guidance", "invalid_value")
+    allowed = request_guidance()
+    if guidance is not None and guidance not in allowed and guidance != str(si.guidance):
+        raise ApiError(400, f"guidance {guidance!r} is not allowed per request (choose {', '.join(allowed)}, or the "
+                       f"server's own, {si.guidance})", "safeinfer.guidance", "invalid_value")
     for name, value in given.items():
         _check(f"safeinfer.{name}", schema.BY_NAME[name].checked, value)
     if opts.frame is not None:

@@ -114,6 +114,12 @@ class _Group:
         return bool(self.jobs or self.waiting)
 
 
+PREFILL_CHUNK = 256
+"""Most prompt tokens a long prompt that arrives while others stream decodes per step (chunked prefill; each piece
+is sized to add about ``batch.PREFILL_BUDGET`` of a step, so running streams keep going: benchmarks/
+prefill_latency.py)."""
+
+
 def group_key(si: SafeInfer, run: str) -> tuple:
     """What a generator for ``run`` under ``si``'s settings decodes with (the gate's settings choose ``run``,
     they do not enter the decode)."""
@@ -288,7 +294,8 @@ class Scheduler:
             # split layout: a request is often alone on a server, and one request in a shared context decodes its
             # 2 rows in one batch, which is ~2x slower here than the split layout's two side-by-side one-row decodes
             # (benchmarks/serve_concurrency.py: 0.99 vs 2.1 requests/s one at a time)
-            g = self._groups[key] = _Group(key, si.batch(run, self.parallel, layout="split"))
+            g = self._groups[key] = _Group(key, si.batch(run, self.parallel, layout="split",
+                                                          prefill_chunk=PREFILL_CHUNK))
         return g
 
     def _schedule(self) -> None:
