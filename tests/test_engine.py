@@ -63,6 +63,17 @@ def test_hook_stop_after_cuts_the_graph_after_that_tensor(model):
     ctx.decode(toks, logits="none")
     assert set(hook.captured) == {"l_out-3"}  # block 10 was never computed
     np.testing.assert_array_equal(hook.captured["l_out-3"], full["l_out-3"])
+    # stop_if: decided from what was captured (the gate's reader cuts a flagged prompt's last decode this way)
+    hook.stop_after, asked = None, []
+    hook.stop_if = lambda name: asked.append(name) or name == "l_out-3"
+    ctx.clear()
+    hook.captured = {}
+    ctx.decode(toks, logits="none")
+    assert asked == ["l_out-3"] and set(hook.captured) == {"l_out-3"}
+    hook.stop_if = lambda name: False  # never cut: block 10 is reached
+    ctx.clear()
+    ctx.decode(toks, logits="none")
+    assert set(hook.captured) == {"l_out-3", "l_out-10"}
 
 
 def test_control_vector_adds_to_block_output(model):

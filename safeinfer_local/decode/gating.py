@@ -114,12 +114,12 @@ class FeatureReader:
         n, _ = self._span(tokens, read.final)
         if n + (not read.final) > self.ctx.n_ctx:
             raise UsageError(f"prompt is {n + (not read.final)} tokens but the context holds {self.ctx.n_ctx}")
-        want_logits = read.final and whole is not None and len(tokens) > 1
+        decide = whole if read.final and whole is not None and len(tokens) > 1 else None
         feats, logits = self._decode([list(tokens[:n])], (read,), [tokens], keep=True, split_last=read.final,
-                                     last_logits=want_logits)
+                                     decide=decide)
         feat = feats[read][0]
         try:
-            if want_logits and whole(feat):
+            if logits is not None:  # passed: the last token was decoded to the end
                 return feat, Handoff(self.ctx.export_seq(0), len(tokens), logits)
             head = self._span(tokens, False)[0]
             if read.final:  # hand on the head only: the side decodes the last prompt token (with its vector)
@@ -130,14 +130,17 @@ class FeatureReader:
 
     def _decode(self, group: list[list[int]], reads: tuple[Read, ...], prompts: list[list[int]],
                 keep: bool = False, split_last: bool = False,
-                last_logits: bool = False) -> tuple[dict[Read, list[np.ndarray]], np.ndarray | None]:
+                decide: Callable[[np.ndarray], bool] | None = None) -> tuple[dict[Read, list[np.ndarray]],
+                                                                             np.ndarray | None]:
         """Decode ``group`` (each prompt's decoded tokens, one KV sequence each) and pool every read's rows;
         ``prompts``: the whole prompts they come from. ``split_last`` (one prompt): its last token in a decode of
-        its own, after the rest, with its logits when ``last_logits``. Returns the reads' features and those
+        its own, after the rest. ``decide`` (with ``split_last``): asked with the first read's feature as soon as
+        the last token's rows of its blocks exist, inside that decode: True (the gate passes the prompt) lets the
+        decode run to its logits, which come back; False cuts the graph there (the rest of the model and its
+        logits are not computed: the caller drops that token's cell). Returns the reads' features and those
         logits (or None)."""
         if split_last and len(group) != 1:
             raise ValueError("split_last decodes one prompt")
-        logits = None
         self.ctx.clear()
         self.ctx.set_control_vector(None)
         self._rows = {}
@@ -146,24 +149,45 @@ class FeatureReader:
         # KV thrown away after the read: the blocks after the last one read are not computed (half the work at
         # block 8 of 18); KV handed on to a side is computed whole
         self.hook.stop_after = None if keep or not self.cut else f"l_out-{max(wanted)}"
+        n = sum(len(h) for h in group)
+        verdict: list[bool] = []
+        logits = None
         try:
             if split_last and len(group[0]) > 1:
                 self.ctx.decode_multi([(0, group[0][:-1])], logits="none")
-                last = self.ctx.decode_multi([(0, group[0][-1:])], logits="last" if last_logits else "none")[0]
-                logits = last if last_logits else None
+                if decide is not None:
+                    last_block = f"l_out-{max(reads[0].blocks)}"
+
+                    def stop_if(name: str) -> bool:
+                        if name != last_block:
+                            return False
+                        feat = self._pool(self._stacked(reads[0].blocks, n), group, reads[:1], prompts)[reads[0]][0]
+                        verdict.append(bool(decide(feat)))
+                        return not verdict[-1]
+                    self.hook.stop_if = stop_if
+                last = self.ctx.decode_multi([(0, group[0][-1:])], logits="last" if decide else "none")[0]
+                logits = last if verdict and verdict[-1] else None
             else:
                 self.ctx.decode_multi(list(enumerate(group)), logits="none")
         finally:
-            self.hook.names, self.hook.stop_after = set(), None
+            self.hook.names, self.hook.stop_after, self.hook.stop_if = set(), None, None
             if not keep:
                 self.ctx.clear()
-        n = sum(len(h) for h in group)
+        return self._pool(self._stacked(wanted, n), group, reads, prompts), logits
+
+    def _stacked(self, blocks, n: int) -> dict[int, np.ndarray]:
+        """The rows captured so far of each block, as one float64 array each (``n`` rows, or a UsageError)."""
         rows: dict[int, np.ndarray] = {}
-        for b in wanted:
+        for b in blocks:
             r = np.concatenate(self._rows.get(b, [np.zeros((0, self.model.n_embd), np.float32)]))
             if len(r) != n:
                 raise UsageError(f"captured {len(r)} rows of l_out-{b} for {n} tokens")
             rows[b] = r.astype(np.float64)
+        return rows
+
+    def _pool(self, rows: dict[int, np.ndarray], group: list[list[int]], reads: tuple[Read, ...],
+              prompts: list[list[int]]) -> dict[Read, list[np.ndarray]]:
+        """Each read's feature of each prompt, pooled from the decoded rows."""
         out: dict[Read, list[np.ndarray]] = {}
         for rd in reads:
             feats, at = [], 0
@@ -173,4 +197,4 @@ class FeatureReader:
                 feats.append(np.concatenate([p.mean(0) if rd.pool == "mean" else p.max(0) for p in parts]))
                 at += len(h)
             out[rd] = feats
-        return out, logits
+        return out

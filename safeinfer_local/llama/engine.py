@@ -293,6 +293,8 @@ class ActivationHook:
         """Cut the graph once this tensor is captured (``cb_eval`` returning False: llama.cpp's scheduler stops
         computing the graph, as documented in ``ggml-backend.h``): the blocks after it are not computed, so their
         KV cells are left unwritten. Only for a context whose KV is thrown away after the decode."""
+        self.stop_if: Callable[[str], bool] | None = None
+        """Asked after each capture (with the tensor's name): True cuts the graph there, as ``stop_after``."""
         # keep the ctypes callback object referenced as long as llama.cpp may call it
         self._cfunc = _L.ggml_backend_sched_eval_callback(self._callback)
 
@@ -325,7 +327,7 @@ class ActivationHook:
                     _ggml.ggml_backend_tensor_set(tensor, new.ctypes.data, 0, nbytes)
                     arr = new
             self.captured[name] = arr
-            return name != self.stop_after
+            return not (name == self.stop_after or (self.stop_if is not None and self.stop_if(name)))
         except BaseException as e:  # never let an exception cross the C boundary (decode_multi re-raises it)
             self.error = e
             return True

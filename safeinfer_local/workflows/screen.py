@@ -33,10 +33,9 @@ def _gate(si):
 
 
 def score_records(si, items: list[Item], frame: str) -> dict[int, dict]:
-    """The record of each item, by its index: the gate's scores of all of them from one decode (one at a time
-    when that one fails, so that a prompt the gate cannot read is an error of its own)."""
-    gate = _gate(si)
-    fg = gate.frame(frame)
+    """The record of each item, by its index: the gate's verdicts from ``SafeInfer.route_many`` (many prompts per
+    decode; a prompt the gate cannot read is an error of its own)."""
+    _gate(si)
     recs: dict[int, dict] = {}
     ok = []
     for it in items:
@@ -47,19 +46,10 @@ def score_records(si, items: list[Item], frame: str) -> dict[int, dict]:
             ok.append((it, si.encode_prompt(it.prompt, frame=frame)[0]))
         except UsageError as e:
             recs[it.index] = _record(it, None, None, str(e))
-    if ok:
-        try:
-            scores = list(fg.score(si.features(gate.read, [t for _, t in ok])))
-        except UsageError:
-            scores = []
-            for _, t in ok:
-                try:
-                    scores.append(fg.score(si.features(gate.read, [t]))[0])
-                except UsageError as e:
-                    scores.append(e)
-        for (it, _), sc in zip(ok, scores, strict=True):
-            recs[it.index] = (_record(it, None, None, str(sc)) if isinstance(sc, UsageError)
-                              else _record(it, float(sc), fg.flags(float(sc))))
+    routes = si.route_many([t for _, t in ok], "safeinfer", frame) if ok else []
+    for (it, _), r in zip(ok, routes, strict=True):
+        recs[it.index] = (_record(it, None, None, str(r)) if isinstance(r, UsageError)
+                          else _record(it, r.gate_score, r.flagged))
     return recs
 
 
