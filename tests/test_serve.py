@@ -300,6 +300,10 @@ def test_models_health_and_moderations(server, client):
         assert info["frame"] == "template" and isinstance(info["block"], int)
     r = httpx.post(f"{server.url}/moderations", json={"input": BENIGN, "safeinfer": {"gate": "off"}}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "moderation_unavailable"
+    # an input the gate cannot read (longer than the context) is a 400 for the request, and the server goes on
+    r = httpx.post(f"{server.url}/moderations", json={"input": [BENIGN, "word " * 9000]}, timeout=60)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+    assert client.moderations.create(input=BENIGN).results[0].flagged is False
 
 
 # -- the command: API key, full queue, a dropped stream, SIGTERM --------------------------------------------

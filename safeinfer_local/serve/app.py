@@ -300,11 +300,18 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
 
-        _submit_or_503(sched.call, lambda s: rsi.gate_scores(inputs, frame=frame), sink)
+        def verdicts(_):  # on the engine thread: the gate's Route for every input, many per decode
+            routes = rsi.route_many([rsi.encode_prompt(x, frame=frame)[0] for x in inputs], "safeinfer", frame)
+            bad = next((r for r in routes if isinstance(r, UsageError)), None)
+            if bad is not None:
+                raise bad
+            return routes
+
+        _submit_or_503(sched.call, verdicts, sink)
         value = await fut
         if isinstance(value, BaseException):
             raise _failed(value)
-        return p.moderation_body(model_id, inputs, value, fg, frame, gate.block)
+        return p.moderation_body(model_id, value, fg.threshold, frame, gate.block)
 
     return app
 

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from .. import schema
 from ..api import SafeInfer
 from ..core.frames import check_frame
-from ..core.gate import FrameGate
 from ..core.settings import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -274,13 +273,14 @@ def sse(data: dict | str) -> str:
 DONE = sse("[DONE]")
 
 
-def moderation_body(model: str, inputs: list[str], scores, gate: FrameGate, frame: str, block: int) -> dict:
-    """OpenAI's moderation shape with one category, ``harmful``: the harm gate's verdict on each input."""
+def moderation_body(model: str, routes: list, threshold: float, frame: str, block: int) -> dict:
+    """OpenAI's moderation shape with one category, ``harmful``: the harm gate's verdict on each input (its
+    :class:`~safeinfer_local.api.Route`: score and ``flagged``)."""
     results = []
-    for s in scores:
-        s, flagged = float(s), gate.flags(float(s))
-        results.append({"flagged": flagged, "categories": {"harmful": flagged},
-                        "category_scores": {"harmful": round(s, 4)},
-                        "safeinfer": {"gate_score": round(s, 4), "threshold": round(gate.threshold, 4),
-                                      "frame": frame, "block": block}})
+    for r in routes:
+        s = round(float(r.gate_score), 4)
+        results.append({"flagged": bool(r.flagged), "categories": {"harmful": bool(r.flagged)},
+                        "category_scores": {"harmful": s},
+                        "safeinfer": {"gate_score": s, "threshold": round(threshold, 4), "frame": frame,
+                                      "block": block}})
     return {"id": new_id("modr"), "model": model, "results": results}
