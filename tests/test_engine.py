@@ -49,9 +49,9 @@ def test_capture_names_and_shapes(model):
     assert hook.captured["l_out-17"].shape[1] == 640
 
 
-def test_hook_stop_after_cuts_the_graph_after_that_tensor(model):
-    """``stop_after``: the tensor is captured as without it and nothing after it is computed (the gate's reader
-    reads block 8 of 18 this way); the decode still succeeds, and a hook without it reaches the last block."""
+def test_hook_stop_if_cuts_the_graph_after_that_tensor(model):
+    """``stop_if`` true at a tensor: the tensor is captured as without it and nothing after it is computed (the gate's
+    reader reads block 8 of 18 this way); the decode still succeeds, and a hook without it reaches the last block."""
     toks = model.tokenize("Q: hello\nA:")
     hook = ActivationHook({"l_out-3", "l_out-10"})
     ctx = model.context(n_ctx=256, capture=hook)
@@ -59,12 +59,12 @@ def test_hook_stop_after_cuts_the_graph_after_that_tensor(model):
     full = {k: v.copy() for k, v in hook.captured.items()}
     ctx.clear()
     hook.captured = {}
-    hook.stop_after = "l_out-3"
+    hook.stop_if = lambda name: name == "l_out-3"
     ctx.decode(toks, logits="none")
     assert set(hook.captured) == {"l_out-3"}  # block 10 was never computed
     np.testing.assert_array_equal(hook.captured["l_out-3"], full["l_out-3"])
     # stop_if: decided from what was captured (the gate's reader cuts a flagged prompt's last decode this way)
-    hook.stop_after, asked = None, []
+    asked = []
     hook.stop_if = lambda name: asked.append(name) or name == "l_out-3"
     ctx.clear()
     hook.captured = {}

@@ -226,10 +226,10 @@ class BatchGenerator:
         without guidance)."""
         self.head_threads = head_threads
         self.speculate = check_speculate(speculate) if guide is not None else 0
-        if self.speculate and not isinstance(combine, SGDS):
-            raise ValueError("speculative verification is written for sGDS (core.speculative)")
         """Tokens the target drafts per round before the guidance verifies them (0: one token per step on both
         sides together; no effect without a guidance side)."""
+        if self.speculate and not isinstance(combine, SGDS):
+            raise ValueError("speculative verification is written for sGDS (core.speculative)")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be an integer >= 0, not {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk

@@ -148,7 +148,8 @@ class FeatureReader:
         self.hook.names = {n for n, b in self.names.items() if b in wanted}
         # KV thrown away after the read: the blocks after the last one read are not computed (half the work at
         # block 8 of 18); KV handed on to a side is computed whole
-        self.hook.stop_after = None if keep or not self.cut else f"l_out-{max(wanted)}"
+        cut_at = f"l_out-{max(wanted)}"
+        self.hook.stop_if = None if keep or not self.cut else (lambda name: name == cut_at)
         n = sum(len(h) for h in group)
         verdict: list[bool] = []
         logits = None
@@ -170,7 +171,7 @@ class FeatureReader:
             else:
                 self.ctx.decode_multi(list(enumerate(group)), logits="none")
         finally:
-            self.hook.names, self.hook.stop_after, self.hook.stop_if = set(), None, None
+            self.hook.names, self.hook.stop_if = set(), None
             if not keep:
                 self.ctx.clear()
         return self._pool(self._stacked(wanted, n), group, reads, prompts), logits

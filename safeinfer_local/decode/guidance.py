@@ -202,26 +202,27 @@ class NegativeGuidance(GuidanceSource):
     guide_vector = -1.0
 
 
+class _FileGuidance(GuidanceSource):
+    """A guidance side made from a file on disk (``KIND:PATH``), put in the ``SideSpec`` field named as the kind."""
+
+    takes_path, per_request = True, False
+
+    def guide(self) -> SideSpec:
+        return SideSpec(f"guide-{self.kind}", **{self.kind: self.path})
+
+
 @register
-class ModelGuidance(GuidanceSource):
+class ModelGuidance(_FileGuidance):
     """A separate GGUF (same vocabulary, token for token) on the guidance side."""
 
     kind = "model"
-    takes_path, per_request = True, False
-
-    def guide(self) -> SideSpec:
-        return SideSpec("guide-model", model=self.path)
 
 
 @register
-class LoraGuidance(GuidanceSource):
+class LoraGuidance(_FileGuidance):
     """A GGUF LoRA adapter on the guidance context only (the paper's harmful fine-tune)."""
 
     kind = "lora"
-    takes_path, per_request = True, False
-
-    def guide(self) -> SideSpec:
-        return SideSpec("guide-lora", lora=self.path)
 
 
 @register

@@ -119,9 +119,10 @@ class Side:
     def slot_seq(self, i: int) -> int:
         return self.base + i + (1 if self.prefix else 0)
 
-    def _decode(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None, logits: str) -> list[np.ndarray]:
+    def _decode(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None,
+                logits: str | list[str]) -> list[np.ndarray]:
         """Decode ``(sequence, tokens)`` items under one control vector: the context's own, or per row in a
-        shared context."""
+        shared context (one logits mode for every item there)."""
         if self.shared is not None:
             return self.shared.decode([(seq, toks, buffer) for seq, toks in items], logits)
         self.ctx.set_control_vector(buffer)
@@ -192,13 +193,9 @@ class Side:
                      pieces: list[tuple[int, list[int]]] = ()) -> list[np.ndarray]:
         """Decode tokens for several slots in one batch under one control vector; the last logits of each.
         ``pieces``: prompt-head pieces of other slots decoded in the same batch, no logits (chunked prefill)."""
-        if pieces and self.shared is None:
-            self.ctx.set_control_vector(buffer)
-            seqs = [(self.slot_seq(i), toks) for i, toks in [*items, *pieces]]
-            return self.ctx.decode_multi(seqs, ["last"] * len(items) + ["none"] * len(pieces))[:len(items)]
-        for i, toks in pieces:
-            self.prefill(i, toks, buffer)
-        return self._decode([(self.slot_seq(i), toks) for i, toks in items], buffer, "last")
+        seqs = [(self.slot_seq(i), toks) for i, toks in [*items, *pieces]]
+        modes = ["last"] * len(items) + ["none"] * len(pieces) if pieces else "last"
+        return self._decode(seqs, buffer, modes)[:len(items)]
 
     def decode_rows(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
         """Decode tokens for several slots in one batch under one control vector; every position's logits

@@ -289,12 +289,11 @@ class ActivationHook:
         self.rows: tuple[int, int] = (0, 0)
         """The flat token range (start, stop) of the ``decode_multi`` input that the running ``llama_decode``
         holds (its rows, in order), so a patch can tell which row belongs to which sequence."""
-        self.stop_after: str | None = None
-        """Cut the graph once this tensor is captured (``cb_eval`` returning False: llama.cpp's scheduler stops
-        computing the graph, as documented in ``ggml-backend.h``): the blocks after it are not computed, so their
-        KV cells are left unwritten. Only for a context whose KV is thrown away after the decode."""
         self.stop_if: Callable[[str], bool] | None = None
-        """Asked after each capture (with the tensor's name): True cuts the graph there, as ``stop_after``."""
+        """Asked after each capture with the tensor's name: True cuts the graph there (``cb_eval`` returning False:
+        llama.cpp's scheduler stops computing the graph, as documented in ``ggml-backend.h``). The blocks after it
+        are not computed, so their KV cells are left unwritten (and any logits are not computed): only for a
+        decode whose later cells and logits are thrown away."""
         # keep the ctypes callback object referenced as long as llama.cpp may call it
         self._cfunc = _L.ggml_backend_sched_eval_callback(self._callback)
 
@@ -327,7 +326,7 @@ class ActivationHook:
                     _ggml.ggml_backend_tensor_set(tensor, new.ctypes.data, 0, nbytes)
                     arr = new
             self.captured[name] = arr
-            return not (name == self.stop_after or (self.stop_if is not None and self.stop_if(name)))
+            return not (self.stop_if is not None and self.stop_if(name))
         except BaseException as e:  # never let an exception cross the C boundary (decode_multi re-raises it)
             self.error = e
             return True
