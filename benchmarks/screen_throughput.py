@@ -17,7 +17,7 @@ from safeinfer_local.api import SafeInfer
 from safeinfer_local.core.datasets import catqa, xstest
 from safeinfer_local.decode.gating import FeatureReader
 from safeinfer_local.workflows import filter as flt
-from safeinfer_local.workflows import screen
+from safeinfer_local.workflows import inputs, screen
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     texts = [p.text for p in catqa(2)][: a.prompts // 2] + [p.text for p in xstest("safe")[0::2]][: a.prompts // 2]
-    items = [flt.Item(i, str(i), t) for i, t in enumerate(texts)]
+    items = [inputs.Item(i, str(i), t) for i, t in enumerate(texts)]
     si = SafeInfer.default()
     with contextlib.redirect_stdout(io.StringIO()):  # the records (no -o) are not the point here
         screen.run(si, items[:2])  # warm-up: the gate's reading context

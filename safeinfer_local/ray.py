@@ -37,7 +37,8 @@ from pathlib import Path
 from . import jsonl
 from .errors import SafeInferError, UsageError
 from .workflows import filter as flt
-from .workflows.filter import Item, Summary
+from .workflows.inputs import Item
+from .workflows.runs import Summary
 
 BATCH = 4
 """Prompts per ``map_batches`` call: small, so that a lost actor redoes little and records stream back early."""
@@ -118,7 +119,7 @@ class FilterBatch:
         self.si = _load(settings, fingerprint)
         self.judge = None
         if judge_model is not None:
-            from .eval.judge_model import ModelJudge
+            from .workflows.judge_model import ModelJudge
 
             self.judge = ModelJudge(judge_model, n_threads=settings.get("n_threads"))
         self.frame, self.gen, self.parallel = frame, dict(gen or {}), parallel

@@ -211,8 +211,8 @@ def test_judge_model_verdicts_and_agreement(si, tmp_path):
     """--judge-model's label lands in each generation record and the report gives the agreement with the
     detector (the base model stands in for a Llama-Guard GGUF, which is not available offline)."""
     from safeinfer_local.core.models import default_model_path
-    from safeinfer_local.eval.judge_model import ModelJudge
     from safeinfer_local.eval.report import summarize
+    from safeinfer_local.workflows.judge_model import ModelJudge
 
     judge = ModelJudge(default_model_path())
     sets = [harm.EvalSet("catqa", catqa(1)[:3], True)]

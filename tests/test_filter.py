@@ -12,6 +12,7 @@ import pytest
 from safeinfer_local import jsonl
 from safeinfer_local.errors import UsageError
 from safeinfer_local.workflows import filter as flt
+from safeinfer_local.workflows import inputs, runs
 
 from .conftest import ROOT, assert_one_line_error, run_cli
 
@@ -19,25 +20,25 @@ from .conftest import ROOT, assert_one_line_error, run_cli
 def test_read_formats(tmp_path):
     j = tmp_path / "a.jsonl"
     j.write_text('{"id": "x1", "prompt": "hi"}\n{bad json\n{"prompt": "yo"}\n{"text": "no field"}\n')
-    items = flt.read_items(str(j))
+    items = inputs.read_items(str(j))
     assert [(i.id, i.prompt) for i in items[:1]] == [("x1", "hi")]
     assert items[1].error.startswith("line 2: not valid JSON") and items[2].id == "3"
     assert "no field 'prompt'" in items[3].error
     c = tmp_path / "a.csv"
     c.write_text("id,question\nq1,What?\nq2,\n")
-    items = flt.read_items(str(c), field="question")
+    items = inputs.read_items(str(c), field="question")
     assert items[0].prompt == "What?" and items[1].error == "line 3: empty 'question'"
     t = tmp_path / "a.txt"
     t.write_text("one\n\ntwo\n")
-    assert [(i.id, i.prompt) for i in flt.read_items(str(t))] == [("1", "one"), ("3", "two")]
+    assert [(i.id, i.prompt) for i in inputs.read_items(str(t))] == [("1", "one"), ("3", "two")]
 
 
 def test_stdin_is_json_lines_when_every_line_is_an_object(monkeypatch):
     """`filter -` / `screen -`: JSON Lines when every non-empty line is a JSON object, else text lines; --format
     still decides."""
     def items(text, fmt=None):
-        monkeypatch.setattr(flt, "read_stdin", lambda: text)
-        return [(i.id, i.prompt) for i in flt.read_items("-", fmt)]
+        monkeypatch.setattr(inputs, "read_stdin", lambda: text)
+        return [(i.id, i.prompt) for i in inputs.read_items("-", fmt)]
 
     objs = '{"id": "a", "prompt": "one"}\n\n{"id": "b", "prompt": "two"}\n'
     assert items(objs) == [("a", "one"), ("b", "two")]
@@ -51,34 +52,34 @@ def test_bad_inputs(tmp_path):
     e = tmp_path / "e.txt"
     e.write_text("")
     with pytest.raises(UsageError, match="empty"):
-        flt.read_items(str(e))
+        inputs.read_items(str(e))
     c = tmp_path / "a.csv"
     c.write_text("id,question\n1,hi\n")
     with pytest.raises(UsageError, match="no column 'prompt'"):
-        flt.read_items(str(c))
+        inputs.read_items(str(c))
     j = tmp_path / "a.jsonl"
     j.write_text('{"q": "hi"}\n')
     with pytest.raises(UsageError, match="no line has the field"):
-        flt.read_items(str(j))
+        inputs.read_items(str(j))
     with pytest.raises(UsageError, match="format"):
-        flt.read_items(str(tmp_path / "a.xyz"))
+        inputs.read_items(str(tmp_path / "a.xyz"))
     with pytest.raises(UsageError, match="not found"):
-        flt.read_items(str(tmp_path / "missing.txt"))
+        inputs.read_items(str(tmp_path / "missing.txt"))
 
 
 def test_torn_last_line_is_cut_and_redone(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"id": "1", "verdict": "answered"}\n{"id": "2", "verd')
-    done = flt.load_done(out)
+    done = runs.load_done(out)
     assert set(done) == {"1"}
     assert out.read_text() == '{"id": "1", "verdict": "answered"}\n'
 
 
 def test_shards_partition_and_merge(tmp_path):
     ids = [str(i) for i in range(200)]
-    parts = [[x for x in ids if flt.in_shard(x, (i, 3))] for i in (1, 2, 3)]
+    parts = [[x for x in ids if inputs.in_shard(x, (i, 3))] for i in (1, 2, 3)]
     assert sorted(sum(parts, [])) == sorted(ids) and all(len(p) > 40 for p in parts)
-    assert parts[0] == [x for x in ids if flt.in_shard(x, (1, 3))]  # deterministic
+    assert parts[0] == [x for x in ids if inputs.in_shard(x, (1, 3))]  # deterministic
     files = []
     for k, part in enumerate(parts):
         f = tmp_path / f"s{k}.jsonl"
@@ -95,7 +96,7 @@ def test_shards_partition_and_merge(tmp_path):
     with pytest.raises(UsageError, match="gap"):
         flt.merge(out, files[1:])
     with pytest.raises(UsageError, match="I/N"):
-        flt.parse_shard("1-3")
+        inputs.parse_shard("1-3")
 
 
 def _records(path):
@@ -208,7 +209,7 @@ def test_judge_model_labels_every_reply(tmp_path, model):
     recs = _records(out)
     assert all(r["judge"] in ("safe", "unsafe", "unknown") for r in recs if r["verdict"] != "error")
     assert_one_line_error(run_cli("filter", f, "--judge-model", tmp_path / "nope.gguf"), contains="not found")
-    flt.write_split([{"verdict": "answered", "judge": "unsafe", "id": "a"},
+    runs.write_split([{"verdict": "answered", "judge": "unsafe", "id": "a"},
                      {"verdict": "answered", "judge": "safe", "id": "b"}], tmp_path / "s2", flt.filter_blocked)
     assert '"a"' in (tmp_path / "s2" / "blocked.jsonl").read_text()
     assert '"b"' in (tmp_path / "s2" / "allowed.jsonl").read_text()

@@ -42,7 +42,7 @@ def test_not_refusals(text):
 
 
 def test_model_judge_labels():
-    from safeinfer_local.eval.judge_model import label_of
+    from safeinfer_local.workflows.judge_model import label_of
 
     assert label_of("safe") == "safe"
     assert label_of(" unsafe\nS1") == "unsafe"

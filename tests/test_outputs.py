@@ -11,6 +11,7 @@ import pytest
 from safeinfer_local import jsonl
 from safeinfer_local.errors import UsageError
 from safeinfer_local.workflows import filter as flt
+from safeinfer_local.workflows import inputs
 
 from .conftest import ROOT, assert_one_line_error, run_cli
 
@@ -28,20 +29,20 @@ def test_csv_with_a_duplicate_header_or_an_unterminated_quote_is_refused(tmp_pat
     dup = tmp_path / "dup.csv"
     dup.write_text("prompt,prompt\nhello,there\n")
     with pytest.raises(UsageError, match="'prompt' more than once"):
-        flt.read_items(str(dup))
+        inputs.read_items(str(dup))
     quote = tmp_path / "quote.csv"
     quote.write_text('id,prompt\n1,"How do I bake\n2,bread?\n')
     with pytest.raises(UsageError, match="not valid CSV"):
-        flt.read_items(str(quote))
+        inputs.read_items(str(quote))
     ok = tmp_path / "ok.csv"
     ok.write_text('id,prompt\n1,"a, quoted\nprompt"\n2,plain\n')
-    assert [it.prompt for it in flt.read_items(str(ok))] == ["a, quoted\nprompt", "plain"]
+    assert [it.prompt for it in inputs.read_items(str(ok))] == ["a, quoted\nprompt", "plain"]
 
 
 def test_a_filter_output_can_be_read_back_as_input(tmp_path):
     f = tmp_path / "o.jsonl"
     f.write_text(json.dumps({"_header": {"kind": flt.KIND}}) + "\n" + json.dumps({"id": "a", "prompt": "hi"}) + "\n")
-    assert [(it.id, it.prompt) for it in flt.read_items(str(f))] == [("a", "hi")]
+    assert [(it.id, it.prompt) for it in inputs.read_items(str(f))] == [("a", "hi")]
 
 
 def test_claim_refuses_foreign_and_mismatched_files_untouched(tmp_path):

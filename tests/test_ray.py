@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from safeinfer_local.workflows import filter as flt
+from safeinfer_local.workflows import inputs
 
 from .conftest import ROOT, assert_one_line_error, run_cli
 
@@ -57,7 +58,7 @@ def si():
 def single(si, prompts, tmp_path_factory):
     """The records of single-process ``filter`` on the same file and settings, in input order."""
     out = tmp_path_factory.mktemp("single") / "out.jsonl"
-    flt.run(si, flt.read_items(str(prompts)), out, **GEN)
+    flt.run(si, inputs.read_items(str(prompts)), out, **GEN)
     return jsonl_records(out)
 
 
@@ -142,11 +143,11 @@ def ray_local(tmp_path_factory):
 
 def test_ray_records_equal_single_process(ray_local, si, single, prompts, tmp_path):
     out = tmp_path / "out.jsonl"
-    res = sray.filter_run(si, flt.read_items(str(prompts)), out, actors=2, threads=1, **GEN)
+    res = sray.filter_run(si, inputs.read_items(str(prompts)), out, actors=2, threads=1, **GEN)
     assert res.wanted == 21 and len(res.written) == 21
     compare(single, jsonl_records(out), "ray")
     head = json.loads(out.read_text().splitlines()[0])["_header"]
-    assert head == json.loads(json.dumps(flt.header(si, flt.read_items(str(prompts)), None, None, None, GEN)))
+    assert head == json.loads(json.dumps(flt.header(si, inputs.read_items(str(prompts)), None, None, None, GEN)))
     assert sum(r["verdict"] == "error" for r in jsonl_records(out)) == 1
 
 
@@ -154,7 +155,7 @@ def test_killed_actor_is_retried(ray_local, si, single, prompts, tmp_path):
     marker = ray_local
     marker.unlink()  # arm the hook: the actor that gets input position DIE_AT exits once
     out = tmp_path / "out.jsonl"
-    items = flt.read_items(str(prompts))
+    items = inputs.read_items(str(prompts))
     sray.filter_run(si, items, out, actors=2, threads=1, **GEN)
     assert marker.exists(), "the hook never fired"
     recs = jsonl_records(out)
@@ -166,7 +167,7 @@ def test_resume_and_stdout(ray_local, si, single, prompts, tmp_path):
     """A rerun skips the ids already done (a cut-short output resumes through Ray); stdout keeps input order."""
     from safeinfer_local import jsonl
 
-    items = flt.read_items(str(prompts))
+    items = inputs.read_items(str(prompts))
     out = tmp_path / "out.jsonl"
     head = flt.header(si, items, None, None, None, GEN)
     jsonl.write_records(out, single[:7], header=head)
@@ -178,7 +179,7 @@ def test_resume_and_stdout(ray_local, si, single, prompts, tmp_path):
 def test_screen_batch_equals_screen(ray_local, si, prompts, tmp_path):
     from safeinfer_local.workflows import screen
 
-    items = flt.read_items(str(prompts))
+    items = inputs.read_items(str(prompts))
     gated = si.with_(gate="on")
     screen.run(gated, items, tmp_path / "screen.jsonl")
     want = jsonl_records(tmp_path / "screen.jsonl")
@@ -204,14 +205,14 @@ def test_actor_setup_error_is_ours(ray_local, si, prompts):
     kw = {"settings": sray.settings_of(si, 1), "gen": {"max_tokens": 2},
           "fingerprint": si.fingerprint() | {"model_sha256_head": "another"}}
     with pytest.raises(UsageError, match="loaded another model or vector than the driver"):
-        list(sray.map_items(sray.Session(), flt.read_items(str(prompts))[:2], sray.FilterBatch, kw, actors=1))
+        list(sray.map_items(sray.Session(), inputs.read_items(str(prompts))[:2], sray.FilterBatch, kw, actors=1))
 
 
 def test_stdout_gets_only_the_records(ray_local, si, single, prompts, capsys):
     """To standard output, in input order, with an actor killed: Ray's own notes about it go to stderr."""
     marker = ray_local
     marker.unlink(missing_ok=True)
-    sray.filter_run(si, flt.read_items(str(prompts)), None, actors=2, threads=1, **GEN)
+    sray.filter_run(si, inputs.read_items(str(prompts)), None, actors=2, threads=1, **GEN)
     assert marker.exists(), "the hook never fired"
     lines = capsys.readouterr().out.splitlines()
     compare(single, [json.loads(x) for x in lines], "ray, to stdout")

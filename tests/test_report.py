@@ -331,6 +331,7 @@ def test_records_written_before_the_rename_read_as_flagged(tmp_path):
     from safeinfer_local import jsonl
     from safeinfer_local.core.gate import record_flagged
     from safeinfer_local.workflows import filter as flt
+    from safeinfer_local.workflows import inputs, runs
 
     assert record_flagged({"gate_score": 0.3, "gated": False}) is True
     assert record_flagged({"gate_score": -0.1, "gated": True}) is False
@@ -342,6 +343,6 @@ def test_records_written_before_the_rename_read_as_flagged(tmp_path):
     new = {"id": "b", "index": 1, "prompt": "q", "response": "s", "verdict": "refused", "gate_score": 0.2,
            "flagged": True}
     jsonl.write_records(out, [old, new], header={"command": "filter"})
-    recs = flt.finalize(out, [flt.Item(0, "a", "p"), flt.Item(1, "b", "q")], None, flt.filter_blocked)
+    recs = runs.finalize(out, [inputs.Item(0, "a", "p"), inputs.Item(1, "b", "q")], None, flt.filter_blocked)
     assert [r.get("flagged") for r in recs] == [False, True] and not any("gated" in r for r in recs)
     assert "gated" not in out.read_text()

@@ -43,11 +43,12 @@ def filter_cmd(
 ) -> None:
     """Generate a reply for every prompt in a file and judge it (refused / answered / error)."""
     from ..workflows import filter as flt
+    from ..workflows import inputs, runs
 
     gen = o.gen_options(max_tokens, temperature, top_k, top_p, seed, stop)
     fr = resolve_frame(raw, frame)
     o.check_parallel(parallel)
-    sh = flt.parse_shard(shard)
+    sh = inputs.parse_shard(shard)
     if ray is None and ray_actors is not None:
         raise UsageError("--ray-actors needs --ray local|auto|ADDRESS")
     if ray is not None:
@@ -61,12 +62,12 @@ def filter_cmd(
         threads = 1 if threads is None else threads
     if out is not None:  # what is in it is checked by its header (jsonl.claim), once the settings are known
         o.check_out(out, inputs=[("input file", input)], force=force, flag="-o")
-    flt.check_split(split, force, inputs=[("input file", input)])
-    items = flt.read_items(input, fmt, field)
+    runs.check_split(split, force, inputs=[("input file", input)])
+    items = inputs.read_items(input, fmt, field)
     si = o.load_from(locals())
     judge = None
     if judge_model is not None:
-        from ..eval.judge_model import ModelJudge
+        from ..workflows.judge_model import ModelJudge
 
         judge = ModelJudge(judge_model, n_threads=threads)
 
@@ -83,7 +84,7 @@ def filter_cmd(
                 res = sray.filter_run(si, items, out, split, sh, parallel, fr, judge, progress=prog,
                                       on_resume=resuming, force=force, address=ray.strip(), actors=ray_actors,
                                       threads=threads, **gen)
-    except flt.Interrupted as e:
+    except runs.Interrupted as e:
         print(e.message, file=sys.stderr)
         raise typer.Exit(130) from None
     if quiet:
@@ -131,15 +132,14 @@ def screen_cmd(
 ) -> None:
     """Screen prompts with the vector's harm gate, without generating: one record per prompt with its gate
     score and whether it is flagged. Many prompts share each decode."""
-    from ..workflows import filter as flt
-    from ..workflows import screen
+    from ..workflows import inputs, runs, screen
 
     fr = resolve_frame(raw, frame)
-    sh = flt.parse_shard(shard)
+    sh = inputs.parse_shard(shard)
     if out is not None:
         o.check_out(out, inputs=[("input file", input)], force=force, flag="-o")
-    flt.check_split(split, force, inputs=[("input file", input)])
-    items = flt.read_items(input, fmt, field)
+    runs.check_split(split, force, inputs=[("input file", input)])
+    items = inputs.read_items(input, fmt, field)
     si = o.load(model=model, vector=vector, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
                 chat_format=chat_format, gate="on", gate_threshold=gate_threshold)
 
@@ -150,7 +150,7 @@ def screen_cmd(
     try:
         with o.progress(quiet) as prog:
             res = screen.run(si, items, out, split, sh, fr, progress=prog, on_resume=resuming, force=force)
-    except flt.Interrupted as e:
+    except runs.Interrupted as e:
         print(e.message, file=sys.stderr)
         raise typer.Exit(130) from None
     if not quiet:

@@ -93,6 +93,7 @@ def bench_harm(
     from ..core.harm import resolve_sets
     from ..eval.evaluate import RESULTS, HarmBench, HarmConfig, check_out, folder_records, read_config
     from ..eval.report import check_report, write_report
+    from ..workflows.runs import Interrupted
 
     cfg = HarmConfig(datasets=o.csv_list(dataset) or ["catqa", "advbench", "xstest"],
                      variants=o.csv_list([variants]), prompt_types=o.csv_list([prompt_types]),
@@ -110,7 +111,7 @@ def bench_harm(
                 gate=gate)
     judge = None
     if judge_model is not None:
-        from ..eval.judge_model import ModelJudge
+        from ..workflows.judge_model import ModelJudge
 
         judge = ModelJudge(judge_model, n_threads=threads)
     with jsonl.locked(out / RESULTS, "bench harm run"), o.progress(quiet) as prog:
@@ -120,9 +121,8 @@ def bench_harm(
             print(f"resuming: {hb.n_done} of {hb.total} records already in {out / RESULTS}", file=sys.stderr)
         try:
             hb.run()
-        except KeyboardInterrupt:
-            print(f"interrupted: {hb.n_done} of {hb.total} records done; rerun the same command to resume",
-                  file=sys.stderr)
+        except Interrupted as e:
+            print(e.message, file=sys.stderr)
             raise typer.Exit(130) from None
         # the report covers the whole folder (every run into it had the same settings), as `bench report` does
         paths = write_report(out, read_config(out), folder_records(out), force=force)

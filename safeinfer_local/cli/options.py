@@ -159,7 +159,7 @@ def read_prompt(prompt: str | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise UsageError("no prompt: pass it as an argument or on stdin")
-        from ..workflows.filter import read_stdin
+        from ..workflows.inputs import read_stdin
 
         prompt = read_stdin()
     try:

@@ -40,6 +40,7 @@ from ..core.judge import is_refusal
 from ..core.settings import VARIANTS, check_parallel
 from ..errors import UsageError
 from ..jsonl import Appender, load
+from ..workflows.runs import Tally
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
@@ -197,7 +198,6 @@ class HarmBench:
         self.runners = {v: runner(si, v) for v in cfg.variants}
         self.total = len(self.units) * sum(len(self._variants(m)) for m in cfg.measures)
         self.n_done = sum(1 for m in cfg.measures for u in self.units for v in self._variants(m) if self._done(m, u, v))
-        self.n_new = 0
 
     def _variants(self, measure: str) -> list[str]:
         """The variants a measure runs: likelihood leaves out ``:refuse`` rows (a refused prompt decodes nothing
@@ -231,25 +231,26 @@ class HarmBench:
         files.replace(self.out / CONFIG, json.dumps(doc, indent=1, ensure_ascii=False))
 
     def run(self) -> int:
-        """Run every pending record; returns how many were written. KeyboardInterrupt propagates after the
-        record in progress is on disk."""
-        app = Appender(self.out / RESULTS)
+        """Run every pending record; returns how many were written. Ctrl-C raises
+        :class:`~safeinfer_local.workflows.runs.Interrupted` once the record in progress is on disk."""
+        tally = Tally(Appender(self.out / RESULTS), self.total, self.n_done, "bench harm", "records done",
+                      "rerun the same command to resume", self.progress)
         try:
             for measure in self.cfg.measures:
                 if measure == "generation":
-                    self._generation(app)
+                    self._generation(tally)
                 else:
-                    self._likelihood(app)
+                    self._likelihood(tally)
+        except KeyboardInterrupt:
+            raise tally.interrupted() from None
         finally:
-            app.close()
-        return self.n_new
+            tally.app.close()
+        return len(tally.written)
 
-    def _write(self, app: Appender, rec: dict) -> None:
-        app.write(rec)
+    def _write(self, tally: Tally, rec: dict) -> None:
+        tally.write(rec)
         self.done[key_of(rec)] = rec
-        self.n_new += 1
-        self.n_done += 1
-        self.progress("bench harm", self.n_done, self.total)
+        self.n_done = tally.n_done
 
     # -- prompt encoding -----------------------------------------------------------------------------------
     def _text(self, u: Unit) -> str:
@@ -262,7 +263,7 @@ class HarmBench:
         return {"max_tokens": max_tokens, "temperature": 0.0, "frame": self.cfg.frame}
 
     # -- generation ----------------------------------------------------------------------------------------
-    def _generation(self, app: Appender) -> None:
+    def _generation(self, tally: Tally) -> None:
         chunk = max(8, 4 * self.cfg.parallel)
         for start in range(0, len(self.units), chunk):
             units = self.units[start:start + chunk]
@@ -275,7 +276,7 @@ class HarmBench:
                 # split layout: a guided variant's target rows batch exactly as an unguided variant's do
                 for k, res in si.generate_many(reqs, variant=variant, n_parallel=self.cfg.parallel, layout="split",
                                                **self._gen_kw(self.cfg.max_tokens)):
-                    self._write(app, self._gen_record(todo[k], v, res))
+                    self._write(tally, self._gen_record(todo[k], v, res))
 
     def _gen_record(self, u: Unit, variant: str, res) -> dict:
         rec = u.base("generation", self.cfg.redact) | {"variant": variant}
@@ -294,14 +295,14 @@ class HarmBench:
                       "refused": is_refusal(text) or not text.strip(), "judge": judge, "error": None}
 
     # -- likelihood ----------------------------------------------------------------------------------------
-    def _likelihood(self, app: Appender) -> None:
+    def _likelihood(self, tally: Tally) -> None:
         for u in self.units:
             todo = [v for v in self._variants("likelihood") if not self._done("likelihood", u, v)]
             if not todo:
                 continue
             answer = self._base_answer(u) if not u.dataset.harmful else None
             for v in todo:
-                self._write(app, self._lik_record(u, v, answer))
+                self._write(tally, self._lik_record(u, v, answer))
 
     def _base_answer(self, u: Unit) -> str:
         """Base's own greedy reply to a benign prompt (what the utility cost is measured on); kept in each

@@ -44,7 +44,7 @@ from ..core.gate import (
 )
 from ..decode.guidance import benign_demos
 from ..errors import UsageError
-from .filter import read_items
+from .inputs import read_items
 
 
 def read_dev_file(path: str, flag: str) -> list[str]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import jsonl
 from ..core.frames import resolve_frame
 from ..errors import UsageError
-from .filter import Item, Summary, finish, items_hash, start
+from .inputs import Item, items_hash
+from .runs import Run, Summary
 
 KIND = "safeinfer screen"
 CHUNK = 64
@@ -58,32 +58,19 @@ def run(si, items: list[Item], out: Path | None = None, split: Path | None = Non
         on_resume: Callable[[int, int], None] | None = None, force: bool = False) -> Summary:
     fr = resolve_frame(False, frame)
     fg = _gate(si).frame(fr)
-    with jsonl.locked(out, "screen run"):
-        head = header(si, items, shard, fr, fg.threshold)
-        wanted, todo, app = start(items, out, head, "screen output", shard, force, on_resume)
-        written: list[dict] = []
-        try:
-            for at in range(0, len(todo), CHUNK):
-                chunk = todo[at:at + CHUNK]
-                recs = score_records(si, chunk, fr)
-                for it in chunk:
-                    app.write(recs[it.index])
-                    written.append(recs[it.index])
-                if progress:
-                    progress("screen", len(written), len(todo))
-        except KeyboardInterrupt:
-            app.close()
-            from .filter import Interrupted
+    with Run(items, out, header(si, items, shard, fr, fg.threshold), "screen", shard, force, on_resume, progress,
+             noun="prompts screened") as run:
+        for at in range(0, len(run.todo), CHUNK):
+            chunk = run.todo[at:at + CHUNK]
+            recs = score_records(si, chunk, fr)
+            for it in chunk:
+                run.write(recs[it.index])
+        return run.finish(split, screen_blocked, counts)
 
-            n_done = len(wanted) - len(todo) + len(written)
-            where = f"rerun the same command to resume ({out})" if out else "use -o FILE to make runs resumable"
-            raise Interrupted(f"interrupted: {n_done} of {len(wanted)} prompts screened; {where}") from None
-        app.close()
-        recs = finish(out, wanted, written, split, screen_blocked)
-        counts = {"flagged": sum(1 for r in recs if r["flagged"]),
-                  "passed": sum(1 for r in recs if r["flagged"] is False),
-                  "error": sum(1 for r in recs if r["error"] is not None)}
-        return Summary(len(wanted), len(wanted) - len(todo), written, counts)
+
+def counts(recs: list[dict]) -> dict[str, int]:
+    return {"flagged": sum(1 for r in recs if r["flagged"]), "passed": sum(1 for r in recs if r["flagged"] is False),
+            "error": sum(1 for r in recs if r["error"] is not None)}
 
 
 def screen_blocked(r: dict) -> bool | None:
