@@ -273,7 +273,7 @@ def test_the_default_body_limit_follows_the_context():
 def test_a_full_engine_queue_is_one_503_for_every_route():
     """Completions and moderations hand their work over through one helper: Busy becomes 503 with Retry-After
     and an OpenAI-style body; anything submitted otherwise goes through unchanged."""
-    from safeinfer_local.serve.app import _submit_or_503
+    from safeinfer_local.serve.routes import _submit_or_503
 
     def full(*args):
         raise Busy("the queue is full (16 waiting)")

@@ -1,52 +1,26 @@
-"""The HTTP side: a FastAPI app with OpenAI's routes over one :class:`~.scheduler.Scheduler`, and :func:`run`, which
-serves it with uvicorn until Ctrl-C or SIGTERM, drains what is in flight and returns.
-
-Handlers never call the model: they check the request, submit a job, and await its updates, which the engine
-thread hands over with ``loop.call_soon_threadsafe``. A reply's status is chosen once its first token (or its
-error) is known, so a prompt that cannot run is a 4xx even when streaming.
-"""
+"""The HTTP side: :func:`create_app`, a FastAPI app with OpenAI's routes (:mod:`.routes`) over one
+:class:`~.scheduler.Scheduler`, its error mapping and body limit, and :func:`run`, which serves it with uvicorn
+until Ctrl-C or SIGTERM, drains what is in flight and returns."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import SafeInfer
 from ..core.settings import DEFAULT_MAX_TOKENS
-from ..errors import ContextOverflowError, UsageError
+from ..errors import UsageError
 from . import protocol as p
-from .scheduler import Busy, Done, Failed, Job, Scheduler, Token, is_client_error
-
-RETRY_AFTER_S = 1
-OPEN_PATHS = ("/health",)
-
-
-class BearerAuth:
-    """Every route but ``/health`` needs ``Authorization: Bearer KEY`` (a pure ASGI middleware, so that streaming
-    and disconnects pass through untouched)."""
-
-    def __init__(self, app, api_key: str) -> None:
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
-            return await self.app(scope, receive, send)
-        err = p.ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", None, "invalid_api_key")
-        await JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+from .routes import Served, public, v1
+from .scheduler import Scheduler
 
 
 def default_max_body(n_ctx: int) -> int:
@@ -73,7 +47,7 @@ def _too_large(limit: int) -> JSONResponse:
 class BodyLimit:
     """A request body above ``limit`` bytes gets 413 with an OpenAI-style error, before it is parsed: at once when
     its Content-Length says so, else as soon as the bytes read pass the limit (a chunked body). Pure ASGI, like
-    :class:`BearerAuth`."""
+    the API key check."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -107,45 +81,44 @@ class BodyLimit:
                 await _too_large(self.limit)(scope, receive, send)
 
 
-def _submit_or_503(submit, *args) -> None:
-    """Hand work to the engine thread; a full queue is 503 with Retry-After (the one place that says so)."""
-    try:
-        submit(*args)
-    except Busy as e:
-        raise p.ApiError(503, str(e), None, "server_busy", "server_error",
-                         {"Retry-After": str(RETRY_AFTER_S)}) from None
-
-
 def _error_response(e: p.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), e.status, headers=e.headers)
 
 
-def _failed(e: BaseException) -> p.ApiError:
-    if isinstance(e, ContextOverflowError):
-        return p.ApiError(400, str(e), "messages", "context_length_exceeded")
-    if is_client_error(e):
-        return p.ApiError(400, str(e), None, "invalid_value")
-    return p.ApiError(500, f"the engine failed: {e}", None, "engine_error")
+# -- errors: every one an OpenAI-style body ----------------------------------------------------------------
+async def _api_error(request: Request, e: p.ApiError):
+    return _error_response(e)
 
 
-async def _first(aq: asyncio.Queue, request: Request, sched: Scheduler, job_id: int):
-    """The job's first update, or ``None`` when the client went away first (the job is cancelled)."""
-    get = asyncio.ensure_future(aq.get())
+async def _invalid(request: Request, e: RequestValidationError):
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":
+        why = first.get("ctx", {}).get("error", "")
+        return _error_response(p.ApiError(400, f"the body is not valid JSON: {why}".rstrip(": "), None,
+                                          "invalid_json"))
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return _error_response(p.ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param,
+                                      "invalid_value"))
 
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
 
-    watch = asyncio.ensure_future(gone())
-    try:
-        done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if get in done:
-        return get.result()
-    get.cancel()
-    sched.cancel(job_id)
-    return None
+async def _body_too_large(request: Request, e: _TooLarge):
+    return _too_large(e.limit)
+
+
+async def _http(request: Request, e: StarletteHTTPException):
+    return JSONResponse(p.error_body(str(e.detail), "invalid_request_error", None, None), e.status_code,
+                        headers=getattr(e, "headers", None))
+
+
+async def _internal(request: Request, e: Exception):
+    return _error_response(p.ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error"))
+
+
+HANDLERS = {p.ApiError: _api_error, RequestValidationError: _invalid, _TooLarge: _body_too_large,
+            StarletteHTTPException: _http, Exception: _internal}
+"""The exception handlers of the app, by what they answer."""
 
 
 def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str | None = None,
@@ -168,151 +141,13 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
 
     app = FastAPI(title="safeinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = sched
+    app.state.served = Served(si, sched, model_id, max_tokens, api_key or None)
     app.add_middleware(BodyLimit, limit=default_max_body(si.n_ctx) if max_body is None else max_body)
-    if api_key:  # added last, so it runs first: a client without the key learns nothing about the limit
-        app.add_middleware(BearerAuth, api_key=api_key)
 
-    @app.exception_handler(p.ApiError)
-    async def _api_error(request: Request, e: p.ApiError):
-        return _error_response(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":
-            why = first.get("ctx", {}).get("error", "")
-            return _error_response(p.ApiError(400, f"the body is not valid JSON: {why}".rstrip(": "), None,
-                                              "invalid_json"))
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        return _error_response(p.ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param,
-                                          "invalid_value"))
-
-    @app.exception_handler(_TooLarge)
-    async def _body_too_large(request: Request, e: _TooLarge):
-        return _too_large(e.limit)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        return JSONResponse(p.error_body(str(e.detail), "invalid_request_error", None, None), e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        return _error_response(p.ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error"))
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_id, "parallel": sched.parallel, **sched.stats,
-                "decode_s": round(si.decode_seconds, 3)}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                            "owned_by": "safeinfer_local"}]}
-
-    async def generate(kind: str, req: p._Generation, prompt, frame: str, request: Request):
-        cfg = p.gen_config(req, max_tokens)
-        rsi, variant, fr = p.settings_for(si, req.safeinfer)
-        if kind == "chat" and fr not in (None, "template"):
-            raise p.ApiError(400, "chat messages go through the chat template (frame 'template')",
-                             "safeinfer.frame", "invalid_value")
-        loop = asyncio.get_running_loop()
-        aq: asyncio.Queue = asyncio.Queue()
-
-        def sink(update) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(aq.put_nowait, update)
-
-        job = Job(rsi, variant, prompt, fr or frame, cfg, sink, stream=bool(req.stream))
-        _submit_or_503(sched.submit, job)
-        first = await _first(aq, request, sched, job.id)
-        if first is None:
-            return JSONResponse(p.error_body("client closed the request"), 499)
-        if isinstance(first, Failed):
-            raise _failed(first.error)
-        rid = p.new_id("chatcmpl" if kind == "chat" else "cmpl")
-        if not req.stream:
-            return p.completion_body(kind, rid, model_id, rsi, first)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(kind, rid, rsi, job, first, aq, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def _stream(kind: str, rid: str, rsi: SafeInfer, job: Job, update, aq: asyncio.Queue,
-                      include_usage: bool) -> AsyncIterator[str]:
-        created = int(time.time())
-        finished = False
-        try:
-            if kind == "chat":
-                yield p.sse(p.chunk(kind, rid, model_id, created, role=True))
-            while True:
-                if isinstance(update, Token):
-                    if update.step.text:
-                        yield p.sse(p.chunk(kind, rid, model_id, created, update.step.text))
-                elif isinstance(update, Done):
-                    finished = True
-                    if update.step.text:
-                        yield p.sse(p.chunk(kind, rid, model_id, created, update.step.text))
-                    last = p.chunk(kind, rid, model_id, created, finish=p.FINISH.get(update.result.stop_reason, "stop"))
-                    last["safeinfer"] = p.applied(rsi, update)
-                    yield p.sse(last)
-                    if include_usage:
-                        yield p.sse({"id": rid, "object": last["object"], "created": created, "model": model_id,
-                                     "choices": [], "usage": p.usage(update)})
-                    yield p.DONE
-                    return
-                else:  # Failed mid-stream (the engine broke): say so in-band, then end the stream
-                    finished = True
-                    yield p.sse(_failed(update.error).body())
-                    yield p.DONE
-                    return
-                update = await aq.get()
-        finally:
-            if not finished:  # the client went away (or the server forced its exit): free the slot
-                sched.cancel(job.id)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: p.ChatRequest, request: Request):
-        return await generate("chat", req, p.chat_messages(req), "template", request)
-
-    @app.post("/v1/completions")
-    async def completions(req: p.CompletionRequest, request: Request):
-        return await generate("text", req, p.completion_prompt(req), "none", request)
-
-    @app.post("/v1/moderations")
-    async def moderations(req: p.ModerationRequest, request: Request):
-        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not inputs or len(inputs) > p.MAX_MODERATION_INPUTS or not all(x.strip() for x in inputs):
-            raise p.ApiError(400, f"input must be 1..{p.MAX_MODERATION_INPUTS} non-empty strings", "input",
-                             "invalid_value")
-        rsi, _, fr = p.settings_for(si, req.safeinfer)
-        frame = fr or "template"
-        gate = rsi.active_gate("safeinfer")  # the gate a steered call would go through (None when off or absent)
-        if gate is None:
-            raise p.ApiError(400, "moderation needs a vector with a harm gate (build one with `safeinfer vectors "
-                             "gate`), and a gate that is not off", None, "moderation_unavailable")
-        fg = gate.frame(frame)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-
-        def sink(value) -> None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
-
-        def verdicts(_):  # on the engine thread: the gate's Route for every input, many per decode
-            routes = rsi.route_many([rsi.encode_prompt(x, frame=frame)[0] for x in inputs], "safeinfer", frame)
-            bad = next((r for r in routes if isinstance(r, UsageError)), None)
-            if bad is not None:
-                raise bad
-            return routes
-
-        _submit_or_503(sched.call, verdicts, sink)
-        value = await fut
-        if isinstance(value, BaseException):
-            raise _failed(value)
-        return p.moderation_body(model_id, value, fg.threshold, frame, gate.block)
-
+    for exc, handler in HANDLERS.items():
+        app.add_exception_handler(exc, handler)
+    app.include_router(public)
+    app.include_router(v1)
     return app
 
 
