@@ -23,10 +23,14 @@ PROMPTS = [
 
 
 def run(si, layout, slots, prompts, max_tokens=24):
-    dec = si._decoder
-    gen = dec.batch("safeinfer", si.steering, si.guidance, si.lam, slots, 0, layout)
-    reqs = [(k, p, si.encode_prompt(p, frame="qa")[0]) for k, p in enumerate(prompts)]
-    out = dict(dec.generate_many(gen, reqs, GenConfig(max_tokens=max_tokens, temperature=0)))
+    gen = si.batch("safeinfer", slots, layout)
+    for k, p in enumerate(prompts):
+        gen.insert(k, si.encode_prompt(p, frame="qa")[0], GenConfig(max_tokens=max_tokens, temperature=0), p)
+    out = {}
+    while gen:
+        for ev in gen.step():
+            if ev.error is not None or ev.result is not None:
+                out[ev.key] = ev.error or ev.result
     return gen, out
 
 
@@ -79,13 +83,15 @@ def test_shared_many_slots_and_auto_choice(neg):
 @pytest.mark.model
 def test_shared_layout_refused_where_it_cannot_apply(neg):
     p = neg.with_(guidance="prompt")
+    spec = neg.with_(speculate=4)
     with pytest.raises(UsageError):
-        p._decoder.batch("safeinfer", p.steering, p.guidance, p.lam, 2, 0, "shared")
+        p.batch("safeinfer", 2, "shared")
     with pytest.raises(UsageError):
-        neg._decoder.batch("safeinfer", neg.steering, neg.guidance, neg.lam, 2, 4, "shared")
+        spec.batch("safeinfer", 2, "shared")
     # auto falls back to split for prompt guidance and for speculation
-    assert p._decoder.batch("safeinfer", p.steering, p.guidance, p.lam, 2, 0, "auto").shared is None
-    assert neg._decoder.batch("safeinfer", neg.steering, neg.guidance, neg.lam, 2, 4, "auto").shared is None
+    assert p.batch("safeinfer", 2, "auto").shared is None
+    assert spec.batch("safeinfer", 2, "auto").shared is None
+    assert neg.batch("safeinfer", 2, "auto").shared is not None
 
 
 @pytest.mark.model

@@ -51,8 +51,7 @@ def test_guidance_changes_distribution_and_reports_guided_tokens(model):
 def test_prompt_guidance_prefix_is_decoded_once(model):
     si = SafeInfer(model=model, gate="off", guidance="prompt", lam=0.5)
     si.score(P, REFUSAL_PROBE, variant="sgds", raw=True)
-    dec = si._decoder
-    guide = dec.side(dec.plan("sgds", None, si.guidance).guide)
+    guide = si.batch("sgds").guide  # the guidance side score decodes on (the decoder keeps one per role)
     n_prefix = len(guide.prefix)
     assert n_prefix > 100 and guide._prefix_decoded
     first = si.score(qa_prompt("What is bread?"), " Bread is food.", variant="sgds", raw=True)
@@ -119,20 +118,18 @@ def test_shared_prompt_head_matches_decoding_it(model):
 
     si = SafeInfer(model=model, gate="off", guidance="negative", lam=0.5)
     toks = model.tokenize(P)
-    dec = si._decoder
-    p = dec.plan("safeinfer", si.steering, si.guidance)
-    target, guide = dec.side(p.target), dec.side(p.guide)
-    assert target.shares_head_with(guide, p.tbuf, p.gbuf)
-    direct = guide.decode_slots([(0, guide.begin(0, toks, p.gbuf[0]))], p.gbuf[1])[0]
-    gen = dec.batch("safeinfer", si.steering, si.guidance, si.lam)
+    gen = si.batch("safeinfer")
+    target, guide = gen.target, gen.guide
+    assert target.shares_head_with(guide, gen.tbuf, gen.gbuf)
+    direct = guide.decode_slots([(0, guide.begin(0, toks, gen.gbuf[0]))], gen.gbuf[1])[0]
     gen.insert("k", toks, GenConfig(max_tokens=2, temperature=0))
-    gen._admit([])  # admission: the head is decoded on the target and its KV imported into the guidance slot
+    assert gen.admit() == []  # the head is decoded on the target and its KV imported into the guidance slot
     assert guide.ctx.pos[guide.slot_seq(0)] == len(toks) - 1
-    copied = guide.decode_slots([(0, toks[-1:])], p.gbuf[1])[0]
+    copied = guide.decode_slots([(0, toks[-1:])], gen.gbuf[1])[0]
     np.testing.assert_allclose(copied, direct, atol=2e-3)
     # a vector on the head (positions "all") must not share
     all_buf = position_buffers(si.steering.__class__.from_vector(si.vector, model, 0.5, None, "all"), model.n_layer)
-    assert not target.shares_head_with(guide, all_buf, p.gbuf)
+    assert not target.shares_head_with(guide, all_buf, gen.gbuf)
 
 
 def _write_lora(path, b_scale):
