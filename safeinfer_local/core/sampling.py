@@ -5,14 +5,9 @@ Nothing here touches a model, so every function is unit-tested on small arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from .settings import DEFAULT_LAMBDA, check_lambda, check_sampling
-
-Sampler = Callable[[np.ndarray], int]
-"""Takes one row of logits (or log-probabilities) and returns a token id."""
 
 
 def logsumexp(x: np.ndarray) -> np.ndarray:

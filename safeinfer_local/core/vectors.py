@@ -10,7 +10,6 @@ extra ``safeinfer.*`` keys, which llama.cpp ignores, so the file loads unchanged
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -240,10 +239,6 @@ def _gate_summary(gate: Any) -> dict | None:
             "provenance": gate.get("provenance"),
             "frames": {k: {"threshold": f.get("threshold"), "dev": f.get("dev")} for k, f in frames.items()
                        if isinstance(f, dict)}}
-
-
-def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _field_value(reader: Any, key: str) -> Any:

@@ -26,7 +26,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import files, jsonl
 from ..core.gate import auroc, record_flagged
@@ -532,6 +532,33 @@ def _asr_pct(c: dict, cat: str) -> float | None:
     return None if r is None else 100 * r
 
 
+class _Charts(NamedTuple):
+    """A measure's two charts: a value per category, and refusal against over-refusal per variant."""
+
+    measure: str
+    stem: str  # the per-category chart is STEM_per_category.png
+    value: Callable[[dict, str], float | None]
+    axis: str
+    title: str
+    name: str
+    xy: tuple[str, str]  # a variant's pooled rates on the trade-off chart: benign (x), harmful (y)
+    flip: bool  # y is 100 − the rate (ASR → refusal)
+    tradeoff_file: str
+    tradeoff_axes: tuple[str, str]
+
+
+_CHARTS = (
+    _Charts("generation", "asr", _asr_pct, "ASR % (lower is better)", "Attack success rate per category",
+            "ASR per category", ("over_refusal", "asr"), True, "refusal_vs_overrefusal.png",
+            ("benign over-refusal % (lower is better)", "harmful refusal % = 100 − ASR (higher is better)")),
+    _Charts("likelihood", "margin", lambda c, cat: (c.get("mean_margin") or {}).get(cat),
+            "mean margin, nats (> 0: refusal preferred)", "Refusal margin per category", "Mean margin per category",
+            ("refusal_preferred_benign", "refusal_preferred_harmful"), False,
+            "refusal_vs_overrefusal_likelihood.png",
+            ("benign refusal preferred % (lower is better)", "harmful refusal preferred % (higher is better)")),
+)
+
+
 def write_charts(out_dir: Path, summary: dict) -> list[tuple[str, Path]]:
     """The PNG charts of a summary in ``out_dir``: (title, path) of each written. Needs matplotlib."""
     import matplotlib
@@ -540,30 +567,20 @@ def write_charts(out_dir: Path, summary: dict) -> list[tuple[str, Path]]:
     import matplotlib.pyplot as plt
 
     out: list[tuple[str, Path]] = []
-    gen, lik = summary.get("generation"), summary.get("likelihood")
-    if gen:
-        p = out_dir / "asr_per_category.png"
-        if _category_chart(plt, p, gen, _asr_pct, "ASR % (lower is better)", "Attack success rate per category"):
-            out.append(("ASR per category", p))
-        pts = [(v, s["over_refusal"], _flip(s["asr"])) for v, s in gen["pooled"].items()
-               if s["over_refusal"]["n"] and s["asr"]["n"]]
-        p = out_dir / "refusal_vs_overrefusal.png"
-        if pts and _tradeoff_chart(plt, p, pts, "benign over-refusal % (lower is better)",
-                                   "harmful refusal % = 100 − ASR (higher is better)",
-                                   "Refusal vs over-refusal (generation; top left is best)"):
-            out.append(("Refusal vs over-refusal (generation)", p))
-    if lik:
-        p = out_dir / "margin_per_category.png"
-        if _category_chart(plt, p, lik, lambda c, cat: (c.get("mean_margin") or {}).get(cat),
-                           "mean margin, nats (> 0: refusal preferred)", "Refusal margin per category"):
-            out.append(("Mean margin per category", p))
-        pts = [(v, s["refusal_preferred_benign"], s["refusal_preferred_harmful"]) for v, s in lik["pooled"].items()
-               if s["refusal_preferred_benign"]["n"] and s["refusal_preferred_harmful"]["n"]]
-        p = out_dir / "refusal_vs_overrefusal_likelihood.png"
-        if pts and _tradeoff_chart(plt, p, pts, "benign refusal preferred % (lower is better)",
-                                   "harmful refusal preferred % (higher is better)",
-                                   "Refusal vs over-refusal (likelihood; top left is best)"):
-            out.append(("Refusal vs over-refusal (likelihood)", p))
+    for c in _CHARTS:
+        part = summary.get(c.measure)
+        if not part:
+            continue
+        p = out_dir / f"{c.stem}_per_category.png"
+        if _category_chart(plt, p, part, c.value, c.axis, c.title):
+            out.append((c.name, p))
+        x, y = c.xy
+        pts = [(v, s[x], _flip(s[y]) if c.flip else s[y]) for v, s in part["pooled"].items()
+               if s[x]["n"] and s[y]["n"]]
+        p = out_dir / c.tradeoff_file
+        if pts and _tradeoff_chart(plt, p, pts, *c.tradeoff_axes, f"Refusal vs over-refusal ({c.measure}; top left "
+                                   "is best)"):
+            out.append((f"Refusal vs over-refusal ({c.measure})", p))
     return out
 
 

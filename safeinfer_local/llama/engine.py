@@ -15,7 +15,6 @@ import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,7 +70,6 @@ _ggml.ggml_backend_tensor_set.restype = None
 
 _backend_ready = False
 _GGUF_MAGIC = b"GGUF"
-LLAMA_VERSION = getattr(_L, "__version__", "?")
 
 
 def set_verbose(verbose: bool) -> None:
@@ -259,14 +257,6 @@ class Detokenizer:
 
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)
-
-
-@dataclass
-class TensorRead:
-    """One captured graph tensor: rows are tokens of the decoded batch (or output rows in the last layer)."""
-
-    name: str
-    data: np.ndarray  # (n_rows, row_width) float32
 
 
 Patch = Callable[[str, np.ndarray], np.ndarray | None]
