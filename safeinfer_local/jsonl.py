@@ -164,13 +164,16 @@ def first_header(path: Path) -> tuple[bool, dict | None]:
 
 
 def claim(path: Path, header: dict, *, what: str, force: bool = False,
-          key: Callable[[dict], Hashable] | None = None) -> Loaded:
+          key: Callable[[dict], Hashable] | None = None, upgrade: Callable[[dict], dict] | None = None) -> Loaded:
     """Make ``path`` this run's output before anything is written to it. A missing or empty file is new; a file
     whose header equals ``header`` is resumed (its records returned, a torn tail cut); any other file (another
     input, other settings, or not ``what`` at all) is refused with one line and left untouched, unless ``force``,
-    which empties it. The header is written by the :class:`Appender` that follows."""
+    which empties it. The header is written by the :class:`Appender` that follows. ``upgrade``: the header an
+    older version wrote, in this version's form (compared after that)."""
     path = Path(os.path.realpath(path))
     has, old = first_header(path)
+    if old is not None and upgrade is not None:
+        old = upgrade(old)
     if not has:
         if path.exists() and path.stat().st_size:
             files.replace(path, "")  # blank lines only

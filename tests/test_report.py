@@ -342,7 +342,15 @@ def test_records_written_before_the_rename_read_as_flagged(tmp_path):
            "gated": True}
     new = {"id": "b", "index": 1, "prompt": "q", "response": "s", "verdict": "refused", "gate_score": 0.2,
            "flagged": True}
-    jsonl.write_records(out, [old, new], header={"command": "filter"})
+    before = {"kind": flt.KIND, "input_sha256": "A", "settings": {"variant": "safeinfer"}}  # no "records" key
+    jsonl.write_records(out, [old, new], header=before)
+    # this version's header says its records' form; the older file resumes under it (read in that form)
+    assert runs.RECORDS == "flagged"
+    head = before | {"records": runs.RECORDS}
+    assert len(jsonl.claim(out, head, what="filter output", upgrade=runs.upgrade_header).records) == 2
+    with pytest.raises(UsageError, match="records"):  # without the upgrade the two headers differ by the form
+        jsonl.claim(out, head, what="filter output")
     recs = runs.finalize(out, [inputs.Item(0, "a", "p"), inputs.Item(1, "b", "q")], None, flt.filter_blocked)
     assert [r.get("flagged") for r in recs] == [False, True] and not any("gated" in r for r in recs)
     assert "gated" not in out.read_text()
+    assert jsonl.load(out).header == head  # the rewrite says so

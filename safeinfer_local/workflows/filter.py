@@ -15,7 +15,7 @@ from ..core.judge import is_refusal
 from ..errors import UsageError
 from ..jsonl import claim
 from .inputs import Item, items_hash
-from .runs import Run, Summary
+from .runs import RECORDS, Run, Summary, upgrade_header
 
 
 def record(item: Item, variant: str, response: str | None = None, n_tokens: int = 0, tokens_per_s: float = 0.0,
@@ -79,7 +79,7 @@ def merge(out: Path, shards: list[Path], force: bool = False) -> int:
         loaded = jsonl.load(p, key=lambda r: (str(r["id"]), int(r["index"])))
         if loaded.header is None or loaded.header.get("kind") != KIND:
             raise UsageError(f"{p} is not a filter output (it has no filter header)")
-        h = loaded.header | {"shard": None}
+        h = upgrade_header(loaded.header) | {"shard": None}
         if head is None:
             head = h
         elif (diff := jsonl.header_mismatch(head, h)) is not None:
@@ -102,7 +102,7 @@ def merge(out: Path, shards: list[Path], force: bool = False) -> int:
                          "have no record (a shard is missing or unfinished)")
     if any(out.resolve() == p.resolve() for p in shards):
         raise UsageError(f"{out} is one of the shards; merge into another file")
-    claim(out, head, what="filter output", force=force)
+    claim(out, head, what="filter output", force=force, upgrade=upgrade_header)
     jsonl.write_records(out, ordered, header=head)
     return len(ordered)
 
@@ -113,7 +113,7 @@ KIND = "safeinfer filter"
 def header(si, items: list[Item], shard: tuple[int, int] | None, frame: str | None, judge, gen: dict) -> dict:
     """The first line of a filter output: the input and every setting that shapes a record. A rerun must match
     it to resume; merge checks that its shards agree on everything but the shard."""
-    return {"kind": KIND, "input_sha256": items_hash(items), "n_items": len(items),
+    return {"kind": KIND, "records": RECORDS, "input_sha256": items_hash(items), "n_items": len(items),
             "shard": f"{shard[0]}/{shard[1]}" if shard else None,
             "settings": si.fingerprint() | {"variant": si.default_variant(), "frame": frame or "template",
                                             "judge_model": judge.model.path.name if judge is not None else None}

@@ -97,7 +97,7 @@ class Run:
             done: dict[str, dict] = {}
             if self.out is not None:
                 done = jsonl.claim(self.out, self.head, what=f"{self.kind} output", force=self.force,
-                                   key=_id).by_key(_id)
+                                   key=_id, upgrade=upgrade_header).by_key(_id)
             self.todo = list(pending(self.items, done, self.shard))
             self.wanted = [it for it in self.items if in_shard(it.id, self.shard)]
             if done and self.on_resume:
@@ -153,10 +153,21 @@ def finalize(out: Path, items: list[Item], split_dir: Path | None, blocked: Call
     done = loaded.by_key(_id)
     order = {it.id: it.index for it in items}
     recs = sorted((upgrade(r) for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
-    jsonl.write_records(out, recs, header=loaded.header)
+    jsonl.write_records(out, recs, header=upgrade_header(loaded.header) if loaded.header else None)
     if split_dir is not None:
         write_split(recs, split_dir, blocked)
     return recs
+
+
+RECORDS = "flagged"
+"""The form of this version's filter and screen records, in their header's ``records``: ``flagged`` (true = the
+gate judged the prompt harmful). A header without it was written before the rename, when records said ``gated``
+(true = passed by the gate); such a file resumes, and its final rewrite is all in this form."""
+
+
+def upgrade_header(header: dict) -> dict:
+    """A filter or screen header as this version writes it (see :data:`RECORDS`)."""
+    return header if "records" in header else header | {"records": RECORDS}
 
 
 def upgrade(record: dict) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..core.frames import resolve_frame
 from ..errors import UsageError
 from .inputs import Item, items_hash
-from .runs import Run, Summary
+from .runs import RECORDS, Run, Summary
 
 KIND = "safeinfer screen"
 CHUNK = 64
@@ -19,7 +19,7 @@ CHUNK = 64
 
 def header(si, items: list[Item], shard, frame: str, threshold: float) -> dict:
     g = si.gate
-    return {"kind": KIND, "input_sha256": items_hash(items), "n_items": len(items),
+    return {"kind": KIND, "records": RECORDS, "input_sha256": items_hash(items), "n_items": len(items),
             "shard": f"{shard[0]}/{shard[1]}" if shard else None,
             "settings": {"model": si.fingerprint()["model_sha256_head"], "gate": si.fingerprint()["gate"],
                          "block": g.block, "frame": frame, "threshold": threshold}}
