@@ -210,8 +210,12 @@ def test_chat_content_parts_and_finish_reasons():
     assert p.chat_messages(req) == [{"role": "user", "content": "ab"}]
     with pytest.raises(p.ApiError):
         p.chat_messages(p.ChatRequest(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
-    assert p.FINISH == {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length",
-                        "refused": "content_filter"}
+    # every way a request can end maps to one of OpenAI's finish reasons; a cut-off reply is "length"
+    from safeinfer_local.decode.batch import FINISH_REASONS
+
+    assert set(p.FINISH) == set(FINISH_REASONS)
+    assert set(p.FINISH.values()) <= {"stop", "length", "content_filter", "tool_calls", "function_call"}
+    assert p.FINISH["max_tokens"] == p.FINISH["context"] == "length"
     assert p.sse({"a": 1}) == 'data: {"a": 1}\n\n' and p.DONE == "data: [DONE]\n\n"
 
 
