@@ -149,7 +149,8 @@ class Split:
         self._run(jobs)
 
     def _run(self, jobs: list[Callable]) -> None:
-        self.both(*jobs) if len(jobs) == 2 else self.both(jobs[0], None)
+        """The sides' decodes of a piece: at the same time, each on its own context."""
+        self.both(jobs[0], jobs[1] if len(jobs) == 2 else None)
 
     def finish_head(self, i: int, toks: list[int]) -> None:
         """Slot ``i``'s head is decoded (in pieces) on the target: the guidance side takes a copy."""
@@ -194,6 +195,7 @@ class Shared(Split):
         return last
 
     def _run(self, jobs: list[Callable]) -> None:
+        """One context: one decode at a time."""
         for job in jobs:
             self.both(job, None)
 

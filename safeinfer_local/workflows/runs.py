@@ -71,9 +71,8 @@ class Tally:
         if self.progress:
             self.progress(self.stage, self.n_done, self.total)
 
-    def interrupted(self, n_done: int | None = None) -> Interrupted:
-        n = self.n_done if n_done is None else n_done
-        return Interrupted(f"interrupted: {n} of {self.total} {self.noun}; {self.resume}")
+    def interrupted(self) -> Interrupted:
+        return Interrupted(f"interrupted: {self.n_done} of {self.total} {self.noun}; {self.resume}")
 
 
 class Run:
