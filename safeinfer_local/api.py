@@ -25,8 +25,6 @@ from .core.settings import (
     DEFAULT_LAMBDA,
     DEFAULT_N_CTX,
     DEFAULT_SPECULATE,
-    GUIDED_VARIANTS,
-    SA_VARIANTS,
     check_lambda,
     check_variant,
 )
@@ -35,7 +33,7 @@ from .decode.batch import BatchGenerator, GenConfig, Result, Step
 from .decode.decoder import Decoder
 from .decode.gating import Handoff
 from .decode.guidance import GuidanceSpec
-from .decode.steering import Steering, check_plan_steerable
+from .decode.steering import Steering
 from .errors import UsageError
 from .llama.chat import Message, render, render_stops
 from .llama.engine import Model
@@ -267,12 +265,7 @@ class SafeInfer:
 
     def _check(self, variant: str) -> None:
         check_variant(variant)
-        if variant in SA_VARIANTS and self.settings.steering is None:
-            raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
-        src = self.settings.guidance.source
-        if variant in GUIDED_VARIANTS and src.guide_vector and self.steering is None:
-            raise UsageError(f"--guidance {src.kind} needs a safety vector (--vector)")
-        check_plan_steerable(self.model, self.steering, variant, src, self.n_threads)
+        self._decoder.check(variant, self.steering, self.settings.guidance)
 
     def _variant(self, variant: str | None) -> str:
         variant = variant or self.settings.variant

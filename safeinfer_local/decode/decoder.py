@@ -123,23 +123,27 @@ class Decoder:
             self._guide_models[str(path)] = gm
         return gm
 
+    def check(self, variant: str, steering: Steering | None, guidance: GuidanceSpec) -> GuidanceSource:
+        """What :meth:`plan` refuses, without building anything: a vector the variant or the guidance source needs
+        and does not have, or one this architecture's graph would ignore. Returns the source."""
+        if variant in SA_VARIANTS and steering is None:
+            raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
+        src = guidance.source
+        if variant in GUIDED_VARIANTS and src.guide_vector and steering is None:
+            raise UsageError(f"--guidance {src.kind} needs a safety vector (--vector)")
+        check_plan_steerable(self.model, steering, variant, src, self.n_threads)
+        return src
+
     def plan(self, variant: str, steering: Steering | None, guidance: GuidanceSpec) -> Plan:
         """The sides and vectors of ``variant`` under ``guidance`` (its :class:`~.guidance.GuidanceSource` says
         what each side sees)."""
         n_layer = self.model.n_layer
+        src = self.check(variant, steering, guidance)
         sa = steering if variant in SA_VARIANTS else None
-        if variant in SA_VARIANTS and steering is None:
-            raise UsageError(f"variant {variant!r} needs a safety vector (--vector)")
-        src = guidance.source
-        check_plan_steerable(self.model, steering, variant, src, self.n_threads)
         guide = src.guide() if variant in GUIDED_VARIANTS else None
         if guide is None:
             return Plan(PLAIN, position_buffers(sa, n_layer))
-        gbuf = NO_VECTOR
-        if src.guide_vector:
-            if steering is None:
-                raise UsageError(f"--guidance {src.kind} needs a safety vector (--vector)")
-            gbuf = position_buffers(steering, n_layer, sign=src.guide_vector)
+        gbuf = position_buffers(steering, n_layer, sign=src.guide_vector) if src.guide_vector else NO_VECTOR
         return Plan(src.target(), position_buffers(sa, n_layer), guide, gbuf, src)
 
     def _both(self, target_call, guide_call):

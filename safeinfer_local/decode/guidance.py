@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -188,10 +189,16 @@ class PromptGuidance(GuidanceSource):
     kind = "prompt"
 
     def target(self) -> SideSpec:
-        return SideSpec("target-prefixed", prefix_text(safe_demos()))
+        return SideSpec("target-prefixed", _prefixes()[0])
 
     def guide(self) -> SideSpec:
-        return SideSpec("guide-prompt", prefix_text(unsafe_demos()))
+        return SideSpec("guide-prompt", _prefixes()[1])
+
+
+@lru_cache(maxsize=1)
+def _prefixes() -> tuple[str, str]:
+    """``prompt`` guidance's two prefixes (safe, unsafe demonstrations), read once: every plan asks for them."""
+    return prefix_text(safe_demos()), prefix_text(unsafe_demos())
 
 
 @register
