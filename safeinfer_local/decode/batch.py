@@ -230,8 +230,6 @@ class BatchGenerator:
         self._room = min(target.capacity, guide.capacity if guide is not None else target.capacity)
         self.layout = make(target, tbuf, guide, gbuf, both, head_threads)
         """How the sides are laid out and decoded (:mod:`.layout`)."""
-        self.shared = self.layout.shared
-        """Both sides in one context (:class:`~.sides.SharedContext`): one ``llama_decode`` per step for both."""
         if self.shared is not None and self.speculate:
             raise ValueError("speculative decoding needs the two-context layout")
         self.strategy = Speculation(self, self.speculate) if self.speculate else None
@@ -263,6 +261,11 @@ class BatchGenerator:
         return False
 
     @property
+    def shared(self):
+        """Both sides in one context (:class:`~.sides.SharedContext`): one ``llama_decode`` per step for both."""
+        return self.layout.shared
+
+    @property
     def n_active(self) -> int:
         """Requests holding a slot: decoding, or decoding their prompt in pieces."""
         return len(self._active) + len(self._prefilling)
@@ -273,9 +276,6 @@ class BatchGenerator:
 
     def __bool__(self) -> bool:
         return bool(self._active or self._pending or self._prefilling)
-
-    def _used(self) -> int:
-        return self.layout.used()
 
     def _release(self, i: int) -> None:
         del self._active[i]
@@ -305,7 +305,7 @@ class BatchGenerator:
             new_cells = len(req.tokens) + req.cfg.max_tokens * self.layout.cells_per_token
             busy = self._active or self._prefilling
             owed = sum(max(map(len, p.heads)) - p.done for p in self._prefilling.values())
-            if busy and self._used() + owed + new_cells > self._room:
+            if busy and self.layout.used() + owed + new_cells > self._room:
                 return  # the shared KV is full: wait for a slot to finish
             self._pending.popleft()
             i = self._free.pop(0)
@@ -447,7 +447,7 @@ class BatchGenerator:
         """End the step: requests with no room for their next token stop (``context``), and every finished
         request gets its last step and result."""
         # no room for the next token: the requests holding the most KV stop first ("context")
-        while going and self._no_room(going):
+        while going and self.layout.no_room(going):
             i = max(going, key=lambda j: self.target.pos(j))
             going.remove(i)
             ev = next((e for e in reversed(events) if e.key == self._active[i].req.key), None)
@@ -464,9 +464,6 @@ class BatchGenerator:
             events.append(Event(s.req.key, step, self._result(s, step)))
             self._release(i)
         return events
-
-    def _no_room(self, going: list[int]) -> bool:
-        return self.layout.no_room(going)
 
     def _result(self, s: _Slot, last: Step) -> Result:
         t_end = time.perf_counter()

@@ -140,7 +140,6 @@ def create_app(si: SafeInfer, parallel: int = 4, queue: int = 16, api_key: str |
             await asyncio.get_running_loop().run_in_executor(None, sched.close)
 
     app = FastAPI(title="safeinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.scheduler = sched
     app.state.served = Served(si, sched, model_id, max_tokens, api_key or None)
     app.add_middleware(BodyLimit, limit=default_max_body(si.n_ctx) if max_body is None else max_body)
 
