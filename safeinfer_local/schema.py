@@ -159,8 +159,6 @@ SETTINGS: tuple[Setting, ...] = (
             check=_int("--n-gpu-layers", -1), type=int, load=True, fingerprint=False),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
-LOAD = tuple(s.name for s in SETTINGS if s.load)
-"""Fixed when the model loads."""
 CHANGEABLE = tuple(s.name for s in SETTINGS if not s.load)
 """What ``SafeInfer.with_`` may change."""
 REQUEST = tuple(s.name for s in SETTINGS if s.request)

@@ -82,10 +82,6 @@ class SafetyVector:
     def n_embd(self) -> int:
         return next(iter(self.directions.values())).shape[0]
 
-    @property
-    def max_layer(self) -> int:
-        return max(self.directions)
-
     # arithmetic, as in repeng: v1 + v2, -v, v * 2
     def __mul__(self, k: float) -> SafetyVector:
         return replace(self, directions={i: a * np.float32(k) for i, a in self.directions.items()})

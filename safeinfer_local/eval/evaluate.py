@@ -39,7 +39,7 @@ from ..core.harm import (
 from ..core.judge import is_refusal
 from ..core.settings import VARIANTS, check_parallel
 from ..errors import UsageError
-from ..jsonl import Appender, load
+from ..jsonl import Appender, header_mismatch, load
 from ..workflows.runs import Tally
 
 RESULTS = "results.jsonl"
@@ -122,11 +122,9 @@ def prepare_out(out: Path, current: dict) -> dict[tuple, dict]:
     check_out(out)
     if (out / CONFIG).exists():
         old = read_config(out)["settings"]
-        diff = [k for k in current if old.get(k) != current[k]]
-        if diff:
-            k = diff[0]
-            raise UsageError(f"{out} holds a run with other settings ({k}: {old.get(k)!r}, now {current[k]!r}); "
-                             "use another --out or remove it")
+        # one way: a setting an older version recorded and this one no longer has is not compared
+        if (diff := header_mismatch({k: old.get(k) for k in current}, current)) is not None:
+            raise UsageError(f"{out} holds a run with other settings ({diff}); use another --out or remove it")
     elif (out / RESULTS).exists() and (out / RESULTS).stat().st_size:  # (empty: made by the run's writer lock)
         raise UsageError(f"{out} has a {RESULTS} but no {CONFIG}: not a bench harm folder; use another --out")
     return load_results(out / RESULTS)
