@@ -272,7 +272,7 @@ class ActivationHook:
     """
 
     def __init__(self, names: Iterable[str] = (), patch: Patch | None = None) -> None:
-        self.names: set[str] = set(names)
+        self.names = set(names)
         self.patch = patch
         self.captured: dict[str, np.ndarray] = {}
         self.error: BaseException | None = None
@@ -287,16 +287,26 @@ class ActivationHook:
         # keep the ctypes callback object referenced as long as llama.cpp may call it
         self._cfunc = _L.ggml_backend_sched_eval_callback(self._callback)
 
+    @property
+    def names(self) -> set[str]:
+        return self._names
+
+    @names.setter
+    def names(self, names: Iterable[str]) -> None:
+        self._names = set(names)
+        self._bnames = frozenset(n.encode() for n in self._names)  # what the callback compares (no decode)
+
     def _callback(self, tensor: int, ask: bool, user_data: int) -> bool:
         # llama.cpp calls this through ctypes, which drops exceptions: Ctrl-C is deferred here (registered with
-        # interrupts.defer_in below) and raised after the llama_decode
+        # interrupts.defer_in below) and raised after the llama_decode. It is asked about every node of the graph
+        # (about 700 per decode here), so the asking path is kept short.
         try:
-            if pending() or self.error is not None:  # a deferred Ctrl-C or an error: cut this decode short
-                return ask  # (ask: "want this node", then False: llama.cpp's scheduler stops the graph)
+            if ask:  # a deferred Ctrl-C or an error: want the node, then cut the decode short there
+                return pending() or self.error is not None or _ggml.ggml_get_name(tensor) in self._bnames
+            if pending() or self.error is not None:  # (False: llama.cpp's scheduler stops the graph)
+                return False
             name = _ggml.ggml_get_name(tensor).decode()
-            if ask:
-                return name in self.names
-            if name not in self.names:
+            if name not in self._names:
                 return True
             if not _ggml.ggml_is_contiguous(tensor):
                 raise EngineError(f"graph tensor {name} is not contiguous; cannot capture it")
