@@ -8,6 +8,9 @@ it); N > 0 decodes N tokens of it per step between the streams' steps. Each sett
 alternating, and the figures are per setting over all rounds. A figure, never an assertion.
 
     python benchmarks/prefill_latency.py [--chunks 0,16,32,64] [--variants base,safeinfer] [--json FILE]
+
+A variant written ``safeinfer@shared`` runs the shared layout instead (both sides in one context, the vector added
+per row; it needs ``negative`` guidance, so that guidance is used for it).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def long_prompt(si: SafeInfer, n_tokens: int) -> str:
     return text + "Summarise the passage above in one sentence."
 
 
-def run(si: SafeInfer, variant: str, chunk: int, long_text: str, warm: int, window: int) -> dict:
-    gen = si.batch(variant, slots=5, layout="split", prefill_chunk=chunk)
+def run(si: SafeInfer, variant: str, chunk: int, long_text: str, warm: int, window: int,
+        layout: str = "split") -> dict:
+    gen = si.batch(variant, slots=5, layout=layout, prefill_chunk=chunk)
     cfg = GenConfig(max_tokens=warm + window + 400, temperature=0.0)
     for k, p in enumerate(STREAM_PROMPTS):
         gen.insert(k, si.encode_prompt(p)[0], cfg, p)
@@ -90,24 +94,27 @@ def main() -> None:
     text = long_prompt(si, a.long)
     chunks = [int(c) for c in a.chunks.split(",")]
     out: dict = {"long_prompt_tokens": len(si.encode_prompt(text)[0]), "streams": len(STREAM_PROMPTS), "rows": []}
-    for variant in a.variants.split(","):
+    for spec in a.variants.split(","):
+        variant, _, layout = spec.partition("@")
+        layout = layout or "split"
+        sv = si.with_(guidance="negative") if layout == "shared" else si
         runs = {c: {"steady": [], "during": [], "ttft": []} for c in chunks}
-        run(si, variant, 0, long_prompt(si, 64), 2, 2)  # warm-up: every side made, prefixes decoded
+        run(sv, variant, 0, long_prompt(si, 64), 2, 2, layout)  # warm-up: every side made, prefixes decoded
         for _ in range(a.rounds):
             for c in chunks:
-                r = run(si, variant, c, text, a.warm, a.window)
+                r = run(sv, variant, c, text, a.warm, a.window, layout)
                 runs[c]["steady"] += r["steady"]
                 runs[c]["during"] += r["during"]
                 runs[c]["ttft"].append(r["ttft"])
         for c, r in runs.items():
-            row = {"variant": variant, "prefill_chunk": c,
+            row = {"variant": variant, "layout": layout, "prefill_chunk": c,
                    "steady_p50_ms": pct(r["steady"], 50), "steady_p95_ms": pct(r["steady"], 95),
                    "admission_p50_ms": pct(r["during"], 50), "admission_p95_ms": pct(r["during"], 95),
                    "admission_max_ms": max(r["during"]) * 1000 if r["during"] else float("nan"),
                    "long_ttft_s": float(np.median(r["ttft"]))}
             row["p95_ratio"] = row["admission_p95_ms"] / row["steady_p95_ms"]
             out["rows"].append(row)
-            print(f"{variant:9s} chunk {c:3d}: steady p50/p95 {row['steady_p50_ms']:6.1f}/{row['steady_p95_ms']:6.1f}"
+            print(f"{spec:16s} chunk {c:3d}: steady p50/p95 {row['steady_p50_ms']:6.1f}/{row['steady_p95_ms']:6.1f}"
                   f" ms; during admission p50/p95/max {row['admission_p50_ms']:6.1f}/{row['admission_p95_ms']:6.1f}/"
                   f"{row['admission_max_ms']:7.1f} ms (p95 x{row['p95_ratio']:.2f}); long prompt's first token "
                   f"after {row['long_ttft_s']:.2f} s", flush=True)

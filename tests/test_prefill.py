@@ -33,15 +33,22 @@ def _admit_long(gen, si, chunk_tokens):
     return steps, stream_tokens, first, reply
 
 
-@pytest.mark.parametrize("variant", ["base", "safeinfer"])
-def test_a_long_prompt_is_prefilled_in_pieces_while_a_stream_runs(si, variant):
-    s = si.with_(gate="off")
+@pytest.mark.parametrize(("variant", "layout"), [("base", "split"), ("safeinfer", "split"), ("safeinfer", "shared")])
+def test_a_long_prompt_is_prefilled_in_pieces_while_a_stream_runs(si, variant, layout):
+    # shared: negative guidance, both sides in one context, the pieces in the step's llama_decode with their rows'
+    # own vector state
+    s = si.with_(gate="off", guidance="negative" if layout == "shared" else None)
     toks = s.encode_prompt(LONG)[0]
     chunk = 16
-    whole_steps, _, whole_first, _ = _admit_long(s.batch(variant, slots=2, layout="split"), s, toks)
-    steps, stream_tokens, first, pieces = _admit_long(s.batch(variant, slots=2, layout="split", prefill_chunk=chunk), s,
+    whole_steps, _, whole_first, _ = _admit_long(s.batch(variant, slots=2, layout=layout), s, toks)
+    steps, stream_tokens, first, pieces = _admit_long(s.batch(variant, slots=2, layout=layout, prefill_chunk=chunk), s,
                                                toks)
     n_pieces = -(-(len(toks) - 1) // chunk)
+    if variant == "safeinfer" and layout == "split":
+        # head and steps in different vector states: steered per row with pieces on (so a piece rides in the
+        # step's decode), by llama.cpp's per-context control vector without
+        assert s.batch(variant, slots=2, layout=layout).target.shared is None
+        assert s.batch(variant, slots=2, layout=layout, prefill_chunk=chunk).target.shared is not None
     # whole: the head is decoded inside one step; in pieces: one piece per step, the stream stepping each time
     assert whole_steps < n_pieces <= steps
     assert stream_tokens >= n_pieces - 1

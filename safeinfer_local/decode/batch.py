@@ -334,16 +334,16 @@ class BatchGenerator:
 
     def _prefill_step(self) -> _Piece | None:
         """The next piece of the oldest prompt admitted in pieces (the rest of it at once when nothing else
-        runs). Where the running slots' step is a plain one on its own contexts, the piece is handed back to go
-        into that step's ``llama_decode`` (one pass over the weights for both: a decode of its own costs about a
-        whole step on a CPU); else it is decoded here, and a prompt whose head is done joins this step."""
+        runs). Beside a plain step the piece is handed back to go into that step's decode (one pass over the
+        weights for both where the rows' vector states allow it: a decode of its own costs about a whole step on
+        a CPU); beside a speculative round it is decoded here, and a prompt whose head is done joins this step."""
         if not self._prefilling:
             return None
         i, p = next(iter(self._prefilling.items()))
         n = max(map(len, p.heads))
         b = n if not self._active else min(n, p.done + self._piece_size())
         piece = _Piece(i, b, [h[p.done:b] for h in p.heads])
-        if self._active and self.layout.hosts_pieces and self.strategy is None:
+        if self._active and self.strategy is None:
             return piece
         t0 = time.perf_counter()
         self.layout.prefill(i, piece.tokens)

@@ -99,17 +99,42 @@ class Decoder:
             side = self._sides[full] = Side(model, self.n_ctx, t, prefix, lora=spec.lora, slots=slots)
         return side
 
-    def _shared_sides(self, p: Plan, slots: int) -> tuple[Side, Side]:
-        """Target and guidance sides in one :class:`SharedContext`, steered at the blocks the plan's vectors use."""
+    def _blocks(self, *bufs: np.ndarray | None) -> tuple[int, ...]:
+        """The blocks where any of these vector buffers adds something."""
         blocks = set()
-        for buf in (*p.tbuf, *p.gbuf):
+        for buf in bufs:
             if buf is not None:
                 rows = buf.reshape(self.model.n_layer - 1, self.model.n_embd)
                 blocks.update(int(b) + 1 for b in np.flatnonzero(np.any(rows != 0, axis=1)))
-        key = ("shared", tuple(sorted(blocks)), slots)
+        return tuple(sorted(blocks))
+
+    def _steered_side(self, spec: SideSpec, bufs: Buffers, slots: int, threads: int) -> Side:
+        """``spec``'s side alone in a :class:`SharedContext` that adds its vector per row (made once and kept)."""
+        blocks = self._blocks(*bufs)
+        key = ("rows", spec, blocks, slots)
+        side = self._sides.get(key)
+        if side is None:
+            sc = SharedContext(self.model, self.n_ctx, threads, slots, blocks, n_sides=1)
+            side = self._sides[key] = Side(self.model, self.n_ctx, threads, slots=slots, shared=sc)
+        return side
+
+    def _split_side(self, spec: SideSpec, bufs: Buffers, slots: int, guided: bool, pieces: bool) -> Side:
+        """A side of the split layout. With prefill in ``pieces``, a side whose prompt head and steps carry
+        different vector states is steered per row, so that a head's piece rides in the step's ``llama_decode``
+        (with llama.cpp's one control vector per context, it would be a decode of its own: a second pass over the
+        weights for a few tokens); only a side on the target's weights with no prefix can be."""
+        if (pieces and not spec.prefix and spec.lora is None and spec.model is None
+                and not (bufs[0] is bufs[1] is bufs[2])):
+            return self._steered_side(spec, bufs, slots, self._half_threads if guided else self.n_threads)
+        return self.side(spec, slots)
+
+    def _shared_sides(self, p: Plan, slots: int) -> tuple[Side, Side]:
+        """Target and guidance sides in one :class:`SharedContext`, steered at the blocks the plan's vectors use."""
+        blocks = self._blocks(*p.tbuf, *p.gbuf)
+        key = ("shared", blocks, slots)
         pair = self._sides.get(key)
         if pair is None:
-            sc = SharedContext(self.model, self.n_ctx, self._all_threads, slots, tuple(blocks))
+            sc = SharedContext(self.model, self.n_ctx, self._all_threads, slots, blocks)
             pair = self._sides[key] = (Side(self.model, self.n_ctx, self._all_threads, slots=slots, shared=sc),
                                        Side(self.model, self.n_ctx, self._all_threads, slots=slots, shared=sc,
                                             base=slots))
@@ -187,8 +212,9 @@ class Decoder:
         if layout == "shared" or (layout == "auto" and can_share and slots >= 2):
             target, guide = self._shared_sides(p, slots)
         else:
-            target = self.side(p.target, slots)
-            guide = self.side(p.guide, slots) if p.guide else None
+            guided, pieces = p.guide is not None, prefill_chunk > 0
+            target = self._split_side(p.target, p.tbuf, slots, guided, pieces)
+            guide = self._split_side(p.guide, p.gbuf, slots, guided, pieces) if guided else None
         combine = p.source.combine(lam) if p.source is not None else None
         return BatchGenerator(self.model, target, p.tbuf, guide, p.gbuf, combine, self._both, variant,
                               head_threads=self._all_threads if guide is not None else None,

@@ -28,7 +28,13 @@ def decode_items(side: Side, bufs: Buffers, items: list[tuple[int, list[int], bo
                  pieces: list[tuple[int, list[int]]] = ()) -> dict[int, np.ndarray]:
     """One batched decode on a side: fresh slots' last prompt token (second-chunk vector state) and the other
     slots' new token (third-chunk state), in one batch when the two states are the same; ``pieces`` of prompt
-    heads (first-chunk state) join the batch whose state is theirs, else decode on their own."""
+    heads (first-chunk state) join the batch whose state is theirs, else decode on their own. A side steered per
+    row decodes them all in one batch, each row in its own state."""
+    pieces = [(i, toks) for i, toks in pieces if toks]
+    if side.shared is not None:
+        its = [(i, last, bufs[1] if f else bufs[2]) for i, last, f in items]
+        rows = side.decode_steered(its, [(i, toks, bufs[0]) for i, toks in pieces])
+        return {i: log_softmax(row) if normalise else row for (i, _, _), row in zip(its, rows, strict=True)}
     fresh = [(i, last) for i, last, f in items if f]
     going = [(i, last) for i, last, f in items if not f]
     groups = [(fresh, bufs[1]), (going, bufs[2])]
@@ -54,8 +60,6 @@ class Split:
 
     cells_per_token = 1
     """KV cells a running slot takes in a side's context per generated token."""
-    hosts_pieces = True
-    """A piece of a long prompt's head may ride in a plain step's ``llama_decode`` (its vector state permitting)."""
     shared = None
 
     def __init__(self, target: Side, tbuf: Buffers, guide: Side | None, gbuf: Buffers | None, both: Both,
@@ -177,10 +181,9 @@ class Split:
 class Shared(Split):
     """Both sides of a guided variant in one context (:class:`~.sides.SharedContext`: the target's slot i in
     sequence i, the guidance's in slots + i): one ``llama_decode`` per step for both, on every thread, the vector
-    added per row. A piece of a prompt head never rides in a step (the rows' vector states differ)."""
+    added per row, so a piece of a prompt head rides in the step with its own (first-chunk) vector state."""
 
     cells_per_token = 2  # a shared context takes both sides' next tokens
-    hosts_pieces = False
 
     def __init__(self, target: Side, tbuf: Buffers, guide: Side, gbuf: Buffers, both: Both,
                  head_threads: int | None = None) -> None:
@@ -202,15 +205,17 @@ class Shared(Split):
     def decode(self, items: list[tuple[int, list[int], bool]], pieces: list[tuple[int, list[int]]] = (),
                gpieces: list[tuple[int, list[int]]] = ()) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
         """Both sides' rows for every slot in one ``llama_decode``, each row with its side's vector for its chunk
-        (second chunk for a fresh slot's last prompt token, third after)."""
-        assert not pieces and not gpieces
+        (second chunk for a fresh slot's last prompt token, third after; first for the pieces, no logits)."""
         t, g = self.target, self.guide
 
         def run():
+            heads = ([(t.slot_seq(i), toks, self.tbuf[0]) for i, toks in pieces if toks] +
+                     [(g.slot_seq(i), toks, self.gbuf[0]) for i, toks in gpieces if toks])
             rows = self.shared.decode([(t.slot_seq(i), last, self.tbuf[1] if f else self.tbuf[2])
                                        for i, last, f in items] +
                                       [(g.slot_seq(i), last, self.gbuf[1] if f else self.gbuf[2])
-                                       for i, last, f in items])
+                                       for i, last, f in items] + heads,
+                                      ["last"] * (2 * len(items)) + ["none"] * len(heads) if heads else "last")
             n = len(items)
             return ({i: rows[k] for k, (i, _, _) in enumerate(items)},
                     {i: log_softmax(rows[n + k]) for k, (i, _, _) in enumerate(items)})

@@ -35,22 +35,28 @@ class SharedContext:
     sequence ``i``, guidance slot ``i`` in ``slots + i``, so that a step decodes both sides' rows in one
     ``llama_decode``. llama.cpp's control vector belongs to a whole context, so here the vector is added per row
     instead: a ``cb_eval`` patch adds each row's block ``B`` direction to ``l_out-B`` (where llama.cpp adds its
-    control vector), per decoded row, from the buffer its item asks for. No control vector is ever set on it."""
+    control vector), per decoded row, from the buffer its item asks for. No control vector is ever set on it.
 
-    def __init__(self, model: Model, n_ctx: int, n_threads: int | None, slots: int, blocks: tuple[int, ...]) -> None:
+    With ``n_sides=1`` it holds one side alone, steered per row: rows in different vector states (a prompt head's
+    piece beside running slots' steps) then share one ``llama_decode``."""
+
+    def __init__(self, model: Model, n_ctx: int, n_threads: int | None, slots: int, blocks: tuple[int, ...],
+                 n_sides: int = 2) -> None:
         self.model, self.slots, self.n_threads = model, slots, n_threads
         self.blocks = tuple(sorted(set(blocks)))
         self.hook = ActivationHook({f"l_out-{b}" for b in self.blocks}, self._patch)
-        # twice the cells: each side keeps the room it has in a context of its own (n_ctx positions per sequence)
-        self.ctx: Context = model.context(n_ctx=2 * n_ctx, n_seq_max=2 * slots, n_threads=n_threads,
+        # n_ctx cells per side: each side keeps the room it has in a context of its own (n_ctx positions per
+        # sequence)
+        self.ctx: Context = model.context(n_ctx=n_sides * n_ctx, n_seq_max=n_sides * slots, n_threads=n_threads,
                                           capture=self.hook)
         self.n_ctx = min(n_ctx, self.ctx.n_ctx)
         self.sides: list[Side] = []
         self._deltas: dict[int, np.ndarray] | None = None
 
-    def decode(self, items: list[tuple[int, list[int], np.ndarray | None]], logits: str = "last") -> list[np.ndarray]:
+    def decode(self, items: list[tuple[int, list[int], np.ndarray | None]],
+               logits: str | list[str] = "last") -> list[np.ndarray]:
         """Decode ``(sequence, tokens, control-vector buffer or None)`` items in one batch (or as few as
-        ``n_batch`` allows), each row steered by its item's buffer."""
+        ``n_batch`` allows), each row steered by its item's buffer; ``logits``: one mode, or one per item."""
         steered = [(k, b) for k, (_, _, b) in enumerate(items) if b is not None]
         if not steered:
             self._deltas = None
@@ -196,6 +202,14 @@ class Side:
         seqs = [(self.slot_seq(i), toks) for i, toks in [*items, *pieces]]
         modes = ["last"] * len(items) + ["none"] * len(pieces) if pieces else "last"
         return self._decode(seqs, buffer, modes)[:len(items)]
+
+    def decode_steered(self, items: list[tuple[int, list[int], np.ndarray | None]],
+                       pieces: list[tuple[int, list[int], np.ndarray | None]] = ()) -> list[np.ndarray]:
+        """(A side steered per row: in a :class:`SharedContext`.) Decode several slots' tokens in one batch, each
+        item ``(slot, tokens, buffer)`` under its own vector state; the last logits of each. ``pieces``: prompt-head
+        pieces of other slots in the same batch, no logits."""
+        seqs = [(self.slot_seq(i), toks, buf) for i, toks, buf in [*items, *pieces]]
+        return self.shared.decode(seqs, ["last"] * len(items) + ["none"] * len(pieces))[:len(items)]
 
     def decode_rows(self, items: list[tuple[int, list[int]]], buffer: np.ndarray | None) -> list[np.ndarray]:
         """Decode tokens for several slots in one batch under one control vector; every position's logits
