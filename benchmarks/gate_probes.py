@@ -144,7 +144,7 @@ def judge_scores(path: Path | None) -> dict:
     t0, n = time.time(), 0
     for judge, (before, body) in JUDGES.items():
         ctx.clear()
-        ctx.decode(model.tokenize(before, add_bos=True) if before else [model.tokenize("", add_bos=True)[0]])
+        ctx.decode(model.tokenize(before, add_bos=True) if before else [model.bos])
         base = ctx.pos[0]
         for name, (_, prompts) in dev_sources().items():
             scores = []

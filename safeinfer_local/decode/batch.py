@@ -403,8 +403,9 @@ class BatchGenerator:
     def _plain_step(self, events: list[Event], piece: _Piece | None = None) -> list[Event]:
         """Both sides decode every running slot's pending token at the same time; one token each (and a piece of
         a prompt admitted in pieces, in the same batch where its vector state allows)."""
-        pt = [(piece.slot, piece.tokens[0])] if piece is not None else []
-        pg = [(piece.slot, piece.tokens[1])] if piece is not None and len(piece.tokens) > 1 else []
+        # (a side's slice is empty where its head is the shorter one)
+        pt = [(piece.slot, piece.tokens[0])] if piece is not None and piece.tokens[0] else []
+        pg = [(piece.slot, piece.tokens[1])] if piece is not None and len(piece.tokens) > 1 and piece.tokens[1] else []
         lt, lu = self.layout.decode([(i, s.last, s.fresh) for i, s in self._active.items() if s.first is None],
                                     pt, pg)
         for i, s in self._active.items():  # handed its first logits with the prompt's KV: no decode

@@ -92,12 +92,14 @@ class Decoder:
         full = (spec, slots)
         side = self._sides.get(full)
         if side is None:
-            m = self.model
-            t = self.n_threads if spec == PLAIN else self._half_threads
-            model = self._guide_model(spec.model) if spec.model is not None else m
+            model = self._guide_model(spec.model) if spec.model is not None else self.model
             prefix = model.tokenize(spec.prefix, add_bos=True) if spec.prefix else ()
-            side = self._sides[full] = Side(model, self.n_ctx, t, prefix, lora=spec.lora, slots=slots)
+            side = self._sides[full] = Side(model, self.n_ctx, self._threads(spec), prefix, lora=spec.lora,
+                                            slots=slots)
         return side
+
+    def _threads(self, spec: SideSpec) -> int:
+        return self.n_threads if spec == PLAIN else self._half_threads
 
     def _blocks(self, *bufs: np.ndarray | None) -> tuple[int, ...]:
         """The blocks where any of these vector buffers adds something."""
@@ -108,24 +110,25 @@ class Decoder:
                 blocks.update(int(b) + 1 for b in np.flatnonzero(np.any(rows != 0, axis=1)))
         return tuple(sorted(blocks))
 
-    def _steered_side(self, spec: SideSpec, bufs: Buffers, slots: int, threads: int) -> Side:
+    def _steered_side(self, spec: SideSpec, bufs: Buffers, slots: int) -> Side:
         """``spec``'s side alone in a :class:`SharedContext` that adds its vector per row (made once and kept)."""
         blocks = self._blocks(*bufs)
         key = ("rows", spec, blocks, slots)
         side = self._sides.get(key)
         if side is None:
-            sc = SharedContext(self.model, self.n_ctx, threads, slots, blocks, n_sides=1)
-            side = self._sides[key] = Side(self.model, self.n_ctx, threads, slots=slots, shared=sc)
+            t = self._threads(spec)
+            sc = SharedContext(self.model, self.n_ctx, t, slots, blocks, n_sides=1)
+            side = self._sides[key] = Side(self.model, self.n_ctx, t, slots=slots, shared=sc)
         return side
 
-    def _split_side(self, spec: SideSpec, bufs: Buffers, slots: int, guided: bool, pieces: bool) -> Side:
+    def _split_side(self, spec: SideSpec, bufs: Buffers, slots: int, pieces: bool) -> Side:
         """A side of the split layout. With prefill in ``pieces``, a side whose prompt head and steps carry
         different vector states is steered per row, so that a head's piece rides in the step's ``llama_decode``
         (with llama.cpp's one control vector per context, it would be a decode of its own: a second pass over the
         weights for a few tokens); only a side on the target's weights with no prefix can be."""
         if (pieces and not spec.prefix and spec.lora is None and spec.model is None
                 and not (bufs[0] is bufs[1] is bufs[2])):
-            return self._steered_side(spec, bufs, slots, self._half_threads if guided else self.n_threads)
+            return self._steered_side(spec, bufs, slots)
         return self.side(spec, slots)
 
     def _shared_sides(self, p: Plan, slots: int) -> tuple[Side, Side]:
@@ -212,9 +215,9 @@ class Decoder:
         if layout == "shared" or (layout == "auto" and can_share and slots >= 2):
             target, guide = self._shared_sides(p, slots)
         else:
-            guided, pieces = p.guide is not None, prefill_chunk > 0
-            target = self._split_side(p.target, p.tbuf, slots, guided, pieces)
-            guide = self._split_side(p.guide, p.gbuf, slots, guided, pieces) if guided else None
+            pieces = prefill_chunk > 0
+            target = self._split_side(p.target, p.tbuf, slots, pieces)
+            guide = self._split_side(p.guide, p.gbuf, slots, pieces) if p.guide else None
         combine = p.source.combine(lam) if p.source is not None else None
         return BatchGenerator(self.model, target, p.tbuf, guide, p.gbuf, combine, self._both, variant,
                               head_threads=self._all_threads if guide is not None else None,

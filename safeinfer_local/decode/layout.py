@@ -30,7 +30,6 @@ def decode_items(side: Side, bufs: Buffers, items: list[tuple[int, list[int], bo
     slots' new token (third-chunk state), in one batch when the two states are the same; ``pieces`` of prompt
     heads (first-chunk state) join the batch whose state is theirs, else decode on their own. A side steered per
     row decodes them all in one batch, each row in its own state."""
-    pieces = [(i, toks) for i, toks in pieces if toks]
     if side.shared is not None:
         its = [(i, last, bufs[1] if f else bufs[2]) for i, last, f in items]
         rows = side.decode_steered(its, [(i, toks, bufs[0]) for i, toks in pieces])
@@ -209,8 +208,8 @@ class Shared(Split):
         t, g = self.target, self.guide
 
         def run():
-            heads = ([(t.slot_seq(i), toks, self.tbuf[0]) for i, toks in pieces if toks] +
-                     [(g.slot_seq(i), toks, self.gbuf[0]) for i, toks in gpieces if toks])
+            heads = ([(t.slot_seq(i), toks, self.tbuf[0]) for i, toks in pieces] +
+                     [(g.slot_seq(i), toks, self.gbuf[0]) for i, toks in gpieces])
             rows = self.shared.decode([(t.slot_seq(i), last, self.tbuf[1] if f else self.tbuf[2])
                                        for i, last, f in items] +
                                       [(g.slot_seq(i), last, self.gbuf[1] if f else self.gbuf[2])
