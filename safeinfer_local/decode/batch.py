@@ -45,6 +45,9 @@ from .steering import Buffers
 
 FINISH_REASONS = ("eos", "stop", "max_tokens", "context", "refused")
 
+Token = tuple[int, float, bool]
+"""A sampled token as a step hands it on: its id, its log-probability (0.0 unless asked), whether guidance chose it."""
+
 PREFILL_BUDGET = 0.75
 """The share of a running step's time that a piece of a long prompt may add to it (chunked prefill): the running
 requests' inter-token time grows to about 1.75× while a long prompt is admitted."""
@@ -232,7 +235,8 @@ class BatchGenerator:
         """How the sides are laid out and decoded (:mod:`.layout`)."""
         if self.shared is not None and self.speculate:
             raise ValueError("speculative decoding needs the two-context layout")
-        self.strategy = Speculation(self, self.speculate) if self.speculate else None
+        self.strategy = (Speculation(model, target, tbuf, guide, gbuf, combine.lam, both, self.speculate)
+                         if self.speculate else None)
         """The speculative round that replaces the plain step (:mod:`.speculation`; None: one token per step)."""
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -390,17 +394,18 @@ class BatchGenerator:
         piece = self._prefill_step()
         if not self._active:
             return events
-        if self.strategy is not None:
-            return self.strategy.step(events)
-        t0 = time.perf_counter()
-        out = self._plain_step(events, piece)
-        if self.prefill_chunk:
-            self._learn(time.perf_counter() - t0, piece)
+        tokens = self.strategy.step(self._active) if self.strategy is not None else None
+        if tokens is None:  # one token per step (a strategy's round near the end of the context too)
+            t0 = time.perf_counter()
+            tokens = self._plain_step(piece)
+            if self.prefill_chunk:
+                self._learn(time.perf_counter() - t0, piece)
+        out = self._take(events, tokens)
         if piece is not None:
             self._advance(piece)
         return out
 
-    def _plain_step(self, events: list[Event], piece: _Piece | None = None) -> list[Event]:
+    def _plain_step(self, piece: _Piece | None = None) -> dict[int, list[Token]]:
         """Both sides decode every running slot's pending token at the same time; one token each (and a piece of
         a prompt admitted in pieces, in the same batch where its vector state allows)."""
         # (a side's slice is empty where its head is the shorter one)
@@ -408,17 +413,21 @@ class BatchGenerator:
         pg = [(piece.slot, piece.tokens[1])] if piece is not None and len(piece.tokens) > 1 and piece.tokens[1] else []
         lt, lu = self.layout.decode([(i, s.last, s.fresh) for i, s in self._active.items() if s.first is None],
                                     pt, pg)
-        for i, s in self._active.items():  # handed its first logits with the prompt's KV: no decode
-            if s.first is not None:
-                lt[i], s.first = s.first, None
-        done: dict[int, tuple] = {}
-        going: list[int] = []
+        out: dict[int, list[Token]] = {}
         for i, s in self._active.items():
+            if s.first is not None:  # handed its first logits with the prompt's KV: no decode
+                lt[i], s.first = s.first, None
             z, tok, guided = choose(s.sampler, lt[i], lu.get(i), self.combine)
             lp = float(token_logprobs(z[None, :], [tok])[0]) if s.req.cfg.logprobs else 0.0
             s.fresh = False
-            if self._emit(i, s, tok, lp, guided, events, done):
-                going.append(i)
+            out[i] = [(tok, lp, guided)]
+        return out
+
+    def _take(self, events: list[Event], tokens: dict[int, list[Token]]) -> list[Event]:
+        """Emit each slot's tokens of this step in order until one ends its request, then close the step."""
+        done: dict[int, tuple] = {}
+        going = [i for i, toks in tokens.items()
+                 if toks and all(self._emit(i, self._active[i], *t, events, done) for t in toks)]
         return self._close(events, done, going)
 
     def _emit(self, i: int, s: _Slot, tok: int, lp: float, guided: bool, events: list[Event],

@@ -3,8 +3,9 @@ may swap in for its plain step: the target keeps the same one-token layout but r
 to K tokens per slot (1, 2, 4 ... K while its drafts stand) while the guidance side decodes the previous round's
 draft in one batch and the guided distribution verifies it (``core.speculative``); a rejected token rolls both
 sides back (``seq_rm``) and the draft made meanwhile is dropped. Near the end of the context the loop verifies what
-is pending and goes on one token at a time. Its per-slot state is a :class:`Draft`; the slots, sampling, events and
-results stay the generator's."""
+is pending and the generator goes on one token at a time. Its per-slot state is a :class:`Draft`; it is handed
+the running slots and the sides, and hands back each slot's tokens: emitting them, events and results stay the
+generator's."""
 
 from __future__ import annotations
 
@@ -18,14 +19,19 @@ from ..core.speculative import verify_greedy, verify_sampled
 from .layout import decode_items
 
 if TYPE_CHECKING:
-    from .batch import BatchGenerator, Event, _Slot
+    from ..llama.engine import Model
+    from .batch import Token, _Slot
+    from .layout import Both
+    from .sides import Side
+    from .steering import Buffers
 
 
 @dataclass
 class Draft:
     """A slot's speculative state: the target's draft not yet verified, its rows, where its decoding began on the
     target, the guidance side's pending token(s) (the target's pending token is the slot's ``last``), and the next
-    draft's length: 1, 2, 4 ... up to K while drafts stand; 1 again after a rejection."""
+    draft's length: 1, 2, 4 ... up to K while drafts stand; 1 again after a rejection. ``after``: what the next
+    round does first if the slot still runs once its tokens are emitted (:meth:`Speculation.step`)."""
 
     tokens: list[int] = field(default_factory=list)
     rows: list[np.ndarray] = field(default_factory=list)
@@ -33,13 +39,17 @@ class Draft:
     g_last: list[int] = field(default_factory=list)
     g_fresh: bool = True
     k_next: int = 1
+    after: tuple[list[int], list[np.ndarray], int] | bool = False
 
 
 class Speculation:
-    """The speculative round for ``gen``'s slots, ``k`` tokens drafted at most per slot and round."""
+    """The speculative round over a target and a guidance side (sGDS with weight ``lam``), ``k`` tokens drafted
+    at most per slot and round; ``both`` runs the two sides' jobs at the same time."""
 
-    def __init__(self, gen: BatchGenerator, k: int) -> None:
-        self.gen, self.k = gen, k
+    def __init__(self, model: Model, target: Side, tbuf: Buffers, guide: Side, gbuf: Buffers, lam: float,
+                 both: Both, k: int) -> None:
+        self.model, self.target, self.tbuf, self.guide, self.gbuf = model, target, tbuf, guide, gbuf
+        self.lam, self.both, self.k = lam, both, k
         self.drafts: dict[int, Draft] = {}
 
     def release(self, i: int) -> None:
@@ -49,37 +59,41 @@ class Speculation:
     def _of(self, i: int) -> Draft:
         return self.drafts.setdefault(i, Draft())
 
-    def step(self, events: list[Event]) -> list[Event]:
-        """One pipelined round. The target drafts up to K tokens per slot alone (one token per decode, the same
-        layout as without speculation) while, at the same time, the guidance side decodes the positions of the
-        slot's previous draft in one batch; that draft is then verified against the guided distribution
+    def step(self, active: dict[int, _Slot]) -> dict[int, list[Token]] | None:
+        """One pipelined round over the running slots: each slot's tokens that stand, in order (none while its
+        first draft waits); None near the end of the context once nothing is pending (then one token per step).
+        The target drafts up to K tokens per slot alone (one token per decode, the same layout as without
+        speculation) while, at the same time, the guidance side decodes the positions of the slot's previous
+        draft in one batch; that draft is then verified against the guided distribution
         (``core.speculative``). When all of it stands, the new draft waits for the next round (and the next one
         may be twice as long, up to K); at the first token that does not, both sides roll back past it, the new
         draft is dropped and the next draft is one token (the guidance has nothing to verify meanwhile)."""
-        gen = self.gen
-        t, g = gen.target, gen.guide
-        assert g is not None
-        active = gen._active
+        for i, s in active.items():  # the last round's slots that still run after emitting their tokens
+            dr = self._of(i)
+            if isinstance(dr.after, tuple):  # the draft made meanwhile from the last token that stood
+                self._adopt(s, dr, dr.after)
+            elif dr.after:
+                dr.g_last = s.last  # in step: both sides' next token is the pending one
+            dr.after = False
+        t, g = self.target, self.guide
         margin = 2 * self.k + 2
         if any(t.room(i) < margin or g.room(i) < margin for i in active) or any(
                 side.used() + len(active) * margin > side.capacity for side in (t, g)):
             # near the end of the context: verify what was drafted, then one token per step on both sides
             if any(self._of(i).tokens for i in active):
-                return self._round(events, draft=False)
-            return gen._plain_step(events)
-        return self._round(events, draft=True)
+                return self._round(active, draft=False)
+            return None
+        return self._round(active, draft=True)
 
-    def _round(self, events: list[Event], draft: bool) -> list[Event]:
+    def _round(self, active: dict[int, _Slot], draft: bool) -> dict[int, list[Token]]:
         """A speculative round; ``draft=False`` only verifies the pending drafts (near the end of the context)."""
-        gen = self.gen
-        t, g = gen.target, gen.guide
-        active = gen._active
+        t, g = self.target, self.guide
         st = {i: self._of(i) for i in active}
         k_of = {}
         if draft:
             for i, s in active.items():
                 d = st[i]
-                if d.tokens and gen.model.is_eog(d.tokens[-1]):
+                if d.tokens and self.model.is_eog(d.tokens[-1]):
                     continue  # the draft ends the request if it stands
                 k = min(d.k_next, s.req.cfg.max_tokens - s.n - len(d.tokens))
                 if k > 0:
@@ -92,14 +106,14 @@ class Speculation:
             drafts: dict[int, tuple[list[int], list[np.ndarray], int]] = {i: ([], [], t.pos(i)) for i in k_of}
             live = [(i, active[i].last, active[i].fresh) for i in k_of]
             while live:
-                out = decode_items(t, gen.tbuf, live)
+                out = decode_items(t, self.tbuf, live)
                 nxt = []
                 for i, _, _ in live:
                     toks, rows, _ = drafts[i]
                     rows.append(out[i])
                     tok = active[i].sampler(out[i])
                     toks.append(tok)
-                    if len(toks) < k_of[i] and not gen.model.is_eog(tok):
+                    if len(toks) < k_of[i] and not self.model.is_eog(tok):
                         nxt.append((i, [tok], False))
                 live = nxt
             return drafts
@@ -110,14 +124,14 @@ class Speculation:
             items = [(i, st[i].g_last + st[i].tokens[:-1], st[i].g_fresh) for i in verify]
             return self._guide_rows(items), start
 
-        drafts, got = gen._both(target_job if k_of else dict, guide_job if verify else None)
+        drafts, got = self.both(target_job if k_of else dict, guide_job if verify else None)
         urows, gstart = got if got is not None else ({}, {})
-        done: dict[int, tuple] = {}
-        going: list[int] = []
-        lam = gen.combine.lam
-        for i, s in list(active.items()):
+        lam = self.lam
+        out: dict[int, list[Token]] = {}
+        for i, s in active.items():
             dr = st[i]
             new = drafts.get(i)
+            out[i] = []
             if not dr.tokens:  # nothing to verify yet: the new draft waits for the next round
                 if new is not None:  # (None: verifying only, near the end of the context)
                     dr.k_next = min(2 * dr.k_next, self.k)
@@ -145,20 +159,10 @@ class Speculation:
             emitted = [(tok, False, j) for j, tok in enumerate(d[:n])]
             if nxt_tok is not None:
                 emitted.append((nxt_tok, True, n))
-            live = True
-            for tok, guided, j in emitted:
-                lp = float(token_logprobs(z[j][None, :], [tok])[0]) if s.req.cfg.logprobs else 0.0
-                if not gen._emit(i, s, tok, lp, guided, events, done):
-                    live = False
-                    break
-            if not live:
-                continue
-            if new is not None:  # the draft made meanwhile from the last token that stood waits its turn
-                self._adopt(s, dr, new)
-            else:
-                dr.g_last = s.last  # in step: both sides' next token is the pending one
-            going.append(i)
-        return gen._close(events, done, going)
+            out[i] = [(tok, float(token_logprobs(z[j][None, :], [tok])[0]) if s.req.cfg.logprobs else 0.0, guided)
+                      for tok, guided, j in emitted]
+            dr.after = new if new is not None else True
+        return out
 
     @staticmethod
     def _adopt(s: _Slot, dr: Draft, new: tuple[list[int], list[np.ndarray], int]) -> None:
@@ -189,7 +193,7 @@ class Speculation:
     def _guide_rows(self, items: list[tuple[int, list[int], bool]]) -> dict[int, np.ndarray]:
         """Every position's logits on the guidance side for each slot's tokens, in as few batches as the
         vector states allow (a fresh slot's first token takes the second chunk's vector)."""
-        g, b = self.gen.guide, self.gen.gbuf
+        g, b = self.guide, self.gbuf
         same = b[1] is b[2]  # the same buffer (or both None)
         parts: dict[int, list[np.ndarray]] = {i: [] for i, _, _ in items}
         first = [(i, toks[:1]) for i, toks, fresh in items if fresh and not same]
