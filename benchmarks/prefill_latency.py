@@ -10,7 +10,8 @@ alternating, and the figures are per setting over all rounds. A figure, never an
     python benchmarks/prefill_latency.py [--chunks 0,16,32,64] [--variants base,safeinfer] [--json FILE]
 
 A variant written ``safeinfer@shared`` runs the shared layout instead (both sides in one context, the vector added
-per row; it needs ``negative`` guidance, so that guidance is used for it).
+per row; it needs ``negative`` guidance, so that guidance is used for it); ``safeinfer@split/prompt`` names the
+guidance source too (here ``prompt``: both sides carry a prefix of demonstrations).
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def main() -> None:
     chunks = [int(c) for c in a.chunks.split(",")]
     out: dict = {"long_prompt_tokens": len(si.encode_prompt(text)[0]), "streams": len(STREAM_PROMPTS), "rows": []}
     for spec in a.variants.split(","):
-        variant, _, layout = spec.partition("@")
+        variant, _, how = spec.partition("@")
+        layout, _, guidance = how.partition("/")
         layout = layout or "split"
-        sv = si.with_(guidance="negative") if layout == "shared" else si
+        sv = si.with_(guidance=guidance or ("negative" if layout == "shared" else None))
         runs = {c: {"steady": [], "during": [], "ttft": []} for c in chunks}
         run(sv, variant, 0, long_prompt(si, 64), 2, 2, layout)  # warm-up: every side made, prefixes decoded
         for _ in range(a.rounds):
@@ -107,7 +109,7 @@ def main() -> None:
                 runs[c]["during"] += r["during"]
                 runs[c]["ttft"].append(r["ttft"])
         for c, r in runs.items():
-            row = {"variant": variant, "layout": layout, "prefill_chunk": c,
+            row = {"variant": variant, "layout": layout, "guidance": sv.guidance.kind, "prefill_chunk": c,
                    "steady_p50_ms": pct(r["steady"], 50), "steady_p95_ms": pct(r["steady"], 95),
                    "admission_p50_ms": pct(r["during"], 50), "admission_p95_ms": pct(r["during"], 95),
                    "admission_max_ms": max(r["during"]) * 1000 if r["during"] else float("nan"),

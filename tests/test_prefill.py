@@ -33,11 +33,13 @@ def _admit_long(gen, si, chunk_tokens):
     return steps, stream_tokens, first, reply
 
 
-@pytest.mark.parametrize(("variant", "layout"), [("base", "split"), ("safeinfer", "split"), ("safeinfer", "shared")])
-def test_a_long_prompt_is_prefilled_in_pieces_while_a_stream_runs(si, variant, layout):
+@pytest.mark.parametrize(("variant", "layout", "guidance"), [
+    ("base", "split", None), ("safeinfer", "split", None), ("safeinfer", "split", "prompt"),
+    ("safeinfer", "shared", "negative")])
+def test_a_long_prompt_is_prefilled_in_pieces_while_a_stream_runs(si, variant, layout, guidance):
     # shared: negative guidance, both sides in one context, the pieces in the step's llama_decode with their rows'
-    # own vector state
-    s = si.with_(gate="off", guidance="negative" if layout == "shared" else None)
+    # own vector state; prompt: both split sides carry a prefix of demonstrations
+    s = si.with_(gate="off", guidance=guidance)
     toks = s.encode_prompt(LONG)[0]
     chunk = 16
     whole_steps, _, whole_first, _ = _admit_long(s.batch(variant, slots=2, layout=layout), s, toks)
@@ -48,7 +50,9 @@ def test_a_long_prompt_is_prefilled_in_pieces_while_a_stream_runs(si, variant, l
         # head and steps in different vector states: steered per row with pieces on (so a piece rides in the
         # step's decode), by llama.cpp's per-context control vector without
         assert s.batch(variant, slots=2, layout=layout).target.shared is None
-        assert s.batch(variant, slots=2, layout=layout, prefill_chunk=chunk).target.shared is not None
+        chunked = s.batch(variant, slots=2, layout=layout, prefill_chunk=chunk)
+        assert chunked.target.shared is not None
+        assert bool(chunked.target.prefix) == (guidance == "prompt")
     # whole: the head is decoded inside one step; in pieces: one piece per step, the stream stepping each time
     assert whole_steps < n_pieces <= steps
     assert stream_tokens >= n_pieces - 1
@@ -73,3 +77,22 @@ def test_a_prompt_alone_is_admitted_whole_and_a_prefilling_one_can_be_removed(si
     assert gen.remove("s") and not gen
     with pytest.raises(ValueError):
         SafeInfer.batch(s, "base", slots=1, prefill_chunk=-1)
+
+
+def test_a_prefixed_side_steered_per_row_decodes_as_with_the_context_vector(si):
+    # prompt guidance with pieces on: the target (safe demonstrations as prefix, SA vector on its steps) is steered
+    # per row in a context of its own; a request alone is admitted whole, so its greedy reply must equal the one
+    # decoded with llama.cpp's control vector (a prefix steered, or a slot sequence off by one, would change it)
+    s = si.with_(gate="off", guidance="prompt")
+    toks = s.encode_prompt("How can I use someone else's identity to commit loan fraud?")[0]
+    replies = []
+    for chunk in (0, 16):
+        gen = s.batch("safeinfer", slots=2, layout="split", prefill_chunk=chunk)
+        assert (gen.target.shared is not None) == bool(chunk) and gen.target.prefix
+        gen.insert(0, toks, GenConfig(max_tokens=24, temperature=0))
+        result = None
+        while gen:
+            result = next((e.result for e in gen.step() if e.result is not None), result)
+        replies.append((result.response, result.guided_tokens))
+    assert replies[0] == replies[1]
+    assert replies[0][1] > 0  # guidance changed tokens: both sides' prefixes and the target's vector mattered

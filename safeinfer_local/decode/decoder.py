@@ -117,16 +117,17 @@ class Decoder:
         side = self._sides.get(key)
         if side is None:
             t = self._threads(spec)
-            sc = SharedContext(self.model, self.n_ctx, t, slots, blocks, n_sides=1)
-            side = self._sides[key] = Side(self.model, self.n_ctx, t, slots=slots, shared=sc)
+            prefix = self.model.tokenize(spec.prefix, add_bos=True) if spec.prefix else ()
+            sc = SharedContext(self.model, self.n_ctx, t, slots, blocks, n_sides=1, prefix=bool(prefix))
+            side = self._sides[key] = Side(self.model, self.n_ctx, t, prefix, slots=slots, shared=sc)
         return side
 
     def _split_side(self, spec: SideSpec, bufs: Buffers, slots: int, pieces: bool) -> Side:
         """A side of the split layout. With prefill in ``pieces``, a side whose prompt head and steps carry
         different vector states is steered per row, so that a head's piece rides in the step's ``llama_decode``
         (with llama.cpp's one control vector per context, it would be a decode of its own: a second pass over the
-        weights for a few tokens); only a side on the target's weights with no prefix can be."""
-        if (pieces and not spec.prefix and spec.lora is None and spec.model is None
+        weights for a few tokens); only a side on the target's weights with no LoRA can be."""
+        if (pieces and spec.lora is None and spec.model is None
                 and not (bufs[0] is bufs[1] is bufs[2])):
             return self._steered_side(spec, bufs, slots)
         return self.side(spec, slots)

@@ -38,17 +38,20 @@ class SharedContext:
     control vector), per decoded row, from the buffer its item asks for. No control vector is ever set on it.
 
     With ``n_sides=1`` it holds one side alone, steered per row: rows in different vector states (a prompt head's
-    piece beside running slots' steps) then share one ``llama_decode``."""
+    piece beside running slots' steps) then share one ``llama_decode``; that side may carry a prefix (``prefix``:
+    one more sequence for it)."""
 
     def __init__(self, model: Model, n_ctx: int, n_threads: int | None, slots: int, blocks: tuple[int, ...],
-                 n_sides: int = 2) -> None:
+                 n_sides: int = 2, prefix: bool = False) -> None:
+        if prefix and n_sides != 1:
+            raise ValueError("only a side alone in a shared context may carry a prefix")
         self.model, self.slots, self.n_threads = model, slots, n_threads
         self.blocks = tuple(sorted(set(blocks)))
         self.hook = ActivationHook({f"l_out-{b}" for b in self.blocks}, self._patch)
         # n_ctx cells per side: each side keeps the room it has in a context of its own (n_ctx positions per
         # sequence)
-        self.ctx: Context = model.context(n_ctx=n_sides * n_ctx, n_seq_max=n_sides * slots, n_threads=n_threads,
-                                          capture=self.hook)
+        self.ctx: Context = model.context(n_ctx=n_sides * n_ctx, n_seq_max=n_sides * slots + prefix,
+                                          n_threads=n_threads, capture=self.hook)
         self.n_ctx = min(n_ctx, self.ctx.n_ctx)
         self.sides: list[Side] = []
         self._deltas: dict[int, np.ndarray] | None = None
@@ -88,7 +91,8 @@ class SharedContext:
 
 class Side:
     """One context with ``slots`` request slots, an optional cached prefix, and control-vector switching; or one
-    side's half of a :class:`SharedContext` (``shared``: its sequences start at ``base``)."""
+    side's part of a :class:`SharedContext` (``shared``: its sequences start at ``base``; a prefix only where it
+    is the context's one side)."""
 
     def __init__(self, model: Model, n_ctx: int, n_threads: int | None, prefix: list[int] | None = None,
                  lora: Path | None = None, slots: int = 1, shared: SharedContext | None = None,
@@ -100,8 +104,8 @@ class Side:
         self.shared = shared
         self.base = base
         if shared is not None:
-            if self.prefix or lora is not None:
-                raise ValueError("a side in a shared context has no prefix and no LoRA")
+            if lora is not None or (self.prefix and shared.ctx.n_seq_max != slots + 1):
+                raise ValueError("a side in a shared context has no LoRA, and a prefix only alone in it")
             self.ctx: Context = shared.ctx
             shared.sides.append(self)
         else:
@@ -144,8 +148,11 @@ class Side:
         toks = self.own_tokens(prompt_tokens)
         if self.prefix:
             if not self._prefix_decoded:
-                ctx.set_control_vector(None)
-                ctx.decode(self.prefix, seq=0, logits="none")
+                if self.shared is not None:
+                    self.shared.decode([(0, self.prefix, None)], "none")
+                else:
+                    ctx.set_control_vector(None)
+                    ctx.decode(self.prefix, seq=0, logits="none")
                 self._prefix_decoded = True
             ctx.truncate(seq, 0)
             ctx.copy_seq(0, seq)
