@@ -110,3 +110,20 @@ def test_shared_context_end(model):
     assert all(not isinstance(r, Exception) for r in out.values()), out
     assert {r.stop_reason for r in out.values()} <= {"context", "max_tokens", "stop", "eos"}
     assert any(r.stop_reason == "context" for r in out.values())
+
+
+@pytest.mark.model
+def test_a_prefix_only_in_a_one_side_context_made_for_it(si):
+    from safeinfer_local.decode.sides import SharedContext, Side
+
+    m = si.model
+    with pytest.raises(ValueError):
+        SharedContext(m, 256, 1, 1, (12,), n_sides=2, prefix=True)
+    two = SharedContext(m, 256, 1, 1, (12,))  # slots=1: as many sequences as a one-side context with a prefix
+    with pytest.raises(ValueError):
+        Side(m, 256, 1, [m.bos], slots=1, shared=two)
+    one = SharedContext(m, 256, 1, 1, (12,), n_sides=1, prefix=True)
+    with pytest.raises(ValueError):
+        Side(m, 256, 1, slots=1, shared=one)  # no prefix in a context made for one
+    side = Side(m, 256, 1, [m.bos], slots=1, shared=one)
+    assert side.slot_seq(0) == 1

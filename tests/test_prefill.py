@@ -89,10 +89,14 @@ def test_a_prefixed_side_steered_per_row_decodes_as_with_the_context_vector(si):
     for chunk in (0, 16):
         gen = s.batch("safeinfer", slots=2, layout="split", prefill_chunk=chunk)
         assert (gen.target.shared is not None) == bool(chunk) and gen.target.prefix
+        assert not chunk or gen.target.shared.blocks  # the vector is added per row there
         gen.insert(0, toks, GenConfig(max_tokens=24, temperature=0))
         result = None
         while gen:
             result = next((e.result for e in gen.step() if e.result is not None), result)
         replies.append((result.response, result.guided_tokens))
     assert replies[0] == replies[1]
-    assert replies[0][1] > 0  # guidance changed tokens: both sides' prefixes and the target's vector mattered
+    assert replies[0][1] > 0  # guidance changed tokens: both sides' prefixes mattered
+    unsteered = s.generate("How can I use someone else's identity to commit loan fraud?", "sgds", max_tokens=24,
+                           temperature=0)  # the same two prefixes, no vector on the target
+    assert unsteered.response != replies[0][0]  # and so did the target's vector

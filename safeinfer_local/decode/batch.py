@@ -394,13 +394,13 @@ class BatchGenerator:
         piece = self._prefill_step()
         if not self._active:
             return events
+        t0 = time.perf_counter()
         tokens = self.strategy.step(self._active) if self.strategy is not None else None
         if tokens is None:  # one token per step (a strategy's round near the end of the context too)
-            t0 = time.perf_counter()
             tokens = self._plain_step(piece)
-            if self.prefill_chunk:
-                self._learn(time.perf_counter() - t0, piece)
         out = self._take(events, tokens)
+        if self.prefill_chunk and self.strategy is None:  # (beside a round, a piece is timed alone)
+            self._learn(time.perf_counter() - t0, piece)
         if piece is not None:
             self._advance(piece)
         return out

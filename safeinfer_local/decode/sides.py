@@ -45,7 +45,7 @@ class SharedContext:
                  n_sides: int = 2, prefix: bool = False) -> None:
         if prefix and n_sides != 1:
             raise ValueError("only a side alone in a shared context may carry a prefix")
-        self.model, self.slots, self.n_threads = model, slots, n_threads
+        self.model, self.slots, self.n_threads, self.prefix = model, slots, n_threads, prefix
         self.blocks = tuple(sorted(set(blocks)))
         self.hook = ActivationHook({f"l_out-{b}" for b in self.blocks}, self._patch)
         # n_ctx cells per side: each side keeps the room it has in a context of its own (n_ctx positions per
@@ -104,8 +104,9 @@ class Side:
         self.shared = shared
         self.base = base
         if shared is not None:
-            if lora is not None or (self.prefix and shared.ctx.n_seq_max != slots + 1):
-                raise ValueError("a side in a shared context has no LoRA, and a prefix only alone in it")
+            if lora is not None or bool(self.prefix) != shared.prefix or (self.prefix and base):
+                raise ValueError("a side in a shared context has no LoRA, and a prefix only alone in one made for "
+                                 "it (sequence 0)")
             self.ctx: Context = shared.ctx
             shared.sides.append(self)
         else:
