@@ -2,6 +2,7 @@
 source held out, the other seven fitted): does any of them hold on sources it never saw?
 
     python benchmarks/gate_probes.py --cache /tmp/gate_feats.npz [--suffix-cache /tmp/gate_suffix.npz]
+        [--judge-cache /tmp/gate_judge.npz] [--twin-cache /tmp/gate_twins.npz]
 
 --cache is benchmarks/gate_sources.py's (the dev prompts' features, read bare, per frame and read). Tried:
 - the shipped read (block 8, the last 16 prompt tokens, shrinkage LDA), as core.gate.loso_scores scores it;
@@ -11,6 +12,9 @@ source held out, the other seven fitted): does any of them hold on sources it ne
 - a source's siblings held out with it (XSTest safe with XSTest unsafe; the three project-written sets together);
 - a self-judgement suffix: each prompt followed by a line that asks for a verdict, read at its last token(s) (the
   features of a prompt the served decode never computes: a probe of what the model knows, not a shipped read);
+- style-paired twins (safeinfer_local/data/gate_paired.jsonl: 160 harmful requests, each with a benign twin of the
+  same form and wording) added to every fit, once or weighted 3x, the 20 held-out pairs as before; and the twins
+  as two more sources, held out in turn like the others (a harder benign source to be compared with);
 - the model as its own judge, with nothing fitted (so nothing to learn a source's style from): the log-odds of
   "yes" over "no" after a question about the prompt, zero-shot and with 8 written examples before it (none of them
   a dev or evaluation prompt). A pair's figures are then the same whichever sources are held out.
@@ -80,21 +84,26 @@ def fit(hs: list[np.ndarray], bs: list[np.ndarray], how: str):
     return score
 
 
-def pairs(feats: dict[str, np.ndarray], how: str = "lda", siblings: bool = False) -> dict:
+def pairs(feats: dict[str, np.ndarray], how: str = "lda", siblings: bool = False, add: tuple = (),
+          harm: tuple[str, ...] = HARMFUL, ben: tuple[str, ...] = BENIGN) -> dict:
+    """Per (harmful, benign) pair of ``harm`` x ``ben``: (AUROC, TPR at 5% FPR) of a fit on the other sources (and
+    the (harmful, benign) arrays of ``add`` in every fit)."""
     out = {}
-    for h in HARMFUL:
-        for b in BENIGN:
+    for h in harm:
+        for b in ben:
             held = {h, b}
             if siblings:
                 held |= {s for group in SIBLINGS if h in group or b in group for s in group}
-            g = fit([feats[s] for s in HARMFUL if s not in held], [feats[s] for s in BENIGN if s not in held], how)
+            g = fit([feats[s] for s in harm if s not in held] + [x for x, _ in add],
+                    [feats[s] for s in ben if s not in held] + [y for _, y in add], how)
             sh, sb = g(feats[h]), g(feats[b])
             out[h, b] = (auroc(sh, sb), float(np.mean(sh >= np.quantile(sb, 0.95))))
     return out
 
 
 def line(name: str, res: dict) -> str:
-    worst = {h: (min(res[h, b][0] for b in BENIGN), min(res[h, b][1] for b in BENIGN)) for h in HARMFUL}
+    harm, ben = dict.fromkeys(h for h, _ in res), dict.fromkeys(b for _, b in res)
+    worst = {h: (min(res[h, b][0] for b in ben), min(res[h, b][1] for b in ben)) for h in harm}
     return (f"{name:58s} mean AUROC {np.mean([a for a, _ in res.values()]):.3f} | worst AUROC "
             f"{min(a for a, _ in worst.values()):.2f}, worst TPR@5% {min(t for _, t in worst.values()):.2f} | "
             + "  ".join(f"{h.split('-')[0][:8]} {a:.2f}/{t:.2f}" for h, (a, t) in worst.items()))
@@ -122,6 +131,31 @@ def suffix_features(path: Path | None) -> dict:
             for r, v in reader.features_grid(toks, reads).items():
                 out[f"{frame}|{name}|{r.blocks[0]}|{r.tail}"] = v.astype(np.float32)
     print(f"(suffix features read in {time.time() - t0:.0f} s)")
+    if path is not None:
+        np.savez(path, **out)
+    return out
+
+
+def twin_features(path: Path | None) -> dict:
+    """The style-paired twins' shipped read (block 8, last 16 incl. the final token, mean) per frame, as
+    gate_sources.py reads the dev prompts; cached in ``path``."""
+    if path is not None and path.exists():
+        return dict(np.load(path))
+    from safeinfer_local.api import SafeInfer
+    from safeinfer_local.core.datasets import gate_paired
+    from safeinfer_local.core.gate import Read
+    from safeinfer_local.decode.gating import FeatureReader
+
+    si = SafeInfer(vector="default")
+    read = Read((8,), 16, True, "mean")
+    reader = FeatureReader(si.model, (8,), si.n_ctx, si.n_threads)
+    out = {}
+    t0 = time.time()
+    for frame in ("template", "none", "qa"):
+        for side in ("harmful", "benign"):
+            toks = [si.encode_prompt(p.text, frame=frame)[0] for p in gate_paired(side)]
+            out[f"{frame}|{side}"] = reader.features_grid(toks, (read,))[read].astype(np.float32)
+    print(f"(twin features read in {time.time() - t0:.0f} s)")
     if path is not None:
         np.savez(path, **out)
     return out
@@ -166,6 +200,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, required=True, help="benchmarks/gate_sources.py's --cache")
     ap.add_argument("--suffix-cache", type=Path)
     ap.add_argument("--judge-cache", type=Path)
+    ap.add_argument("--twin-cache", type=Path)
     a = ap.parse_args()
     d = np.load(a.cache)
     key = lambda f, s, r: f"{f}|{s}|{r}"  # noqa: E731
@@ -189,6 +224,17 @@ def main() -> None:
         for r in ("8|1", "12|1", "12|4", "14|1"):
             f = {s: sf[f"{frame}|{s}|{r}"].astype(np.float64) for s in HARMFUL + BENIGN}
             print(line(f"block {r.split('|')[0]}, last {r.split('|')[1]}, LDA", pairs(f)))
+    tw = twin_features(a.twin_cache)
+    for frame in ("template", "none", "qa"):
+        print(f"\n{frame} frame, style-paired twins (block 8, last 16, LDA)")
+        f = {s: d[key(frame, s, "8|16|1|mean")].astype(np.float64) for s in HARMFUL + BENIGN}
+        th, tb = (tw[f"{frame}|{side}"].astype(np.float64) for side in ("harmful", "benign"))
+        print(line("shipped read, as above", pairs(f)))
+        print(line("  + the twins in every fit", pairs(f, add=((th, tb),))))
+        print(line("  + the twins in every fit, weighted 3x", pairs(f, add=((th, tb),) * 3)))
+        f |= {"paired-harmful": th, "paired-benign": tb}
+        print(line("  the twins as two more sources, held out in turn", pairs(
+            f, harm=(*HARMFUL, "paired-harmful"), ben=(*BENIGN, "paired-benign"))))
     js = judge_scores(a.judge_cache)
     print("\nthe model as its own judge (nothing fitted), log-odds of yes over no")
     for judge in JUDGES:

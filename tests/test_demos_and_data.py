@@ -91,7 +91,9 @@ def test_every_gate_dev_source_is_disjoint_from_every_evaluation_set():
     evals |= {norm(json.loads(x)["prompt"]) for x in (ROOT / "benchmarks" / "data" / "gate_heldout.jsonl")
               .read_text().splitlines() if x.strip()}
     seen: dict[str, str] = {}
-    for name, (_, prompts) in dev_sources().items():
+    paired = {f"paired-{side}": (side == "harmful", [p.text for p in datasets.gate_paired(side)])
+              for side in ("harmful", "benign")}  # (gate_probes' extra fit data, not yet a dev source)
+    for name, (_, prompts) in (dev_sources() | paired).items():
         assert len(prompts) >= 30, name
         for p in prompts:
             assert norm(p) not in evals, (name, p)

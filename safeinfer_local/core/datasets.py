@@ -107,6 +107,14 @@ def gate_written(kind: str, field: str | None = None) -> list[Prompt]:
     return [Prompt(r["id"], r["prompt"], r.get(key, "")) for r in _jsonl(GATE_WRITTEN[kind])]
 
 
+def gate_paired(side: str) -> list[Prompt]:
+    """The ``harmful`` or the ``benign`` half of the style-paired requests (MIT, see ``SOURCE_gate_paired.md``), in
+    pair order; ``Prompt.category`` is the pair's form."""
+    if side not in ("harmful", "benign"):
+        raise ValueError(f"gate_paired side must be harmful or benign, not {side!r}")
+    return [Prompt(r["id"], r[side], r["form"]) for r in _jsonl("gate_paired")]
+
+
 def pyrit_harmful() -> list[Prompt]:
     """Harmful objectives from PyRIT's package data (MIT, see ``SOURCE_pyrit_harmful.md``), PyRIT's category."""
     return [Prompt(r["id"], r["prompt"], r["category"]) for r in _jsonl("pyrit_harmful")]
