@@ -12,9 +12,9 @@ source held out, the other seven fitted): does any of them hold on sources it ne
 - a source's siblings held out with it (XSTest safe with XSTest unsafe; the three project-written sets together);
 - a self-judgement suffix: each prompt followed by a line that asks for a verdict, read at its last token(s) (the
   features of a prompt the served decode never computes: a probe of what the model knows, not a shipped read);
-- style-paired twins (safeinfer_local/data/gate_paired.jsonl: 160 harmful requests, each with a benign twin of the
-  same form and wording) added to every fit, once or weighted 3x, the 20 held-out pairs as before; and the twins
-  as two more sources, held out in turn like the others (a harder benign source to be compared with);
+- style-paired twins (safeinfer_local/data/gate_paired.jsonl: 640 harmful requests, each with a benign twin of the
+  same form and wording) added to every fit, the first 160 or all, once or weighted 3x, the 20 held-out pairs as
+  before; and the twins as two more sources, held out in turn like the others;
 - the model as its own judge, with nothing fitted (so nothing to learn a source's style from): the log-odds of
   "yes" over "no" after a question about the prompt, zero-shot and with 8 written examples before it (none of them
   a dev or evaluation prompt). A pair's figures are then the same whichever sources are held out.
@@ -230,8 +230,9 @@ def main() -> None:
         f = {s: d[key(frame, s, "8|16|1|mean")].astype(np.float64) for s in HARMFUL + BENIGN}
         th, tb = (tw[f"{frame}|{side}"].astype(np.float64) for side in ("harmful", "benign"))
         print(line("shipped read, as above", pairs(f)))
-        print(line("  + the twins in every fit", pairs(f, add=((th, tb),))))
-        print(line("  + the twins in every fit, weighted 3x", pairs(f, add=((th, tb),) * 3)))
+        for n in (160, len(th)):
+            print(line(f"  + {n} twins in every fit", pairs(f, add=((th[:n], tb[:n]),))))
+            print(line(f"  + {n} twins in every fit, weighted 3x", pairs(f, add=((th[:n], tb[:n]),) * 3)))
         f |= {"paired-harmful": th, "paired-benign": tb}
         print(line("  the twins as two more sources, held out in turn", pairs(
             f, harm=(*HARMFUL, "paired-harmful"), ben=(*BENIGN, "paired-benign"))))
