@@ -48,6 +48,11 @@ class Plan:
                 and t.model is None and g.model is None)
 
 
+def _prefix(model: Model, spec: SideSpec) -> list[int]:
+    """The tokens of a side's fixed prefix (``prompt`` guidance's demonstrations), BOS first; none without one."""
+    return model.tokenize(spec.prefix, add_bos=True) if spec.prefix else []
+
+
 class Decoder:
     """A model's sides and the decode calls. Sides are llama.cpp contexts keyed by (role, slots); they are made
     on first use and reused across requests, so the ``prompt`` guidance prefix is decoded once per process."""
@@ -93,9 +98,8 @@ class Decoder:
         side = self._sides.get(full)
         if side is None:
             model = self._guide_model(spec.model) if spec.model is not None else self.model
-            prefix = model.tokenize(spec.prefix, add_bos=True) if spec.prefix else ()
-            side = self._sides[full] = Side(model, self.n_ctx, self._threads(spec), prefix, lora=spec.lora,
-                                            slots=slots)
+            side = self._sides[full] = Side(model, self.n_ctx, self._threads(spec), _prefix(model, spec),
+                                            lora=spec.lora, slots=slots)
         return side
 
     def _threads(self, spec: SideSpec) -> int:
@@ -117,7 +121,7 @@ class Decoder:
         side = self._sides.get(key)
         if side is None:
             t = self._threads(spec)
-            prefix = self.model.tokenize(spec.prefix, add_bos=True) if spec.prefix else ()
+            prefix = _prefix(self.model, spec)
             sc = SharedContext(self.model, self.n_ctx, t, slots, blocks, n_sides=1, prefix=bool(prefix))
             side = self._sides[key] = Side(self.model, self.n_ctx, t, prefix, slots=slots, shared=sc)
         return side

@@ -149,11 +149,7 @@ class Side:
         toks = self.own_tokens(prompt_tokens)
         if self.prefix:
             if not self._prefix_decoded:
-                if self.shared is not None:
-                    self.shared.decode([(0, self.prefix, None)], "none")
-                else:
-                    ctx.set_control_vector(None)
-                    ctx.decode(self.prefix, seq=0, logits="none")
+                self._decode([(0, self.prefix)], None, "none")  # no vector: the context's, or per row
                 self._prefix_decoded = True
             ctx.truncate(seq, 0)
             ctx.copy_seq(0, seq)
