@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import schema
 from .core.frames import frame_cont, frame_prompt, frame_stops, resolve_frame
-from .core.gate import DEFAULT_REFUSAL, ON_FLAG, Gate, Read
+from .core.gate import DEFAULT_REFUSAL, ON_FLAG, Gate
 from .core.models import default_vector_path, resolve_model
 from .core.settings import (
     DEFAULT_LAMBDA,
@@ -327,11 +327,6 @@ class SafeInfer:
                 raise UsageError("--gate on needs a vector with a harm gate (build one with `safeinfer vectors gate`)")
             return None
         return self.gate if s.gate_threshold is None else self.gate.with_threshold(s.gate_threshold)
-
-    def features(self, read: Read, token_lists: list[list[int]]):
-        """Gate features (``read``'s rows of each prompt, pooled: a gate's :attr:`Gate.read`), many prompts per
-        decode."""
-        return self._decoder.features(read, token_lists)
 
     def gate_scores(self, prompts: list[str | list[Message]], raw: bool = False, frame: str | None = None):
         """The gate's score for each prompt (numpy array); a prompt is flagged at or above the threshold."""

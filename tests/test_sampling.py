@@ -8,8 +8,8 @@ from safeinfer_local.core.sampling import (
     log_softmax,
     make_sampler,
     token_logprobs,
-    validate_sampling,
 )
+from safeinfer_local.core.settings import check_sampling
 
 
 def test_log_softmax_hand_values():
@@ -68,9 +68,9 @@ def test_sampling_frequencies_follow_softmax():
 
 @pytest.mark.parametrize("t,k,p", [(-1, 0, 1.0), (float("nan"), 0, 1.0), (1.0, -1, 1.0), (1.0, 0, 0.0),
                                     (1.0, 0, 1.5)])
-def test_validate_sampling_rejects(t, k, p):
+def test_check_sampling_rejects(t, k, p):
     with pytest.raises(ValueError):
-        validate_sampling(t, k, p)
+        check_sampling(t, k, p)
 
 
 def test_stop_matcher_holds_partial_and_cuts():
@@ -139,7 +139,7 @@ class old_make_sampler:  # noqa: N801 - used like mlx-lm's make_sampler(...) fac
     """
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
-        validate_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.greedy = temperature == 0
         self._rng = np.random.default_rng(seed)

@@ -37,11 +37,6 @@ def token_logprobs(logits: np.ndarray, tokens: np.ndarray | list[int]) -> np.nda
     return (x[np.arange(len(idx)), idx] - logsumexp(x)[:, 0]).astype(np.float64)
 
 
-def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Check sampling options (``core.settings.check_sampling``; raises SettingError, a ValueError)."""
-    check_sampling(temperature, top_k, top_p)
-
-
 def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """Keep the k largest entries, set the rest to -inf (k <= 0 or k >= vocab: unchanged)."""
     if k <= 0 or k >= logits.shape[-1]:
@@ -108,7 +103,7 @@ class make_sampler:  # noqa: N801 - used like mlx-lm's make_sampler(...) factory
     """
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
-        validate_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.greedy = temperature == 0
         self._rng = np.random.default_rng(seed)

@@ -14,9 +14,8 @@ the HarmEval metrics (attack success rate, over-refusal, likelihood margins; sha
   point per variant, harmful refusal % (pooled over harmful datasets and prompt types) against benign
   over-refusal %, with Wilson intervals; each only when that measure has both harmful and benign records.
 
-Charts need matplotlib (Agg backend); without it the report is written without them and says so. A chart file of
-the names above left over from an earlier report in the same directory is removed when this report has no such
-chart.
+Charts are drawn with matplotlib (Agg backend). A chart file of the names above left over from an earlier report in
+the same directory is removed when this report has no such chart.
 """
 
 from __future__ import annotations
@@ -293,8 +292,7 @@ def _has_categories(ds: str, d: dict) -> bool:
     return any(c != ds for c in d["categories"])
 
 
-def render_markdown(config: dict, summary: dict, charts: list[tuple[str, str]] | None = None,
-                    chart_note: str | None = None) -> str:
+def render_markdown(config: dict, summary: dict, charts: list[tuple[str, str]] | None = None) -> str:
     """``report.md``'s text; ``charts`` are (title, file name) pairs to embed."""
     lines = [TITLE, "", "## Settings", ""]
     flat = {k: v for k, v in config.items() if k not in ("settings", "config")} | dict(config.get("settings") or {})
@@ -310,11 +308,9 @@ def render_markdown(config: dict, summary: dict, charts: list[tuple[str, str]] |
         lines += _likelihood_section(lik)
     if summary.get("gate"):
         lines += _gate_section(summary["gate"])
-    if charts or chart_note:
+    if charts:
         lines += ["## Charts", ""]
-        if chart_note:
-            lines += [chart_note, ""]
-        for title, name in charts or []:
+        for title, name in charts:
             lines += [f"![{title}]({name})", ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -560,7 +556,7 @@ _CHARTS = (
 
 
 def write_charts(out_dir: Path, summary: dict) -> list[tuple[str, Path]]:
-    """The PNG charts of a summary in ``out_dir``: (title, path) of each written. Needs matplotlib."""
+    """The PNG charts of a summary in ``out_dir``: (title, path) of each written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -627,17 +623,12 @@ def write_report(out_dir: Path, config: dict, records: list[dict], force: bool =
     out_dir = Path(out_dir)
     check_report(out_dir, force)
     summary = summarize(records)
-    note = None
-    try:
-        charts = write_charts(out_dir, summary)
-    except ImportError:
-        charts, note = [], "Charts omitted: matplotlib is not installed (pip install matplotlib)."
+    charts = write_charts(out_dir, summary)
     made = {p.name for _, p in charts}
     for name in CHARTS:
         if name not in made:
             (out_dir / name).unlink(missing_ok=True)  # a chart of an earlier report (checked above)
-    md = files.replace(out_dir / "report.md", render_markdown(config, summary, [(t, p.name) for t, p in charts],
-                                                              note))
+    md = files.replace(out_dir / "report.md", render_markdown(config, summary, [(t, p.name) for t, p in charts]))
     js = files.replace(out_dir / "report.json", json.dumps({"config": config, "summary": summary}, indent=2,
                                                            ensure_ascii=False, default=str) + "\n")
     return [md, js, *(p for _, p in charts)]
