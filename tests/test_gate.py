@@ -549,6 +549,38 @@ def test_leave_one_source_out_holds_each_source_out_and_reads_its_style():
     assert g2.dev["n_harmful"] == 180 and g2.dev["n_benign"] == 240
 
 
+def test_a_fit_only_source_is_in_every_fit_and_in_no_row():
+    """Synthetic features: the held-out harmful sources mostly share a mood (one direction) that the benign ones
+    lack, except one source of questions; a fit that learns the mood misses that source. Twins that carry the mood
+    on both sides (``held`` False) teach the fit that the mood is not harm: they are in every fold's fit, in no
+    row and not in the threshold, and the mood-free source is found."""
+    from safeinfer_local.core.gate import Source, fit_sources, loso_scores
+
+    rng = np.random.default_rng(7)
+    d = 32
+
+    def x(n, harm=0.0, mood=0.0, style=None):
+        v = rng.normal(size=(n, d))
+        v[:, 0] += harm
+        v[:, 10] += mood
+        if style is not None:
+            v[:, style] += 2.0
+        return v
+
+    held = [Source("h1", True, x(60, 1.5, 3, 1)), Source("h2", True, x(60, 1.5, 3, 2)),
+            Source("h3", True, x(60, 1.5, 0, 3)), Source("b1", False, x(80, 0, 0, 4)),
+            Source("b2", False, x(80, 0, 0, 5)), Source("b3", False, x(80, 0, 0, 6))]
+    twins = [Source("t-h", True, x(100, 1.5, 3), False), Source("t-b", False, x(100, 0, 3), False)]
+    alone, paired = loso_scores(held, "lda", 0.05), loso_scores(held + twins, "lda", 0.05)
+    assert [r["source"] for r in paired["sources"]] == ["h1", "h2", "h3", "b1", "b2", "b3"]
+    h3 = [{r["source"]: r for r in res["sources"]}["h3"] for res in (alone, paired)]
+    assert h3[0]["auroc"] < 0.7 and h3[1]["auroc"] > h3[0]["auroc"] + 0.15 and h3[1]["tpr_5"] > h3[0]["tpr_5"] + 0.2
+    g = fit_sources(held + twins, "lda", 0.05, loso=paired)
+    assert g.dev["n_harmful"] == 280 and g.dev["n_benign"] == 340 and len(g.dev["sources"]) == 6
+    with pytest.raises(SettingError, match="2 harmful and 2 benign"):  # fit-only sources do not count as held out
+        loso_scores(held[:1] + held[3:] + twins, "lda")
+
+
 def test_one_place_compares_a_score_with_the_gate_threshold():
     """Every verdict goes through FrameGate.flags: outside the gate's own math no module compares anything with a
     threshold (a second comparison could drift, e.g. > against >=)."""

@@ -338,11 +338,14 @@ def cv_scores(harmful: np.ndarray, benign: np.ndarray, method: str, fpr: float =
 @dataclass(frozen=True)
 class Source:
     """One source of dev prompts for leave-one-source-out cross-validation: its name, its class, and its
-    features, ``groups`` wrapped copies of each prompt, wrapper-major (copy w of prompt i at row w * n + i)."""
+    features, ``groups`` wrapped copies of each prompt, wrapper-major (copy w of prompt i at row w * n + i).
+    ``held`` False: in every fit and never held out (nor in the threshold), for data that teaches the direction
+    but is no stand-in for a source the gate never saw, such as pairs written to differ only in harm."""
 
     name: str
     harmful: bool
     feats: np.ndarray
+    held: bool = True
 
 
 def _quantile_tpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
@@ -358,17 +361,18 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
     other fits, whose scales differ; and a pair of matched sources such as XSTest's safe and unsafe prompts would
     each be judged by a fit that learnt the other's style.) With ``groups`` > 1 (each prompt in ``groups``
     wrappings, wrapper-major) a fold also holds one wrapping out, in turn: it fits on the other wrappings and
-    scores the pair in that one.
+    scores the pair in that one. A source with ``held`` False is in every fit and in no row or threshold.
 
-    Per source, over the pairs it is in: ``auroc`` (the lowest), ``tpr_1``/``tpr_5``/``tpr`` for a harmful source
+    Per held-out source, over its pairs: ``auroc`` (the lowest), ``tpr_1``/``tpr_5``/``tpr`` for a harmful source
     (the lowest share flagged at 1%, 5% and ``fpr`` FPR of the held-out benign source), ``fpr`` for a benign
     source (the share flagged at the threshold, the (1 − ``fpr``) quantile of the other benign sources' held-out
     scores).
     ``threshold`` is that quantile over every benign source's held-out scores: what a gate fitted on all the
     sources uses. ``worst_tpr`` (the objective a gate is chosen by), ``worst_auroc``, ``worst_fpr``: over sources."""
     check_fpr(fpr)
-    harm = [s for s in sources if s.harmful]
-    ben = [s for s in sources if not s.harmful]
+    harm = [s for s in sources if s.harmful and s.held]
+    ben = [s for s in sources if not s.harmful and s.held]
+    always = [s for s in sources if not s.held]
     if len(harm) < 2 or len(ben) < 2:
         raise SettingError("leave-one-source-out needs at least 2 harmful and 2 benign sources")
     for s in sources:
@@ -383,8 +387,8 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
             k += 1
             keep = {o.name: wrapper[o.name] != w if groups > 1 else slice(None) for o in sources}
             test = {o.name: wrapper[o.name] == w if groups > 1 else slice(None) for o in (h, b)}
-            th = np.concatenate([o.feats[keep[o.name]] for o in harm if o is not h])
-            tb = np.concatenate([o.feats[keep[o.name]] for o in ben if o is not b])
+            th = np.concatenate([o.feats[keep[o.name]] for o in harm + always if o is not h and o.harmful])
+            tb = np.concatenate([o.feats[keep[o.name]] for o in ben + always if o is not b and not o.harmful])
             g = _direction(np.asarray(th, np.float64), np.asarray(tb, np.float64), method, shrinkage)
             pairs[h.name, b.name] = (g.score(h.feats[test[h.name]]), g.score(b.feats[test[b.name]]))
     held_b = {b.name: np.concatenate([pairs[h.name, b.name][1] for h in harm]) for b in ben}
