@@ -71,22 +71,14 @@ def filter_cmd(
 
         judge = ModelJudge(judge_model, n_threads=threads)
 
-    def resuming(done: int, wanted: int) -> None:
-        if not quiet:
-            print(f"resuming: {done} of {wanted} already in {out}", file=sys.stderr)
-
-    try:
-        with o.progress(quiet) as prog:
-            if ray is None:
-                res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming,
-                              force=force, **gen)
-            else:
-                res = sray.filter_run(si, items, out, split, sh, parallel, fr, judge, progress=prog,
-                                      on_resume=resuming, force=force, address=ray.strip(), actors=ray_actors,
-                                      threads=threads, **gen)
-    except runs.Interrupted as e:
-        print(e.message, file=sys.stderr)
-        raise typer.Exit(130) from None
+    with o.resumable(quiet, out) as (prog, resuming):
+        if ray is None:
+            res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming,
+                          force=force, **gen)
+        else:
+            res = sray.filter_run(si, items, out, split, sh, parallel, fr, judge, progress=prog,
+                                  on_resume=resuming, force=force, address=ray.strip(), actors=ray_actors,
+                                  threads=threads, **gen)
     if quiet:
         return
     counts, mean = res.counts, res.mean_tokens_per_s
@@ -143,16 +135,8 @@ def screen_cmd(
     si = o.load(model=model, vector=vector, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
                 chat_format=chat_format, gate="on", gate_threshold=gate_threshold)
 
-    def resuming(done: int, wanted: int) -> None:
-        if not quiet:
-            print(f"resuming: {done} of {wanted} already in {out}", file=sys.stderr)
-
-    try:
-        with o.progress(quiet) as prog:
-            res = screen.run(si, items, out, split, sh, fr, progress=prog, on_resume=resuming, force=force)
-    except runs.Interrupted as e:
-        print(e.message, file=sys.stderr)
-        raise typer.Exit(130) from None
+    with o.resumable(quiet, out) as (prog, resuming):
+        res = screen.run(si, items, out, split, sh, fr, progress=prog, on_resume=resuming, force=force)
     if not quiet:
         c = res.counts
         print(f"done: flagged {c['flagged']}, passed {c['passed']}, error {c['error']} of {res.wanted}",

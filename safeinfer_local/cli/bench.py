@@ -93,7 +93,6 @@ def bench_harm(
     from ..core.harm import resolve_sets
     from ..eval.evaluate import RESULTS, HarmBench, HarmConfig, check_out, folder_records, read_config
     from ..eval.report import check_report, write_report
-    from ..workflows.runs import Interrupted
 
     cfg = HarmConfig(datasets=o.csv_list(dataset) or ["catqa", "advbench", "xstest"],
                      variants=o.csv_list([variants]), prompt_types=o.csv_list([prompt_types]),
@@ -114,16 +113,12 @@ def bench_harm(
         from ..workflows.judge_model import ModelJudge
 
         judge = ModelJudge(judge_model, n_threads=threads)
-    with jsonl.locked(out / RESULTS, "bench harm run"), o.progress(quiet) as prog:
+    with jsonl.locked(out / RESULTS, "bench harm run"), o.resumable(quiet, out / RESULTS) as (prog, resuming):
         hb = HarmBench(si, cfg, sets, out, progress=prog, judge=judge)
         hb.write_config(o.command_line())
-        if hb.n_done and not quiet:
-            print(f"resuming: {hb.n_done} of {hb.total} records already in {out / RESULTS}", file=sys.stderr)
-        try:
-            hb.run()
-        except Interrupted as e:
-            print(e.message, file=sys.stderr)
-            raise typer.Exit(130) from None
+        if hb.n_done:
+            resuming(hb.n_done, hb.total)
+        hb.run()
         # the report covers the whole folder (every run into it had the same settings), as `bench report` does
         paths = write_report(out, read_config(out), folder_records(out), force=force)
     if not quiet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import typer
@@ -207,14 +208,6 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-class NoProgress:
-    def __enter__(self):
-        return lambda *a: None
-
-    def __exit__(self, *exc):
-        return False
-
-
 class Progress:
     """A rich progress bar per stage on stderr when it is a terminal (rate and time left); plain lines otherwise,
     every tenth of a stage, with its time left. Each stage's rate is measured from its own first update."""
@@ -264,4 +257,22 @@ class Progress:
 
 
 def progress(quiet: bool = False):
-    return NoProgress() if quiet else Progress()
+    return nullcontext(lambda *a: None) if quiet else Progress()
+
+
+@contextmanager
+def resumable(quiet: bool, where: object):
+    """A resumable run's progress and ``on_resume`` (one line on stderr; none with --quiet). An interrupt, its
+    finished records kept, prints its one line and exits 130."""
+    from ..workflows.runs import Interrupted
+
+    def on_resume(done: int, wanted: int) -> None:
+        if not quiet:
+            print(f"resuming: {done} of {wanted} already in {where}", file=sys.stderr)
+
+    try:
+        with progress(quiet) as prog:
+            yield prog, on_resume
+    except Interrupted as e:
+        print(e.message, file=sys.stderr)
+        raise typer.Exit(130) from None
