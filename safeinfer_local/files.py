@@ -38,6 +38,16 @@ def hint(e: OSError) -> str:
     return "free space" if e.errno in _NO_SPACE else "fix that"
 
 
+def read_text(path: str | Path, encoding: str = "utf-8", error: type[Exception] = UsageError) -> str:
+    """A text file's contents; one ``error`` line naming the file when it is not UTF-8 or cannot be read."""
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {reason(e)}") from None
+
+
 def real(path: str | Path) -> Path:
     """``path`` through any symbolic links: the file that is really written."""
     return Path(os.path.realpath(path))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DemosError
+from ..files import read_text
 
 REFUSAL_PROBE = " I'm sorry, but I can't help with that."
 """The refusal continuation whose log-probability measures safety on a base model that never refuses."""
@@ -32,10 +33,7 @@ def load_demos(path: str | Path) -> list[Demo]:
     if not path.is_file():
         raise DemosError(f"demonstrations file not found: {path}")
     demos: list[Demo] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DemosError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, error=DemosError)
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

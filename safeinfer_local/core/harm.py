@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import read_text
 from .datasets import Prompt, advbench, catqa, xstest
 from .settings import VARIANTS
 
@@ -131,12 +132,7 @@ def load_harmeval(path: str | Path, warn=None) -> list[Prompt]:
             raise UsageError(f"{p}: not a readable Parquet file ({type(e).__name__})") from None
         cols = set(rows[0]) if rows else set()
     elif ext in (".jsonl", ".ndjson", ".csv"):
-        try:
-            text = p.read_text(encoding="utf-8-sig")  # -sig: files saved by Excel start with a BOM
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise UsageError(f"cannot read {p}: {e.strerror}") from None
+        text = read_text(p, "utf-8-sig")  # -sig: files saved by Excel start with a BOM
         if ext == ".csv":
             reader = csv.DictReader(io.StringIO(text))
             rows = list(reader)

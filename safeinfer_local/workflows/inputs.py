@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import jsonl
+from .. import files, jsonl
 from ..errors import UsageError
 
 FORMATS = ("jsonl", "csv", "txt")
@@ -66,12 +66,7 @@ def read_items(path: str, fmt: str | None = None, field: str | None = None) -> l
         p = Path(path)
         if not p.is_file():
             raise UsageError(f"input file not found: {path}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+        text = files.read_text(p)
     if fmt == "txt":
         items = [Item(i, str(n), line) for i, (n, line) in
                  enumerate((n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())]
