@@ -65,12 +65,7 @@ def filter_cmd(
     runs.check_split(split, force, inputs=[("input file", input)])
     items = inputs.read_items(input, fmt, field)
     si = o.load_from(locals())
-    judge = None
-    if judge_model is not None:
-        from ..workflows.judge_model import ModelJudge
-
-        judge = ModelJudge(judge_model, n_threads=threads)
-
+    judge = o.judge(judge_model, threads)
     with o.resumable(quiet, out) as (prog, resuming):
         if ray is None:
             res = flt.run(si, items, out, split, sh, parallel, fr, judge, progress=prog, on_resume=resuming,

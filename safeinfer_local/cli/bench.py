@@ -108,11 +108,7 @@ def bench_harm(
     si = o.load(model=model, vector=vector, gamma=gamma, layers=layers, positions=positions, n_ctx=n_ctx,
                 threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format, guidance=guidance, lam=lam,
                 gate=gate)
-    judge = None
-    if judge_model is not None:
-        from ..workflows.judge_model import ModelJudge
-
-        judge = ModelJudge(judge_model, n_threads=threads)
+    judge = o.judge(judge_model, threads)
     with jsonl.locked(out / RESULTS, "bench harm run"), o.resumable(quiet, out / RESULTS) as (prog, resuming):
         hb = HarmBench(si, cfg, sets, out, progress=prog, judge=judge)
         hb.write_config(o.command_line())

@@ -260,6 +260,15 @@ def progress(quiet: bool = False):
     return nullcontext(lambda *a: None) if quiet else Progress()
 
 
+def judge(path: Path | None, threads: int | None):
+    """``--judge-model``'s classifier, loaded (None without one)."""
+    if path is None:
+        return None
+    from ..workflows.judge_model import ModelJudge
+
+    return ModelJudge(path, n_threads=threads)
+
+
 @contextmanager
 def resumable(quiet: bool, where: object):
     """A resumable run's progress and ``on_resume`` (one line on stderr; none with --quiet). An interrupt, its
