@@ -75,13 +75,18 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
                 pass
     total = rounds * (len(MODES) * (len(VARIANTS) + len(spec)) + 1 + (len(gated_rows) if gated is not None else 0))
     done = 0
-    for _ in range(rounds):
-        n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.n_ctx,
-                                                     n_threads=si.n_threads, n_gpu_layers=si.model.n_gpu_layers))
-        _keep(res, "reference", {"tokens": n, "ttft_s": ttft, "tokens_per_s": tps})
+
+    def keep(key: str, row: dict) -> None:  # a row of this round (see _keep), and a tick of the progress
+        nonlocal done
+        _keep(res, key, row)
         done += 1
         if progress:
             progress("bench", done, total)
+
+    for _ in range(rounds):
+        n, ttft, tps = _time_stream(reference_stream(si.model.path, prompt, tokens, n_ctx=si.n_ctx,
+                                                     n_threads=si.n_threads, n_gpu_layers=si.model.n_gpu_layers))
+        keep("reference", {"tokens": n, "ttft_s": ttft, "tokens_per_s": tps})
         for v in VARIANTS:
             for suffix, gen in MODES:  # greedy then sampled, back to back, so both see the same machine load
                 steps = list(_steps(si, prompt, v, tokens, gen))
@@ -90,32 +95,23 @@ def speed(si: SafeInfer, tokens: int = 64, rounds: int = 2, prompt: str = BENCH_
                 # between the first and the last token: n - 1 steps of (paired) decoding plus Python work
                 gen_wall = steps[-1][1] - steps[0][1] if n > 1 else 0.0
                 decode = steps[-1][2] - steps[0][2] if n > 1 else 0.0
-                _keep(res, v + suffix, {"tokens": n, "ttft_s": ttft, "tokens_per_s": _tps(steps),
-                                        "decode_share": decode / gen_wall if gen_wall > 0 else 0.0,
-                                        "python_ms_per_step": max(0.0, gen_wall - decode) / max(1, n - 1) * 1000})
-                done += 1
-                if progress:
-                    progress("bench", done, total)
+                keep(v + suffix, {"tokens": n, "ttft_s": ttft, "tokens_per_s": _tps(steps),
+                                  "decode_share": decode / gen_wall if gen_wall > 0 else 0.0,
+                                  "python_ms_per_step": max(0.0, gen_wall - decode) / max(1, n - 1) * 1000})
         for k, sk in spec:
             for suffix, gen in MODES:
                 last: list = []
                 steps = list(_steps(sk, prompt, SPECULATE_VARIANT, tokens, gen, results=last))
                 r = last[0] if last else None
-                _keep(res, speculate_key(k) + suffix, {
+                keep(speculate_key(k) + suffix, {
                     "tokens": len(steps), "ttft_s": steps[0][1] if steps else 0.0, "tokens_per_s": _tps(steps),
                     "speculate": k, "drafted": r.drafted if r else 0, "accepted": r.accepted if r else 0,
                     "acceptance": r.accepted / r.drafted if r and r.drafted else float("nan")})
-                done += 1
-                if progress:
-                    progress("bench", done, total)
         for key, p in gated_rows if gated is not None else ():
             steps = list(_steps(gated, p, key.split(",")[0], tokens, frame=GATED_FRAME))
             flagged = gated.gate.frame(GATED_FRAME).flags(gated.gate_scores([p], frame=GATED_FRAME)[0])
-            _keep(res, key, {"tokens": len(steps), "ttft_s": steps[0][1] if steps else 0.0,
-                             "tokens_per_s": _tps(steps), "flagged": flagged})
-            done += 1
-            if progress:
-                progress("bench", done, total)
+            keep(key, {"tokens": len(steps), "ttft_s": steps[0][1] if steps else 0.0,
+                       "tokens_per_s": _tps(steps), "flagged": flagged})
     ref = res["reference"]["tokens_per_s"] or float("nan")
     for key, r in res.items():
         sampled = key.endswith(SAMPLED_SUFFIX)
