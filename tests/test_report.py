@@ -343,7 +343,7 @@ def test_records_written_before_the_rename_read_as_flagged(tmp_path):
     assert len(jsonl.claim(out, head, what="filter output", upgrade=runs.upgrade_header).records) == 2
     with pytest.raises(UsageError, match="records"):  # without the upgrade the two headers differ by the form
         jsonl.claim(out, head, what="filter output")
-    recs = runs.finalize(out, [inputs.Item(0, "a", "p"), inputs.Item(1, "b", "q")], None, flt.filter_blocked)
+    recs = runs.finalize(out, [inputs.Item(0, "a", "p"), inputs.Item(1, "b", "q")])
     assert [r.get("flagged") for r in recs] == [False, True] and not any("gated" in r for r in recs)
     assert "gated" not in out.read_text()
     assert jsonl.load(out).header == head  # the rewrite says so

@@ -129,10 +129,13 @@ class Run:
 
     def finish(self, split: Path | None, blocked: Callable[[dict], bool | None],
                count: Callable[[list[dict]], dict[str, int]]) -> Summary:
-        """The end of the run: the output in input order (:func:`finish`), the split files, the counts over the
-        whole output."""
+        """The end of the run: the output rewritten in input order (:func:`finalize`; to stdout, this run's records
+        in input order), the split files, the counts over the whole output."""
         self.tally.app.close()
-        recs = finish(self.out, self.wanted, self.written, split, blocked)
+        recs = (finalize(self.out, self.wanted) if self.out is not None
+                else sorted(self.written, key=lambda r: r["index"]))
+        if split is not None:
+            write_split(recs, split, blocked)
         return Summary(len(self.wanted), self.tally.done_before, self.written, count(recs))
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -144,17 +147,14 @@ class Run:
             raise self.tally.interrupted() from None
 
 
-def finalize(out: Path, items: list[Item], split_dir: Path | None, blocked: Callable[[dict], bool | None]
-             ) -> list[dict]:
+def finalize(out: Path, items: list[Item]) -> list[dict]:
     """Once every wanted item has a record: rewrite the output in input order, one record per id (the last one
-    written wins; atomically), and write the split files. Returns the records."""
+    written wins; atomically). Returns the records."""
     loaded = jsonl.load(out, repair=True, key=_id)
     done = loaded.by_key(_id)
     order = {it.id: it.index for it in items}
     recs = sorted((upgrade(r) for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
     jsonl.write_records(out, recs, header=upgrade_header(loaded.header) if loaded.header else None)
-    if split_dir is not None:
-        write_split(recs, split_dir, blocked)
     return recs
 
 
@@ -176,18 +176,6 @@ def upgrade(record: dict) -> dict:
     if "gated" not in record or "flagged" in record:
         return record
     return {k: v for k, v in record.items() if k != "gated"} | {"flagged": record_flagged(record)}
-
-
-def finish(out: Path | None, wanted: list[Item], written: list[dict], split_dir: Path | None,
-           blocked: Callable[[dict], bool | None]) -> list[dict]:
-    """The end of a filter or screen run: :func:`finalize` the output (or, to stdout, take this run's records in
-    input order) and write the split files; returns the records."""
-    if out is not None:
-        return finalize(out, wanted, split_dir, blocked)
-    recs = sorted(written, key=lambda r: r["index"])
-    if split_dir is not None:
-        write_split(recs, split_dir, blocked)
-    return recs
 
 
 SPLIT_FILES = {"allowed.jsonl": False, "blocked.jsonl": True}
