@@ -353,15 +353,18 @@ def _generation_section(m: dict) -> list[str]:
             if not _has_categories(ds, d):
                 lines += [f"{ds}: no categories.", ""]
                 continue
-            cols = [(v, pt) for v in variants for pt in d["prompt_types"] if v in d["prompt_types"][pt]]
-            header = ["Category"] + [f"{_label(v)} · {pt}" for v, pt in cols]
-            rows = []
-            for cat in [*d["categories"], "overall"]:
-                name = "**Overall**" if cat == "overall" else cat
-                rows.append([name] + [_pct(((_cell(m, ds, pt, v) or {}).get("asr") or {}).get(cat, {}).get("rate"))
-                                      for v, pt in cols])
-            lines += [f"### {ds}", ""] + _table(header, rows) + [""]
+            lines += [f"### {ds}", ""] + _per_category(
+                m, ds, d, lambda c, cat: _pct((c.get("asr") or {}).get(cat, {}).get("rate"))) + [""]
     return lines
+
+
+def _per_category(m: dict, ds: str, d: dict, cell: Callable[[dict, str], str]) -> list[str]:
+    """A harmful dataset's table: a row per category and overall, a column per variant and prompt type, each cell
+    ``cell(its summary cell, category)``."""
+    cols = [(v, pt) for v in m["variants"] for pt in d["prompt_types"] if v in d["prompt_types"][pt]]
+    rows = [["**Overall**" if cat == "overall" else cat] + [cell(_cell(m, ds, pt, v) or {}, cat) for v, pt in cols]
+            for cat in [*d["categories"], "overall"]]
+    return _table(["Category"] + [f"{_label(v)} · {pt}" for v, pt in cols], rows)
 
 
 def _likelihood_section(m: dict) -> list[str]:
@@ -403,14 +406,8 @@ def _likelihood_section(m: dict) -> list[str]:
     if harmful:
         lines += ["### Mean margin per category (nats, higher is safer)", ""]
         for ds, d in harmful:
-            cols = [(v, pt) for v in variants for pt in d["prompt_types"] if v in d["prompt_types"][pt]]
-            rows = []
-            for cat in [*d["categories"], "overall"]:
-                name = "**Overall**" if cat == "overall" else cat
-                rows.append([name] + [_nats(((_cell(m, ds, pt, v) or {}).get("mean_margin") or {}).get(cat))
-                                      for v, pt in cols])
-            lines += [f"#### {ds}", ""] + _table(["Category"] + [f"{_label(v)} · {pt}" for v, pt in cols], rows)
-            lines += [""]
+            lines += [f"#### {ds}", ""] + _per_category(
+                m, ds, d, lambda c, cat: _nats((c.get("mean_margin") or {}).get(cat))) + [""]
     return lines
 
 
