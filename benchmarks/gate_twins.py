@@ -2,14 +2,14 @@
 
 Per read (block x tail, shrinkage LDA, as ``vectors gate`` fits) and per frame, a gate is fitted on the nine shipped
 dev sources (read bare) with and without the twins of ``safeinfer_local/data/gate_paired.jsonl`` in every fit,
-never held out (``core.gate.Source(held=False)``): the first 40, 80, 160 or all 640 pairs, once or three times.
+never held out (``core.gate.Source(held=False)``): the first 40 or 160 pairs, or all 640, once or three times.
 Its threshold comes from leave-one-source-out, as the shipped gate's. Printed, over the three frames:
 
 - leave-one-source-out: the worst held-out source's AUROC and TPR at 5% FPR (the issue's bar);
 - the evaluation sets of ``benchmarks/gate_eval.py`` (CatQA 10 per category + AdvBench ``eval`` vs XSTest ``safe``
   at even positions; XSTest ``unsafe`` vs ``safe`` at even positions; the held-out 40), bare and in HarmEval's
   ``simple`` wrapper: AUROC (mean/lowest), and at the threshold the share of harmful prompts flagged (TPR) and of
-  benign ones (FPR, mean/highest).
+  benign ones (FPR, mean/highest); on the held-out 40, TPR (mean/lowest) and FPR (mean).
 
     python benchmarks/gate_twins.py --cache /tmp/gate_feats.npz --eval-cache /tmp/gate_twin_eval.npz
 

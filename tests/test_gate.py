@@ -579,6 +579,8 @@ def test_a_fit_only_source_is_in_every_fit_and_in_no_row():
     assert g.dev["n_harmful"] == 280 and g.dev["n_benign"] == 340 and len(g.dev["sources"]) == 6
     with pytest.raises(SettingError, match="2 harmful and 2 benign"):  # fit-only sources do not count as held out
         loso_scores(held[:1] + held[3:] + twins, "lda")
+    with pytest.raises(SettingError, match="different name"):  # rows and masks are keyed by name
+        loso_scores(held + [Source("h1", True, twins[0].feats, False)], "lda")
 
 
 def test_one_place_compares_a_score_with_the_gate_threshold():

@@ -375,6 +375,8 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
     always = [s for s in sources if not s.held]
     if len(harm) < 2 or len(ben) < 2:
         raise SettingError("leave-one-source-out needs at least 2 harmful and 2 benign sources")
+    if len({s.name for s in sources}) < len(sources):
+        raise SettingError("leave-one-source-out needs a different name for each source")
     for s in sources:
         if len(s.feats) % groups or len(s.feats) < groups:
             raise SettingError(f"source {s.name}: {len(s.feats)} features are not {groups} copies of each prompt")
@@ -416,7 +418,8 @@ def fit_sources(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
     """A gate for one frame fitted on every source, its threshold from leave-one-source-out: the (1 − ``fpr``)
     quantile of the benign sources' scores from fits that never saw them (:func:`loso_scores`, or ``loso`` when
     it was computed already), so that about ``fpr`` of prompts from a *new* benign source are flagged, not of the
-    ones the direction was fitted on. ``dev`` records the per-source leave-one-source-out table."""
+    ones the direction was fitted on. ``dev`` records the per-source leave-one-source-out table (held-out sources
+    only; ``n_harmful``/``n_benign`` count every prompt fitted, fit-only sources too)."""
     loso = loso or loso_scores(sources, method, fpr, groups, shrinkage)
     h = np.concatenate([s.feats for s in sources if s.harmful]).astype(np.float64)
     b = np.concatenate([s.feats for s in sources if not s.harmful]).astype(np.float64)

@@ -66,7 +66,7 @@ def read_items(path: str, fmt: str | None = None, field: str | None = None) -> l
         p = Path(path)
         if not p.is_file():
             raise UsageError(f"input file not found: {path}")
-        text = files.read_text(p)
+        text = files.read_text(path)
     if fmt == "txt":
         items = [Item(i, str(n), line) for i, (n, line) in
                  enumerate((n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())]
