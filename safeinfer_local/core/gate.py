@@ -372,7 +372,6 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
     check_fpr(fpr)
     harm = [s for s in sources if s.harmful and s.held]
     ben = [s for s in sources if not s.harmful and s.held]
-    always = [s for s in sources if not s.held]
     if len(harm) < 2 or len(ben) < 2:
         raise SettingError("leave-one-source-out needs at least 2 harmful and 2 benign sources")
     if len({s.name for s in sources}) < len(sources):
@@ -389,8 +388,8 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
             k += 1
             keep = {o.name: wrapper[o.name] != w if groups > 1 else slice(None) for o in sources}
             test = {o.name: wrapper[o.name] == w if groups > 1 else slice(None) for o in (h, b)}
-            th = np.concatenate([o.feats[keep[o.name]] for o in harm + always if o is not h and o.harmful])
-            tb = np.concatenate([o.feats[keep[o.name]] for o in ben + always if o is not b and not o.harmful])
+            th = np.concatenate([o.feats[keep[o.name]] for o in sources if o.harmful and o is not h])
+            tb = np.concatenate([o.feats[keep[o.name]] for o in sources if not o.harmful and o is not b])
             g = _direction(np.asarray(th, np.float64), np.asarray(tb, np.float64), method, shrinkage)
             pairs[h.name, b.name] = (g.score(h.feats[test[h.name]]), g.score(b.feats[test[b.name]]))
     held_b = {b.name: np.concatenate([pairs[h.name, b.name][1] for h in harm]) for b in ben}

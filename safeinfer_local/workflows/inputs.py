@@ -63,8 +63,7 @@ def read_items(path: str, fmt: str | None = None, field: str | None = None) -> l
         if not given and _all_json_objects(text):
             fmt = "jsonl"
     else:
-        p = Path(path)
-        if not p.is_file():
+        if not Path(path).is_file():
             raise UsageError(f"input file not found: {path}")
         text = files.read_text(path)
     if fmt == "txt":
