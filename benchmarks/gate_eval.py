@@ -56,10 +56,12 @@ def main() -> None:
             thr = g.frame(frame).threshold
             for wname, w in WRAPS.items():
                 s = {k: si.gate_scores([w.format(q=q) for q in v], frame=frame) for k, v in sets.items()}
-                row = {"vector": Path(path).name, "block": g.block, "tail": g.tail, "method": g.method,
-                       "frame": frame, "wrapper": wname,
+                n_cat = len(sets["harmful"]) - len(advbench("eval"))
+                row = {"vector": Path(path).name, "block": g.block, "tail": g.tail, "read": g.read.describe(),
+                       "method": g.method, "frame": frame, "wrapper": wname,
                        "auroc": round(auroc(s["harmful"], s["benign"]), 4),
                        "tpr": round(float(np.mean(s["harmful"] >= thr)), 4),
+                       "catqa_tpr": round(float(np.mean(s["harmful"][:n_cat] >= thr)), 4),
                        "fpr": round(float(np.mean(s["benign"] >= thr)), 4),
                        "xstest_unsafe_vs_safe_auroc": round(auroc(s["xstest_unsafe"], s["benign"]), 4),
                        "xstest_unsafe_flagged": round(float(np.mean(s["xstest_unsafe"] >= thr)), 4),
@@ -70,11 +72,14 @@ def main() -> None:
                        "heldout_false_flags": [q for q, x in zip(sets["held_b"], s["held_b"], strict=True)
                                                if x >= thr]}
                 rows.append(row)
-                print(f"{row['vector'][:28]:28s} b{g.block} tail {g.tail:2d} {frame:8s} {wname:11s} "
-                      f"AUROC {row['auroc']:.3f} TPR {row['tpr']:.2f} FPR {row['fpr']:.2f} | "
+                print(f"{row['vector'][:28]:28s} {frame:8s} {wname:11s} "
+                      f"AUROC {row['auroc']:.3f} TPR {row['tpr']:.2f} (CatQA {row['catqa_tpr']:.2f}) "
+                      f"FPR {row['fpr']:.2f} | "
                       f"xstest unsafe/safe {row['xstest_unsafe_vs_safe_auroc']:.3f} | held-out AUROC "
                       f"{row['heldout_auroc']:.3f} TPR {row['heldout_tpr']:.2f} FPR {row['heldout_fpr']:.2f}",
                       flush=True)
+    for path in a.vectors.split(","):
+        print(f"{Path(path).name}: {SafeInfer(model=model, vector=path).gate.read.describe()}")
     print(f"({time.time() - t0:.0f} s; n harmful {len(sets['harmful'])}, benign {len(sets['benign'])}, "
           f"xstest unsafe {len(sets['xstest_unsafe'])}, held-out {len(sets['held_h'])}/{len(sets['held_b'])})")
     if a.out:

@@ -1,6 +1,7 @@
 """The harm gate: pure math (fit, score, AUROC, metadata), and with the real model the per-request decision,
 ``--on-flag refuse``, ``screen`` and ``vectors gate``."""
 
+import itertools
 import json
 
 import numpy as np
@@ -163,6 +164,54 @@ def test_a_gate_reading_several_blocks_and_the_final_token_round_trips():
     assert Read((4, 9), 4).rows(10, 1) == slice(6, 10) and Read((4,)).rows(10, 1) == slice(1, 10)
 
 
+def test_a_gate_of_several_parts_averages_their_scaled_scores():
+    """Several reads averaged: a direction per part (an equal slice of the feature), each part's cosine put at 0
+    on its benign dev scores' mean and 1 on its harmful ones', and the mean is the score; it round-trips."""
+    from safeinfer_local.core.gate import Source, _direction, fit_sources
+
+    rng = np.random.default_rng(5)
+    h, b = rng.normal(size=(40, 12)) + 0.7, rng.normal(size=(50, 12))
+    two = _direction(h, b, "lda", 0.1, parts=2)
+    alone = [_direction(h[:, i * 6:(i + 1) * 6], b[:, i * 6:(i + 1) * 6], "lda", 0.1) for i in (0, 1)]
+    x = rng.normal(size=(7, 12))
+    want = np.mean([(g.score(x[:, i * 6:(i + 1) * 6]) - g.score(b[:, i * 6:(i + 1) * 6]).mean())
+                    / (g.score(h[:, i * 6:(i + 1) * 6]).mean() - g.score(b[:, i * 6:(i + 1) * 6]).mean())
+                    for i, g in enumerate(alone)], 0)
+    np.testing.assert_allclose(two.score(x), want, atol=1e-12)
+    assert abs(two.score(b).mean()) < 1e-9 and abs(two.score(h).mean() - 1) < 1e-9
+    assert not np.allclose(two.score(x), _direction(h, b, "lda", 0.1).score(x))  # not one direction over both
+    # leave-one-source-out and the fitted gate take the parts through
+    srcs = [Source(f"h{i}", True, h[i::2]) for i in range(2)] + [Source(f"b{i}", False, b[i::2]) for i in range(2)]
+    fg = fit_sources(srcs, "lda", 0.1, parts=2)
+    assert len(fg.scales) == 2 and fg.threshold == pytest.approx(np.quantile(
+        np.concatenate([_direction(np.concatenate([s.feats for s in srcs if s.harmful and s.name != hn]),
+                                   np.concatenate([s.feats for s in srcs if not s.harmful and s.name != bn]),
+                                   "lda", 0.1, 2).score(next(s.feats for s in srcs if s.name == bn))
+                        for bn in ("b0", "b1") for hn in ("h0", "h1")]), 0.9))
+    g = Gate(8, "lda", {"qa": fg}, {}, 16, (8, 10), True, "mean", (16, 4))
+    assert g.read == Read((8, 10), 16, True, "mean", (16, 4)) and g.read.describe() == (
+        "block 8+10, last 16+4 prompt tokens, mean")
+    meta = json.loads(json.dumps(g.to_meta()))
+    assert meta["tails"] == [16, 4] and len(meta["frames"]["qa"]["scales"]) == 2
+    back = Gate.from_meta(meta)
+    assert back.read == g.read and back.with_threshold(0.3).frame("qa").scales == back.frame("qa").scales
+    np.testing.assert_allclose(back.frame("qa").score(x), fg.score(x), atol=1e-5)
+    back.check_fits(6, 18)
+    assert back.digest() != Gate(8, "lda", {"qa": fg}, {}, 16, (8, 10), True, "mean").digest()
+    for bad in ({"tails": [16]}, {"tails": [16, -1]}):
+        with pytest.raises(VectorError, match="malformed"):
+            Gate.from_meta(meta | bad)
+    for scales in ([[0.1, 0.0], [0.2, 1.0]], [[0.1, float("nan")], [0.2, 1.0]], [[0.1, 1.0]]):
+        bad = json.loads(json.dumps(meta))
+        bad["frames"]["qa"]["scales"] = scales
+        with pytest.raises(VectorError, match="malformed"):
+            Gate.from_meta(bad)
+    with pytest.raises(SettingError, match="one tail per block"):
+        Read((8, 10), 16, True, "mean", (16,))
+    assert Read((4,), 16).describe() == "block 4, last 16 head tokens, mean" and Read((4,)).describe().endswith(
+        "all head tokens, mean")
+
+
 # -- with the real model ------------------------------------------------------------------------------------------
 
 
@@ -212,7 +261,8 @@ def test_final_token_features_are_the_l_out_rows_of_a_plain_decode(si):
     toks = [model.tokenize(t) for t in (HARMFUL, BENIGN)]
     hook = ActivationHook({"l_out-4", "l_out-12"})
     ctx = model.context(n_ctx=512, capture=hook)
-    reads = (Read((12,), 1, True), Read((4, 12), 4, True, "max"), Read((12,), 0, True), Read((12,), 3))
+    reads = (Read((12,), 1, True), Read((4, 12), 4, True, "max"), Read((12,), 0, True), Read((12,), 3),
+             Read((12, 4, 12), 16, True, "mean", (16, 1, 4)))  # parts: each block over its own tail
     grid = r.features_grid(toks, reads)
     for i, t in enumerate(toks):
         ctx.clear()
@@ -224,6 +274,9 @@ def test_final_token_features_are_the_l_out_rows_of_a_plain_decode(si):
         assert _cos(want, grid[reads[1]][i]) > 0.99999
         assert _cos(rows12[1:].mean(0), grid[reads[2]][i]) > 0.99999  # all but BOS
         assert _cos(rows12[-4:-1].mean(0), grid[reads[3]][i]) > 0.99999  # a head read of the same decode
+        parts = np.split(grid[reads[4]][i], 3)
+        for want, got in zip((rows12[1:][-16:].mean(0), rows4[-1], rows12[-4:].mean(0)), parts, strict=True):
+            assert _cos(want, got) > 0.99999
     feat, h = r.features_and_head(toks[0], reads[1])
     assert _cos(feat, grid[reads[1]][0]) > 0.9999
     assert (h.n_tokens, h.logits) == (len(toks[0]) - 1, None)  # the head alone: the last token is the side's
@@ -252,12 +305,12 @@ def test_final_token_features_are_the_l_out_rows_of_a_plain_decode(si):
 def test_a_final_token_gate_flags_and_decodes_exactly_as_gate_off(si, tmp_path):
     """A gate reading the final prompt token routes from the reader's own decode of the whole prompt; a flagged
     prompt's greedy output equals --gate off token for token (the side imports the head and decodes the last
-    prompt token with its vector), a passed one equals base; the gate round-trips through the vector file."""
+    prompt token with its vector), a passed one equals base; the gate round-trips through the vector file. Both
+    for blocks concatenated under one direction and for a gate of parts (a block each, with its own tail)."""
     from safeinfer_local.api import SafeInfer
     from safeinfer_local.core.gate import FrameGate, Gate
     from safeinfer_local.core.vectors import SafetyVector
 
-    rd = Read((8, 12), 4, True, "mean")
     rng = np.random.default_rng(0)
     d = rng.standard_normal(2 * si.model.n_embd)
     thr = {"flag": -2.0, "pass": 2.0}  # cosines lie in [-1, 1]: flag every prompt, or none
@@ -265,10 +318,14 @@ def test_a_final_token_gate_flags_and_decodes_exactly_as_gate_off(si, tmp_path):
     # after 20-odd tokens on the lighthouse prompt; the reader now decodes the head as the side does
     kw = dict(max_tokens=64, temperature=0, frame="qa")
     off = SafeInfer(model=si.model, vector="default").with_(gate="off")
-    for name, t in thr.items():
-        g = Gate(rd.blocks[0], "mean-diff", {f: FrameGate(d, np.zeros_like(d), t) for f in ("template", "none", "qa")},
-                 {}, rd.tail, rd.blocks, rd.final, rd.pool)
-        path = SafetyVector.load(_default_vector()).recommend(gate=g.to_meta()).save(tmp_path / f"{name}.gguf")
+    # blocks concatenated under one direction, and a gate of two parts (each block over its own tail)
+    reads = ((Read((8, 12), 4, True, "mean"), ()), (Read((8, 12), 16, True, "mean", (16, 4)), ((0.0, 1.0),) * 2))
+    for (rd, scales), (name, t) in itertools.product(reads, thr.items()):
+        g = Gate(rd.blocks[0], "mean-diff", {f: FrameGate(d, np.zeros_like(d), t, {}, scales)
+                                             for f in ("template", "none", "qa")},
+                 {}, rd.tail, rd.blocks, rd.final, rd.pool, rd.tails)
+        path = SafetyVector.load(_default_vector()).recommend(gate=g.to_meta()).save(
+            tmp_path / f"{name}{len(scales)}.gguf")
         gated = SafeInfer(model=si.model, vector=str(path), on_flag="steer")
         assert gated.gate.read == rd
         for prompt in (HARMFUL, BENIGN, "How did lighthouse keepers live in the nineteenth century?"):
@@ -367,19 +424,24 @@ def test_vectors_gate_builds_a_gate_that_loads_and_decides(tmp_path):
     v.write_bytes(default_vector_path().read_bytes())
     p = run_cli("vectors", "gate", v, "--harmful", tmp_path / "h1.txt", "--harmful", tmp_path / "h2.txt",
                 "--benign", tmp_path / "b1.txt", "--benign", tmp_path / "b2.txt", "--block", "12", "--json",
-                "--on-flag", "steer")
+                "--on-flag", "steer", "--max-parts", "2")
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    assert len(doc["cv"]) == len(TAILS) * 2 and doc["seconds"] > 0  # tails x methods at one block
+    # tails x methods at one block, then (--max-parts 2) the best lda read averaged with the other tail's
+    assert len(doc["cv"]) == len(TAILS) * 2 + 1 and doc["seconds"] > 0
+    assert doc["cv"][-1]["block"] == "12+12" and doc["cv"][-1]["method"] == "lda"
     best = max(doc["cv"], key=lambda r: (r["objective"], r["mean_auroc"]))
-    assert (doc["block"], doc["tail"], doc["method"]) == (12, best["tail"], best["method"])
     for f, fr in doc["frames"].items():
         dev = fr["dev"]
         assert [s["source"] for s in dev["sources"]] == [str(tmp_path / n) for n in files]
         assert dev["worst_tpr"] == min(s["tpr"] for s in dev["sources"] if s["harmful"]) == best[f"{f}_worst_tpr"]
     assert best["objective"] == min(best[f"{f}_worst_tpr"] for f in doc["frames"])
     g = Gate.from_meta(SafetyVector.load(v).meta["gate"])
-    assert g.final and g.read.blocks == (12,) and g.tail == doc["tail"] and set(g.frames) == {"template", "none", "qa"}
+    assert (str(best["block"]), str(best["tail"]), best["method"]) == (
+        "+".join(map(str, g.read.blocks)), "+".join(map(str, g.read.block_tails)), g.method)
+    assert (doc["block"], doc["tail"], doc["method"], doc["read"]) == (12, g.tail, g.method, g.read.describe())
+    assert g.final and set(g.read.blocks) == {12} and set(g.frames) == {"template", "none", "qa"}
+    assert len(g.frame("qa").scales) == (len(g.read.blocks) if len(g.read.blocks) > 1 else 0)
     assert set(g.provenance["sources"]) == {str(tmp_path / n) for n in files}
     assert "leave-one-source-out" in g.provenance["chosen_by"] and g.provenance["wrappers"]["n"] == 7
     assert SafetyVector.load(v).meta["guard"] == {"on_flag": "steer"}  # the recommendation, recorded
@@ -393,6 +455,7 @@ def test_vectors_gate_builds_a_gate_that_loads_and_decides(tmp_path):
     assert_one_line_error(run_cli("vectors", "gate", v, "--tail", "-3", "--dry-run"), 2, "--tail")
     assert_one_line_error(run_cli("vectors", "gate", v, "--tail", "last", "--dry-run"), 2, "--tail")
     assert_one_line_error(run_cli("vectors", "gate", v, "--max-per-source", "5", "--dry-run"), 2, "--max-per-source")
+    assert_one_line_error(run_cli("vectors", "gate", v, "--max-parts", "0", "--dry-run"), 2, "--max-parts")
     assert_one_line_error(run_cli("vectors", "gate", v, "--on-flag", "maybe", "--dry-run"), 2, "on-flag")
 
 

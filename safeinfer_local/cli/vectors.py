@@ -67,6 +67,9 @@ def vectors_gate(
     per_source: int | None = typer.Option(None, "--max-per-source", help="Read at most N prompts of each source, "
                                           "evenly spaced (default: all; the reads are most of the cost on a large "
                                           "model)."),
+    max_parts: int = typer.Option(1, "--max-parts", help="Average up to N reads of the one decode (lda, a block and "
+                                  "tail each), adding a read while the leave-one-source-out rank rises (default 1: "
+                                  "one read)."),
     on_flag: str | None = typer.Option(None, "--on-flag", help="Record what a flagged prompt should get by default "
                                        "with this vector: steer (the variant) or refuse (the fixed refusal; for a "
                                        "model that cannot be steered into refusing). Default: keep the vector's."),
@@ -75,18 +78,20 @@ def vectors_gate(
     as_json: bool = o.JsonOpt, force: bool = o.ForceOpt,
 ) -> None:
     """Fit a harm gate (condition direction, centre and threshold per frame, read from one block's output at the
-    prompt's last tokens) on dev prompts from several sources, chosen and thresholded by leave-one-source-out, and
-    record it in the vector's metadata; llama.cpp still loads the file as a control vector."""
+    prompt's last tokens, or the mean of a few such reads) on dev prompts from several sources, chosen and
+    thresholded by leave-one-source-out, and record it in the vector's metadata; llama.cpp still loads the file as
+    a control vector."""
     import time
 
     from ..core.gate import ON_FLAG, check_fpr
     from ..core.settings import check_choice
     from ..core.vectors import VECTOR_FILE
-    from ..workflows.gatebuild import build_gate, check_per_source, check_tail_option
+    from ..workflows.gatebuild import build_gate, check_max_parts, check_per_source, check_tail_option
 
     check_fpr(fpr)
     check_tail_option(tail)
     check_per_source(per_source)
+    check_max_parts(max_parts)
     if on_flag is not None:
         check_choice("on-flag", on_flag, ON_FLAG)
     harmful, benign = tuple(harmful or ()), tuple(benign or ())
@@ -103,9 +108,10 @@ def vectors_gate(
     t0 = time.perf_counter()
     with o.Progress() as prog:
         gate, rows = build_gate(si, block, method, fpr, harmful, benign, progress=prog, tail=tail,
-                                per_source=per_source)
+                                per_source=per_source, max_parts=max_parts)
     seconds = time.perf_counter() - t0
-    doc = {"block": gate.block, "method": gate.method, "tail": gate.tail, "seconds": round(seconds, 1),
+    doc = {"block": gate.block, "method": gate.method, "tail": gate.tail, "read": gate.read.describe(),
+           "seconds": round(seconds, 1),
            "frames": {k: {"threshold": g.threshold, "dev": g.dev} for k, g in gate.frames.items()}, "cv": rows}
     if as_json:
         print(json.dumps(doc))
@@ -115,8 +121,7 @@ def vectors_gate(
     if not dry_run:
         guard = {"guard": {"on_flag": on_flag}} if on_flag else {}
         si.vector.recommend(gate=gate.to_meta(), **guard).save(target)
-        print(f"gate: block {gate.block}, last {gate.tail or 'all'} prompt tokens, {gate.method}; recorded in "
-              f"{target}", file=sys.stderr)
+        print(f"gate: {gate.read.describe()}, {gate.method}; recorded in {target}", file=sys.stderr)
 
 
 def _print_gate_tables(gate, rows: list[dict]) -> None:
@@ -124,7 +129,7 @@ def _print_gate_tables(gate, rows: list[dict]) -> None:
 
     frames = list(gate.frames)
     loso = "worst_tpr" in gate.frames[frames[0]].dev
-    chosen = (gate.block, gate.tail, gate.method)
+    chosen = ("+".join(map(str, gate.read.blocks)), "+".join(map(str, gate.read.block_tails)), gate.method)
     if loso:
         t = Table(title="harm gate: leave-one-source-out (a harmful and a benign source held out per fold); per "
                         "frame the worst held-out harmful source's TPR at the FPR target / worst AUROC / worst "
@@ -141,7 +146,7 @@ def _print_gate_tables(gate, rows: list[dict]) -> None:
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["block"]), str(r["tail"]), r["method"], f"{r['objective']:+.3f}", f"{r['mean_auroc']:.3f}",
-                  *cells(r), "◀ chosen" if (r["block"], r["tail"], r["method"]) == chosen else "")
+                  *cells(r), "◀ chosen" if (str(r["block"]), str(r["tail"]), r["method"]) == chosen else "")
     o.console().print(t)
     if loso:
         t = Table(title="the chosen gate, each source held out: AUROC (lowest over the sources it was paired "

@@ -12,6 +12,10 @@ activation steering, CAST, Lee et al. 2025). Activations depend on how the promp
 
 Methods: ``mean-diff`` (c = mean(harmful) − mean(benign), centred at their midpoint) and ``lda`` (shrinkage
 linear discriminant: c = (Σ + αI)⁻¹ (μ_h − μ_b) with the pooled covariance Σ, same centre).
+
+A gate may also average several reads of one decode (*parts*: a block each, with its own tail): each part has
+its own direction and centre, its cosine is put on a common scale (0 at the mean of its benign dev scores, 1 at the
+mean of its harmful ones), and the scaled scores are averaged into the one score the threshold applies to.
 """
 
 from __future__ import annotations
@@ -90,6 +94,9 @@ class Read:
     tail: int = 0
     final: bool = False
     pool: str = "mean"
+    tails: tuple[int, ...] = ()
+    """One tail per block (a gate of several parts: block i pooled over its last ``tails[i]`` tokens); empty:
+    ``tail`` for every block."""
 
     def __post_init__(self) -> None:
         if not self.blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in self.blocks):
@@ -97,14 +104,25 @@ class Read:
         check_tail(self.tail)
         if self.pool not in POOLS:
             raise SettingError(f"a gate's pooling is one of {', '.join(POOLS)}, not {self.pool!r}")
+        if self.tails and len(self.tails) != len(self.blocks):
+            raise SettingError(f"a gate reads one tail per block, not {self.tails!r} for blocks {self.blocks!r}")
+        for t in self.tails:
+            check_tail(t)
 
-    def rows(self, n: int, skip: int) -> slice:
-        """The rows to pool among ``n`` decoded rows of which the first ``skip`` (a BOS) never count."""
-        return slice(skip if not self.tail else max(skip, n - self.tail), n)
+    @property
+    def block_tails(self) -> tuple[int, ...]:
+        return self.tails or (self.tail,) * len(self.blocks)
+
+    def rows(self, n: int, skip: int, tail: int | None = None) -> slice:
+        """The rows to pool among ``n`` decoded rows of which the first ``skip`` (a BOS) never count (the last
+        ``tail`` of them; default: this read's ``tail``)."""
+        tail = self.tail if tail is None else tail
+        return slice(skip if not tail else max(skip, n - tail), n)
 
     def describe(self) -> str:
         where = "+".join(str(b) for b in self.blocks)
-        span = f"last {self.tail}" if self.tail else "all"
+        tails = tuple(dict.fromkeys(self.block_tails))
+        span = "last " + "+".join(str(t or "all") for t in tails) if any(tails) else "all"
         return f"block {where}, {span} {'prompt' if self.final else 'head'} tokens, {self.pool}"
 
 
@@ -136,18 +154,40 @@ class FrameGate:
     centre: np.ndarray
     threshold: float
     dev: dict = field(default_factory=dict)
+    scales: tuple[tuple[float, float], ...] = ()
+    """A gate of several parts (equal slices of the feature): each part's (offset, scale), its score put at
+    (cosine − offset) / scale before the parts are averaged. Empty: one direction over the whole feature."""
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(feats, np.float64)) - self.centre
-        n = np.linalg.norm(x, axis=1) * np.linalg.norm(self.direction)
-        return (x @ self.direction) / np.where(n > 0, n, 1.0)
+        if not self.scales:
+            return _cosine(x, self.direction)
+        k = len(self.scales)
+        return np.mean([(_cosine(xp, c) - off) / sc for xp, c, (off, sc)
+                        in zip(np.split(x, k, axis=1), np.split(self.direction, k), self.scales, strict=True)], 0)
 
     def flags(self, score: float) -> bool:
         """Whether a prompt with this score is flagged as harmful: the one place a score meets the threshold."""
         return bool(score >= self.threshold)
 
 
-def _direction(h: np.ndarray, b: np.ndarray, method: str, shrinkage: float) -> FrameGate:
+def _cosine(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1) * np.linalg.norm(c)
+    return (x @ c) / np.where(n > 0, n, 1.0)
+
+
+def _direction(h: np.ndarray, b: np.ndarray, method: str, shrinkage: float, parts: int = 1) -> FrameGate:
+    """The direction and centre fitted on harmful and benign features; ``parts`` > 1: one per equal slice of
+    the features, each with the (offset, scale) that puts its benign scores' mean at 0 and its harmful ones' at 1."""
+    if parts > 1:
+        fits = [_direction(hp, bp, method, shrinkage)
+                for hp, bp in zip(np.split(h, parts, axis=1), np.split(b, parts, axis=1), strict=True)]
+        scales = []
+        for g, hp, bp in zip(fits, np.split(h, parts, axis=1), np.split(b, parts, axis=1), strict=True):
+            off = float(g.score(bp).mean())
+            scales.append((off, float(g.score(hp).mean()) - off or 1.0))
+        return FrameGate(np.concatenate([g.direction for g in fits]), np.concatenate([g.centre for g in fits]), 0.0,
+                         scales=tuple(scales))
     mh, mb = h.mean(0), b.mean(0)
     if method == "mean-diff":
         c = mh - mb
@@ -227,11 +267,13 @@ class Gate:
     final: bool = False
     """Read the whole prompt, its final token included (see :class:`Read`; gates before 0.2 read the head)."""
     pool: str = "mean"
+    tails: tuple[int, ...] = ()
+    """One tail per block, for a gate of several parts (see :class:`Read`)."""
 
     @property
     def read(self) -> Read:
         """What the reader decodes and pools for this gate's feature."""
-        return Read(self.blocks or (self.block,), self.tail, self.final, self.pool)
+        return Read(self.blocks or (self.block,), self.tail, self.final, self.pool, self.tails)
 
     def frame(self, frame: str) -> FrameGate:
         g = self.frames.get(frame)
@@ -254,10 +296,15 @@ class Gate:
     def to_meta(self) -> dict:
         read = {} if self.read == Read((self.block,), self.tail) else {  # a gate of before 0.2 stays as it was
             "blocks": list(self.read.blocks), "final": self.final, "pool": self.pool}
+        if self.tails:  # a gate of several parts (0.3)
+            read["tails"] = list(self.tails)
+
+        def frame(g: FrameGate) -> dict:
+            return {"direction": [float(x) for x in g.direction.astype(np.float32)],
+                    "centre": [float(x) for x in g.centre.astype(np.float32)], "threshold": g.threshold,
+                    **({"scales": [list(p) for p in g.scales]} if g.scales else {}), "dev": g.dev}
         return {"block": self.block, "method": self.method, "tail": self.tail, **read, "provenance": self.provenance,
-                "frames": {k: {"direction": [float(x) for x in g.direction.astype(np.float32)],
-                               "centre": [float(x) for x in g.centre.astype(np.float32)],
-                               "threshold": g.threshold, "dev": g.dev} for k, g in self.frames.items()}}
+                "frames": {k: frame(g) for k, g in self.frames.items()}}
 
     @classmethod
     def from_meta(cls, d: dict) -> Gate:
@@ -273,16 +320,24 @@ class Gate:
                 c, m = np.asarray(f["direction"], np.float64), np.asarray(f["centre"], np.float64)
                 if c.ndim != 1 or c.shape != m.shape or not np.all(np.isfinite(c)) or not np.all(np.isfinite(m)):
                     raise ValueError("direction and centre must be finite vectors of one length")
-                frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}))
+                scales = tuple((float(o), float(sc)) for o, sc in f.get("scales") or ())
+                if not all(math.isfinite(o) and math.isfinite(sc) and sc != 0 for o, sc in scales):
+                    raise ValueError(f"scales {f['scales']} are not finite non-zero pairs")
+                frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}), scales)
             if not frames:
                 raise ValueError("no frame")
             blocks = tuple(int(b) for b in d.get("blocks") or (d["block"],))
             final, pool = d.get("final", False), d.get("pool", "mean")
             if not isinstance(final, bool):
                 raise ValueError(f"final must be true or false, not {final!r}")
-            read = Read(blocks, check_tail(d.get("tail", 0)), final, pool)  # SettingError is a ValueError
-            return cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
-                       read.tail, read.blocks, read.final, read.pool)
+            read = Read(blocks, check_tail(d.get("tail", 0)), final, pool,  # SettingError is a ValueError
+                        tuple(int(t) for t in d.get("tails") or ()))
+            gate = cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
+                       read.tail, read.blocks, read.final, read.pool, read.tails)
+            for k, f in frames.items():
+                if f.scales and len(f.scales) != len(blocks):
+                    raise ValueError(f"the {k} frame has {len(f.scales)} parts for {len(blocks)} blocks read")
+            return gate
         except (KeyError, TypeError, ValueError) as e:
             raise VectorError(f"the vector's gate is malformed ({e})") from None
 
@@ -293,7 +348,7 @@ class Gate:
     def with_threshold(self, threshold: float) -> Gate:
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise SettingError(f"--gate-threshold must be a finite number, not {threshold}")
-        return dataclasses.replace(self, frames={k: FrameGate(g.direction, g.centre, float(threshold), g.dev)
+        return dataclasses.replace(self, frames={k: dataclasses.replace(g, threshold=float(threshold))
                                                  for k, g in self.frames.items()})
 
 
@@ -354,7 +409,7 @@ def _quantile_tpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
 
 
 def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, groups: int = 1,
-                shrinkage: float = 0.1) -> dict:
+                shrinkage: float = 0.1, parts: int = 1) -> dict:
     """Leave-one-source-out cross-validation, a harmful and a benign source at a time: for every pair, a gate is
     fitted on all the other sources and scores the two it never saw, so each figure compares a harmful source
     with a benign one, both unseen, under one fit. (Held out alone, a source is compared with benign scores of
@@ -362,6 +417,7 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
     each be judged by a fit that learnt the other's style.) With ``groups`` > 1 (each prompt in ``groups``
     wrappings, wrapper-major) a fold also holds one wrapping out, in turn: it fits on the other wrappings and
     scores the pair in that one. A source with ``held`` False is in every fit and in no row or threshold.
+    ``parts``: the features are that many reads side by side, each fitted on its own and their scores averaged.
 
     Per held-out source, over its pairs: ``auroc`` (the lowest), ``tpr_1``/``tpr_5``/``tpr`` for a harmful source
     (the lowest share flagged at 1%, 5% and ``fpr`` FPR of the held-out benign source), ``fpr`` for a benign
@@ -390,7 +446,7 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
             test = {o.name: wrapper[o.name] == w if groups > 1 else slice(None) for o in (h, b)}
             th = np.concatenate([o.feats[keep[o.name]] for o in sources if o.harmful and o is not h])
             tb = np.concatenate([o.feats[keep[o.name]] for o in sources if not o.harmful and o is not b])
-            g = _direction(np.asarray(th, np.float64), np.asarray(tb, np.float64), method, shrinkage)
+            g = _direction(np.asarray(th, np.float64), np.asarray(tb, np.float64), method, shrinkage, parts)
             pairs[h.name, b.name] = (g.score(h.feats[test[h.name]]), g.score(b.feats[test[b.name]]))
     held_b = {b.name: np.concatenate([pairs[h.name, b.name][1] for h in harm]) for b in ben}
     rows = []
@@ -413,20 +469,20 @@ def loso_scores(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, gr
 
 
 def fit_sources(sources: list[Source], method: str, fpr: float = DEFAULT_FPR, groups: int = 1,
-                shrinkage: float = 0.1, loso: dict | None = None) -> FrameGate:
+                shrinkage: float = 0.1, loso: dict | None = None, parts: int = 1) -> FrameGate:
     """A gate for one frame fitted on every source, its threshold from leave-one-source-out: the (1 − ``fpr``)
     quantile of the benign sources' scores from fits that never saw them (:func:`loso_scores`, or ``loso`` when
     it was computed already), so that about ``fpr`` of prompts from a *new* benign source are flagged, not of the
     ones the direction was fitted on. ``dev`` records the per-source leave-one-source-out table (held-out sources
     only; ``n_harmful``/``n_benign`` count every prompt fitted, fit-only sources too)."""
-    loso = loso or loso_scores(sources, method, fpr, groups, shrinkage)
+    loso = loso or loso_scores(sources, method, fpr, groups, shrinkage, parts)
     h = np.concatenate([s.feats for s in sources if s.harmful]).astype(np.float64)
     b = np.concatenate([s.feats for s in sources if not s.harmful]).astype(np.float64)
-    g = _direction(h, b, method, shrinkage)
+    g = _direction(h, b, method, shrinkage, parts)
     dev = {"n_harmful": len(h) // groups, "n_benign": len(b) // groups, "fpr_target": fpr,
            "threshold_from": "leave-one-source-out: the benign sources' held-out scores",
            "worst_tpr": round(loso["worst_tpr"], 4), "worst_auroc": round(loso["worst_auroc"], 4),
            "worst_fpr": round(loso["worst_fpr"], 4),
            "sources": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                        for r in loso["sources"]]}
-    return FrameGate(g.direction, g.centre, float(loso["threshold"]), dev)
+    return dataclasses.replace(g, threshold=float(loso["threshold"]), dev=dev)

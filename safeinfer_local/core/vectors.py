@@ -232,6 +232,7 @@ def _gate_summary(gate: Any) -> dict | None:
         return None
     frames = gate.get("frames") if isinstance(gate.get("frames"), dict) else {}
     return {"block": gate.get("block"), "tail": gate.get("tail", 0), "method": gate.get("method"),
+            **{k: gate[k] for k in ("blocks", "tails", "final", "pool") if k in gate},
             "provenance": gate.get("provenance"),
             "frames": {k: {"threshold": f.get("threshold"), "dev": f.get("dev")} for k, f in frames.items()
                        if isinstance(f, dict)}}

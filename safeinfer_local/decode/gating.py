@@ -193,8 +193,9 @@ class FeatureReader:
         for rd in reads:
             feats, at = [], 0
             for h, t in zip(group, prompts, strict=True):
-                sel = rd.rows(*self._span(t, rd.final))  # a head read of a whole decode: the head's rows
-                parts = [rows[b][at + sel.start:at + sel.stop] for b in rd.blocks]
+                span = self._span(t, rd.final)  # a head read of a whole decode: the head's rows
+                sels = [rd.rows(*span, tail) for tail in rd.block_tails]
+                parts = [rows[b][at + sel.start:at + sel.stop] for b, sel in zip(rd.blocks, sels, strict=True)]
                 feats.append(np.concatenate([p.mean(0) if rd.pool == "mean" else p.max(0) for p in parts]))
                 at += len(h)
             out[rd] = feats

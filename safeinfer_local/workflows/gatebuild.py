@@ -13,7 +13,10 @@ The feature is the mean over the prompt's last ``tail`` tokens, the final one in
 out (and one copy of the prompts), fits on the rest, and scores the two; the objective is the TPR at ``fpr`` of the
 worst held-out harmful source, in the worst frame (a gate must hold on a source it never saw, not on average). The
 gate is then fitted on every source, and its threshold is the (1 − fpr) quantile of the benign sources' held-out
-scores, so that about ``fpr`` of prompts from a *new* benign source are flagged.
+scores, so that about ``fpr`` of prompts from a *new* benign source are flagged. With ``--max-parts`` N > 1 and
+``lda``, the best read is then averaged with others of the same decode, a read at a time, while the average ranks
+higher by that objective (ties: the mean held-out AUROC); the gate keeps one direction per read and thresholds the
+mean of their scaled scores.
 """
 
 from __future__ import annotations
@@ -153,17 +156,27 @@ def wrapped_copies(prompts: list[str], wrappers: tuple[str, ...]) -> list[str]:
     return list(prompts) + [wrappers[i % len(wrappers)].replace("{q}", q) for i, q in enumerate(prompts)]
 
 
+def check_max_parts(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"--max-parts must be 1 or more, not {n}")
+    return n
+
+
 def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: float = 0.05,
                harmful: tuple[str, ...] = (), benign: tuple[str, ...] = (), frames: tuple[str, ...] = FRAMES,
                progress: Callable[[str, int, int], None] | None = None, tail: str = "auto",
-               wrappers: tuple[str, ...] = WRAPPERS[1:], per_source: int | None = None) -> tuple[Gate, list[dict]]:
-    """The gate and the cross-validation table it was chosen from (one row per block × tail × method).
+               wrappers: tuple[str, ...] = WRAPPERS[1:], per_source: int | None = None,
+               max_parts: int = 1) -> tuple[Gate, list[dict]]:
+    """The gate and the cross-validation table it was chosen from (one row per block × tail × method, and per
+    average of reads tried).
 
     Features read the whole prompt, its final token included (mean over the last ``tail`` tokens of one block's
     output). With two or more sources on each side (the shipped ones, or several files) the choice and the
     threshold come from leave-one-source-out (:func:`~safeinfer_local.core.gate.loso_scores`): the objective is the
     held-out TPR at ``fpr`` of the worst harmful source, in the worst frame (ties: the mean held-out AUROC), and
     the gate fitted on every source flags scores at or above the benign sources' held-out (1 − ``fpr``) quantile.
+    With leave-one-source-out, ``lda`` and ``max_parts`` > 1, reads are then averaged (up to ``max_parts``, see
+    :mod:`~safeinfer_local.core.gate`) as long as the average ranks higher.
     With one source on a side it falls back to k-fold CV within the sources. Each fold also holds one copy of
     the prompts out (as they are, or wrapped: :func:`wrapped_copies`). ``per_source``: read at most that many
     prompts of each source, evenly spaced (for a large model, where the reads are most of the cost)."""
@@ -185,6 +198,7 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
             raise UsageError(f"--block must be in 0..{n_layer - 2} for {si.model.name}, not {blocks[0]}")
     methods = METHODS if method == "auto" else (method,)
     check_per_source(per_source)
+    check_max_parts(max_parts)
     sources = {n: (h, _spread(p, per_source)) for n, (h, p) in gate_sources(tuple(harmful), tuple(benign)).items()}
     wrappers = tuple(wrappers) or ("{q}",)
     loso = sum(v[0] for v in sources.values()) >= 2 and sum(not v[0] for v in sources.values()) >= 2
@@ -203,39 +217,59 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
             if progress:
                 progress("gate features", done, len(frames) * len(sources))
 
-    def srcs(f: str, key: tuple[int, int]) -> list[Source]:
-        return [Source(n, sources[n][0], feats[f][n][key]) for n in sources]
+    def srcs(f: str, parts: tuple) -> list[Source]:
+        return [Source(n, sources[n][0], np.hstack([feats[f][n][key] for key in parts])) for n in sources]
 
     def side(f: str, key: tuple[int, int], harm: bool) -> np.ndarray:
         return np.concatenate([feats[f][n][key] for n in sources if sources[n][0] is harm])
 
-    rows, folds = [], {}
-    for key in reads:
-        for m in methods:
-            row = {"block": key[0], "tail": key[1], "method": m}
-            if loso:
-                per = {f: loso_scores(srcs(f, key), m, fpr, groups=2) for f in frames}
-                folds[key, m] = per
-                row |= {"objective": round(min(p["worst_tpr"] for p in per.values()), 4),
-                        "mean_auroc": round(float(np.mean([s["auroc"] for p in per.values()
-                                                           for s in p["sources"]])), 4),
-                        **{f"{f}_{k}": round(p[k], 4) for f, p in per.items()
-                           for k in ("worst_tpr", "worst_auroc", "worst_fpr")}}
-            else:
-                cv = {f: cv_scores(side(f, key, True), side(f, key, False), m, fpr, groups=2) for f in frames}
-                row |= {"objective": round(sum(c["worst"] for c in cv.values()), 4),
-                        "mean_auroc": round(float(np.mean([c["auroc"] for c in cv.values()])), 4),
-                        **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items()
-                           if k not in ("objective", "worst")}}
-            rows.append(row)
-    best = max(rows, key=lambda r: (r["objective"], r["mean_auroc"]))
-    key, m = (best["block"], best["tail"]), best["method"]
+    def rank(c: tuple) -> tuple[float, float]:
+        return c[2]["objective"], c[2]["mean_auroc"]
+
+    def candidate(parts: tuple, m: str) -> tuple[tuple, str, dict]:
+        """(parts, method, row): a read (or reads averaged) and method, cross-validated."""
+        row = ({"block": parts[0][0], "tail": parts[0][1]} if len(parts) == 1 else
+               {"block": "+".join(str(k[0]) for k in parts), "tail": "+".join(str(k[1]) for k in parts)})
+        row["method"] = m
+        if loso:
+            per = {f: loso_scores(srcs(f, parts), m, fpr, groups=2, parts=len(parts)) for f in frames}
+            folds[parts, m] = per
+            row |= {"objective": round(min(p["worst_tpr"] for p in per.values()), 4),
+                    "mean_auroc": round(float(np.mean([s["auroc"] for p in per.values() for s in p["sources"]])), 4),
+                    **{f"{f}_{k}": round(p[k], 4) for f, p in per.items()
+                       for k in ("worst_tpr", "worst_auroc", "worst_fpr")}}
+        else:
+            cv = {f: cv_scores(side(f, parts[0], True), side(f, parts[0], False), m, fpr, groups=2) for f in frames}
+            row |= {"objective": round(sum(c["worst"] for c in cv.values()), 4),
+                    "mean_auroc": round(float(np.mean([c["auroc"] for c in cv.values()])), 4),
+                    **{f"{f}_{k}": round(v, 4) for f, c in cv.items() for k, v in c.items()
+                       if k not in ("objective", "worst")}}
+        return parts, m, row
+
+    folds: dict = {}
+    cands = [candidate((key,), m) for key in reads for m in methods]
+    if loso and max_parts > 1 and "lda" in methods:
+        # average reads while that ranks higher: add, to the best lda read, the read that ranks the average
+        # highest, and so on (the parts' scores on one scale, one threshold on their mean)
+        cur = max((c for c in cands if c[1] == "lda"), key=rank)
+        while len(cur[0]) < max_parts:
+            if progress:
+                progress("averaging reads", len(cur[0]), max_parts)
+            trials = [candidate(cur[0] + (key,), "lda") for key in reads if key not in cur[0]]
+            cands += trials
+            if not trials or rank(max(trials, key=rank)) <= rank(cur):
+                break
+            cur = max(trials, key=rank)
+    parts, m, best = max(cands, key=rank)
+    rows = [c[2] for c in cands]
     if loso:
-        fitted = {f: fit_sources(srcs(f, key), m, fpr, groups=2, loso=folds[key, m][f]) for f in frames}
-    else:
-        fitted = {f: fit_frame(side(f, key, True), side(f, key, False), m, fpr, groups=2, cross_fit=True)
+        fitted = {f: fit_sources(srcs(f, parts), m, fpr, groups=2, loso=folds[parts, m][f], parts=len(parts))
                   for f in frames}
-    gate = Gate(key[0], m, fitted, {
+    else:
+        fitted = {f: fit_frame(side(f, parts[0], True), side(f, parts[0], False), m, fpr, groups=2, cross_fit=True)
+                  for f in frames}
+    blocks, tails = tuple(k[0] for k in parts), tuple(k[1] for k in parts)
+    gate = Gate(blocks[0], m, fitted, {
         "sources": {n: {"harmful": h, "n": len(p), "sha256": _hash(p)} for n, (h, p) in sources.items()},
         "wrappers": {"n": len(wrappers), "sha256": _hash(list(wrappers)), "copies": "each prompt as it is and in "
                      "one wrapper, in turn"},
@@ -246,6 +280,6 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                       "fold: held-out TPR - FPR of the worst fold, summed over frames") if len(rows) > 1 else "given",
         "threshold": ("(1 - fpr) quantile of the benign sources' leave-one-source-out scores" if loso else
                       "(1 - fpr) quantile of 5-fold out-of-fold benign dev scores, the higher over the copies"),
-        "cv": dict(best)}, key[1], (key[0],), True, "mean")
+        "cv": dict(best)}, tails[0], blocks, True, "mean", tails if len(parts) > 1 else ())
     return gate, rows
 
