@@ -161,6 +161,12 @@ def test_a_gate_reading_several_blocks_and_the_final_token_round_trips():
     # a gate of before 0.2 (one block, the head) writes no new keys: its digest, and so resumed files, stay
     old = Gate(4, "lda", {"qa": fit_frame(rng.normal(size=(10, 8)) + 1, rng.normal(size=(12, 8)))}, {}, 16)
     assert not {"blocks", "final", "pool"} & old.to_meta().keys() and old.read == Read((4,), 16)
+    # nor does a 0.2 gate (the shipped one): result files written with it record this digest and resume with it
+    from safeinfer_local.core.models import default_vector_path
+    from safeinfer_local.core.vectors import SafetyVector
+
+    shipped = Gate.from_meta(SafetyVector.load(default_vector_path()).meta["gate"])
+    assert not shipped.tails and shipped.digest() == "f0e8a67a0fe60689", "the shipped gate changed: say so, update"
     assert Read((4, 9), 4).rows(10, 1) == slice(6, 10) and Read((4,)).rows(10, 1) == slice(1, 10)
 
 
@@ -189,8 +195,8 @@ def test_a_gate_of_several_parts_averages_their_scaled_scores():
                                    "lda", 0.1, 2).score(next(s.feats for s in srcs if s.name == bn))
                         for bn in ("b0", "b1") for hn in ("h0", "h1")]), 0.9))
     g = Gate(8, "lda", {"qa": fg}, {}, 16, (8, 10), True, "mean", (16, 4))
-    assert g.read == Read((8, 10), 16, True, "mean", (16, 4)) and g.read.describe() == (
-        "block 8+10, last 16+4 prompt tokens, mean")
+    assert g.read == Read((8, 10), 16, True, "mean", [16, 4]) and g.read.describe() == (
+        "block 8 (last 16) + block 10 (last 4), prompt tokens, mean")
     meta = json.loads(json.dumps(g.to_meta()))
     assert meta["tails"] == [16, 4] and len(meta["frames"]["qa"]["scales"]) == 2
     back = Gate.from_meta(meta)
@@ -198,10 +204,11 @@ def test_a_gate_of_several_parts_averages_their_scaled_scores():
     np.testing.assert_allclose(back.frame("qa").score(x), fg.score(x), atol=1e-5)
     back.check_fits(6, 18)
     assert back.digest() != Gate(8, "lda", {"qa": fg}, {}, 16, (8, 10), True, "mean").digest()
-    for bad in ({"tails": [16]}, {"tails": [16, -1]}):
+    for bad in ({"tails": [16]}, {"tails": [16, -1]}, {"tails": "16"}, {"tails": [16.7, 4]}, {"tails": [True, 4]}):
         with pytest.raises(VectorError, match="malformed"):
             Gate.from_meta(meta | bad)
-    for scales in ([[0.1, 0.0], [0.2, 1.0]], [[0.1, float("nan")], [0.2, 1.0]], [[0.1, 1.0]]):
+    for scales in ([[0.1, 0.0], [0.2, 1.0]], [[0.1, float("nan")], [0.2, 1.0]], [[0.1, 1.0]], [[0.1, -1.0]] * 2,
+                   [[0.1, 1.0]] * 3):
         bad = json.loads(json.dumps(meta))
         bad["frames"]["qa"]["scales"] = scales
         with pytest.raises(VectorError, match="malformed"):
@@ -210,6 +217,11 @@ def test_a_gate_of_several_parts_averages_their_scaled_scores():
         Read((8, 10), 16, True, "mean", (16,))
     assert Read((4,), 16).describe() == "block 4, last 16 head tokens, mean" and Read((4,)).describe().endswith(
         "all head tokens, mean")
+    assert Read((8, 12, 4), 16, True, "max", (16, 0, 16)).describe() == (
+        "block 8 (last 16) + block 12 (all) + block 4 (last 16), prompt tokens, max")
+    # a part that does not separate its own dev features (the same rows on both sides) keeps scale 1
+    flat = _direction(np.hstack([h[:, :6], b[:40, 6:]]), b[:40], "lda", 0.1, parts=2)
+    assert flat.scales[1] == (0.0, 1.0) and np.all(np.isfinite(flat.score(x)))
 
 
 # -- with the real model ------------------------------------------------------------------------------------------
@@ -456,6 +468,8 @@ def test_vectors_gate_builds_a_gate_that_loads_and_decides(tmp_path):
     assert_one_line_error(run_cli("vectors", "gate", v, "--tail", "last", "--dry-run"), 2, "--tail")
     assert_one_line_error(run_cli("vectors", "gate", v, "--max-per-source", "5", "--dry-run"), 2, "--max-per-source")
     assert_one_line_error(run_cli("vectors", "gate", v, "--max-parts", "0", "--dry-run"), 2, "--max-parts")
+    for more in (["--method", "mean-diff"], ["--harmful", tmp_path / "h1.txt", "--benign", tmp_path / "b1.txt"]):
+        assert_one_line_error(run_cli("vectors", "gate", v, "--max-parts", "2", *more, "--dry-run"), 2, "lda reads")
     assert_one_line_error(run_cli("vectors", "gate", v, "--on-flag", "maybe", "--dry-run"), 2, "on-flag")
 
 

@@ -104,6 +104,7 @@ class Read:
         check_tail(self.tail)
         if self.pool not in POOLS:
             raise SettingError(f"a gate's pooling is one of {', '.join(POOLS)}, not {self.pool!r}")
+        object.__setattr__(self, "tails", tuple(self.tails))  # hashable, whatever sequence it came as
         if self.tails and len(self.tails) != len(self.blocks):
             raise SettingError(f"a gate reads one tail per block, not {self.tails!r} for blocks {self.blocks!r}")
         for t in self.tails:
@@ -120,10 +121,12 @@ class Read:
         return slice(skip if not tail else max(skip, n - tail), n)
 
     def describe(self) -> str:
+        tokens = f"{'prompt' if self.final else 'head'} tokens, {self.pool}"
+        if len(set(self.block_tails)) > 1:  # parts: each block with its own tail
+            return " + ".join(f"block {b} ({f'last {t}' if t else 'all'})" for b, t in zip(
+                self.blocks, self.block_tails, strict=True)) + f", {tokens}"
         where = "+".join(str(b) for b in self.blocks)
-        tails = tuple(dict.fromkeys(self.block_tails))
-        span = "last " + "+".join(str(t or "all") for t in tails) if any(tails) else "all"
-        return f"block {where}, {span} {'prompt' if self.final else 'head'} tokens, {self.pool}"
+        return f"block {where}, {f'last {self.tail}' if self.tail else 'all'} {tokens}"
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -178,14 +181,16 @@ def _cosine(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 def _direction(h: np.ndarray, b: np.ndarray, method: str, shrinkage: float, parts: int = 1) -> FrameGate:
     """The direction and centre fitted on harmful and benign features; ``parts`` > 1: one per equal slice of
-    the features, each with the (offset, scale) that puts its benign scores' mean at 0 and its harmful ones' at 1."""
+    the features, each with the (offset, scale) that puts its benign scores' mean at 0 and its harmful ones' at 1
+    (a part that does not separate its own dev features keeps scale 1: its raw cosine, not a blown-up one)."""
     if parts > 1:
         fits = [_direction(hp, bp, method, shrinkage)
                 for hp, bp in zip(np.split(h, parts, axis=1), np.split(b, parts, axis=1), strict=True)]
         scales = []
         for g, hp, bp in zip(fits, np.split(h, parts, axis=1), np.split(b, parts, axis=1), strict=True):
             off = float(g.score(bp).mean())
-            scales.append((off, float(g.score(hp).mean()) - off or 1.0))
+            gap = float(g.score(hp).mean()) - off
+            scales.append((off, gap if gap > 1e-6 else 1.0))
         return FrameGate(np.concatenate([g.direction for g in fits]), np.concatenate([g.centre for g in fits]), 0.0,
                          scales=tuple(scales))
     mh, mb = h.mean(0), b.mean(0)
@@ -321,8 +326,10 @@ class Gate:
                 if c.ndim != 1 or c.shape != m.shape or not np.all(np.isfinite(c)) or not np.all(np.isfinite(m)):
                     raise ValueError("direction and centre must be finite vectors of one length")
                 scales = tuple((float(o), float(sc)) for o, sc in f.get("scales") or ())
-                if not all(math.isfinite(o) and math.isfinite(sc) and sc != 0 for o, sc in scales):
-                    raise ValueError(f"scales {f['scales']} are not finite non-zero pairs")
+                if not all(math.isfinite(o) and math.isfinite(sc) and sc > 0 for o, sc in scales) or (
+                        scales and c.size % len(scales)):
+                    raise ValueError(f"scales {f['scales']} are not finite pairs with a positive scale, one per "
+                                     "equal part of the direction")
                 frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}), scales)
             if not frames:
                 raise ValueError("no frame")
@@ -330,8 +337,10 @@ class Gate:
             final, pool = d.get("final", False), d.get("pool", "mean")
             if not isinstance(final, bool):
                 raise ValueError(f"final must be true or false, not {final!r}")
-            read = Read(blocks, check_tail(d.get("tail", 0)), final, pool,  # SettingError is a ValueError
-                        tuple(int(t) for t in d.get("tails") or ()))
+            tails = d.get("tails") or []
+            if not isinstance(tails, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in tails):
+                raise ValueError(f"tails must be a list of whole numbers, not {tails!r}")
+            read = Read(blocks, check_tail(d.get("tail", 0)), final, pool, tuple(tails))  # SettingError: ValueError
             gate = cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
                        read.tail, read.blocks, read.final, read.pool, read.tails)
             for k, f in frames.items():

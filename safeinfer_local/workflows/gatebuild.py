@@ -202,6 +202,9 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
     sources = {n: (h, _spread(p, per_source)) for n, (h, p) in gate_sources(tuple(harmful), tuple(benign)).items()}
     wrappers = tuple(wrappers) or ("{q}",)
     loso = sum(v[0] for v in sources.values()) >= 2 and sum(not v[0] for v in sources.values()) >= 2
+    if max_parts > 1 and (not loso or "lda" not in methods):
+        raise UsageError("--max-parts above 1 averages lda reads under leave-one-source-out: it needs --method lda "
+                         "or auto and at least two sources on each side")
     from ..decode.gating import FeatureReader  # the engine, only once the arguments are checked
 
     reader = FeatureReader(si.model, blocks, si.n_ctx, si.n_threads)
@@ -260,6 +263,8 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
             if not trials or rank(max(trials, key=rank)) <= rank(cur):
                 break
             cur = max(trials, key=rank)
+        if progress:
+            progress("averaging reads", max_parts, max_parts)
     parts, m, best = max(cands, key=rank)
     rows = [c[2] for c in cands]
     if loso:
@@ -268,8 +273,9 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
     else:
         fitted = {f: fit_frame(side(f, parts[0], True), side(f, parts[0], False), m, fpr, groups=2, cross_fit=True)
                   for f in frames}
-    blocks, tails = tuple(k[0] for k in parts), tuple(k[1] for k in parts)
-    gate = Gate(blocks[0], m, fitted, {
+    read = Read(tuple(k[0] for k in parts), parts[0][1], True, "mean", tuple(k[1] for k in parts)
+                if len(parts) > 1 else ())
+    gate = Gate(read.blocks[0], m, fitted, {
         "sources": {n: {"harmful": h, "n": len(p), "sha256": _hash(p)} for n, (h, p) in sources.items()},
         "wrappers": {"n": len(wrappers), "sha256": _hash(list(wrappers)), "copies": "each prompt as it is and in "
                      "one wrapper, in turn"},
@@ -280,6 +286,7 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                       "fold: held-out TPR - FPR of the worst fold, summed over frames") if len(rows) > 1 else "given",
         "threshold": ("(1 - fpr) quantile of the benign sources' leave-one-source-out scores" if loso else
                       "(1 - fpr) quantile of 5-fold out-of-fold benign dev scores, the higher over the copies"),
-        "cv": dict(best)}, tails[0], blocks, True, "mean", tails if len(parts) > 1 else ())
+        "cv": dict(best), **({"parts": f"{len(parts)} reads averaged ({read.describe()})"} if len(parts) > 1 else {})},
+        read.tail, read.blocks, read.final, read.pool, read.tails)
     return gate, rows
 
