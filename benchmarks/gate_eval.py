@@ -40,23 +40,25 @@ def main() -> None:
     t0 = time.time()
     held = [json.loads(line) for line in HELDOUT.read_text().splitlines() if line.strip()]
     safe, unsafe = xstest("safe"), xstest("unsafe")
-    sets = {"harmful": [p.text for p in catqa(a.catqa)] + [p.text for p in advbench("eval")],
+    cat = [p.text for p in catqa(a.catqa)]
+    sets = {"harmful": cat + [p.text for p in advbench("eval")],
             "benign": [p.text for p in safe[0::2]], "xstest_unsafe": [p.text for p in unsafe[0::2]],
             "held_h": [r["prompt"] for r in held if r["harmful"]],
             "held_b": [r["prompt"] for r in held if not r["harmful"]]}
+    n_cat = len(cat)  # CatQA's prompts come first
     model = None
-    rows = []
+    rows, described = [], {}
     for path in a.vectors.split(","):
         si = SafeInfer(model=model, vector=path)
         model = si.model
         g = si.gate
         if g is None:
             raise SystemExit(f"{path} has no harm gate")
+        described[Path(path).name] = g.read.describe()
         for frame in a.frames.split(","):
             thr = g.frame(frame).threshold
             for wname, w in WRAPS.items():
                 s = {k: si.gate_scores([w.format(q=q) for q in v], frame=frame) for k, v in sets.items()}
-                n_cat = len(sets["harmful"]) - len(advbench("eval"))
                 row = {"vector": Path(path).name, "block": g.block, "tail": g.tail, "read": g.read.describe(),
                        "method": g.method, "frame": frame, "wrapper": wname,
                        "auroc": round(auroc(s["harmful"], s["benign"]), 4),
@@ -78,8 +80,8 @@ def main() -> None:
                       f"xstest unsafe/safe {row['xstest_unsafe_vs_safe_auroc']:.3f} | held-out AUROC "
                       f"{row['heldout_auroc']:.3f} TPR {row['heldout_tpr']:.2f} FPR {row['heldout_fpr']:.2f}",
                       flush=True)
-    for path in a.vectors.split(","):
-        print(f"{Path(path).name}: {SafeInfer(model=model, vector=path).gate.read.describe()}")
+    for name, read in described.items():
+        print(f"{name}: {read}")
     print(f"({time.time() - t0:.0f} s; n harmful {len(sets['harmful'])}, benign {len(sets['benign'])}, "
           f"xstest unsafe {len(sets['xstest_unsafe'])}, held-out {len(sets['held_h'])}/{len(sets['held_b'])})")
     if a.out:

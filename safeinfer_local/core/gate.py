@@ -184,10 +184,10 @@ def _direction(h: np.ndarray, b: np.ndarray, method: str, shrinkage: float, part
     the features, each with the (offset, scale) that puts its benign scores' mean at 0 and its harmful ones' at 1
     (a part that does not separate its own dev features keeps scale 1: its raw cosine, not a blown-up one)."""
     if parts > 1:
-        fits = [_direction(hp, bp, method, shrinkage)
-                for hp, bp in zip(np.split(h, parts, axis=1), np.split(b, parts, axis=1), strict=True)]
+        hs, bs = np.split(h, parts, axis=1), np.split(b, parts, axis=1)
+        fits = [_direction(hp, bp, method, shrinkage) for hp, bp in zip(hs, bs, strict=True)]
         scales = []
-        for g, hp, bp in zip(fits, np.split(h, parts, axis=1), np.split(b, parts, axis=1), strict=True):
+        for g, hp, bp in zip(fits, hs, bs, strict=True):
             off = float(g.score(bp).mean())
             gap = float(g.score(hp).mean()) - off
             scales.append((off, gap if gap > 1e-6 else 1.0))
@@ -315,6 +315,14 @@ class Gate:
     def from_meta(cls, d: dict) -> Gate:
         """Read a gate from a vector's metadata; a malformed one is a one-line VectorError."""
         try:
+            blocks = tuple(int(b) for b in d.get("blocks") or (d["block"],))
+            final, pool = d.get("final", False), d.get("pool", "mean")
+            if not isinstance(final, bool):
+                raise ValueError(f"final must be true or false, not {final!r}")
+            tails = d.get("tails") or []
+            if not isinstance(tails, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in tails):
+                raise ValueError(f"tails must be a list of whole numbers, not {tails!r}")
+            read = Read(blocks, check_tail(d.get("tail", 0)), final, pool, tuple(tails))  # SettingError: ValueError
             frames = {}
             for k, f in d["frames"].items():
                 if k not in FRAMES:
@@ -327,26 +335,14 @@ class Gate:
                     raise ValueError("direction and centre must be finite vectors of one length")
                 scales = tuple((float(o), float(sc)) for o, sc in f.get("scales") or ())
                 if not all(math.isfinite(o) and math.isfinite(sc) and sc > 0 for o, sc in scales) or (
-                        scales and c.size % len(scales)):
-                    raise ValueError(f"scales {f['scales']} are not finite pairs with a positive scale, one per "
-                                     "equal part of the direction")
+                        scales and (len(scales) != len(blocks) or c.size % len(scales))):
+                    raise ValueError(f"the {k} frame's scales {f['scales']} are not finite pairs with a positive "
+                                     f"scale, one per block read ({len(blocks)}) and equal part of the direction")
                 frames[k] = FrameGate(c, m, thr, dict(f.get("dev") or {}), scales)
             if not frames:
                 raise ValueError("no frame")
-            blocks = tuple(int(b) for b in d.get("blocks") or (d["block"],))
-            final, pool = d.get("final", False), d.get("pool", "mean")
-            if not isinstance(final, bool):
-                raise ValueError(f"final must be true or false, not {final!r}")
-            tails = d.get("tails") or []
-            if not isinstance(tails, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in tails):
-                raise ValueError(f"tails must be a list of whole numbers, not {tails!r}")
-            read = Read(blocks, check_tail(d.get("tail", 0)), final, pool, tuple(tails))  # SettingError: ValueError
-            gate = cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
+            return cls(int(d["block"]), str(d.get("method", "mean-diff")), frames, dict(d.get("provenance") or {}),
                        read.tail, read.blocks, read.final, read.pool, read.tails)
-            for k, f in frames.items():
-                if f.scales and len(f.scales) != len(blocks):
-                    raise ValueError(f"the {k} frame has {len(f.scales)} parts for {len(blocks)} blocks read")
-            return gate
         except (KeyError, TypeError, ValueError) as e:
             raise VectorError(f"the vector's gate is malformed ({e})") from None
 

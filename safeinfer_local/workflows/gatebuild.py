@@ -260,9 +260,10 @@ def build_gate(si: SafeInfer, block: str = "auto", method: str = "auto", fpr: fl
                 progress("averaging reads", len(cur[0]), max_parts)
             trials = [candidate(cur[0] + (key,), "lda") for key in reads if key not in cur[0]]
             cands += trials
-            if not trials or rank(max(trials, key=rank)) <= rank(cur):
+            top = max(trials, key=rank, default=None)
+            if top is None or rank(top) <= rank(cur):
                 break
-            cur = max(trials, key=rank)
+            cur = top
         if progress:
             progress("averaging reads", max_parts, max_parts)
     parts, m, best = max(cands, key=rank)
